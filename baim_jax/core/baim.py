@@ -1,0 +1,514 @@
+"""The bottom-up BAIM: learner pool + HierGate + projection connections (paper Sec. III, Fig. 3).
+
+``BAIM`` holds the stacked learner pool (``LearnerParam``), the gate (``GateParam``) and the
+connection kernels (``ConnectionParam``) as NNX variables, plus non-trainable state: padding
+masks, kept-connection masks and the prior gate. Its forward advances all learners stage by
+stage in lockstep (DESIGN.md Sec. 2); which learners run on which rows is the dispatch layout
+(``dispatch.py``): ``"dense"`` (the reference) or ``"capacity"`` (the fast path).
+
+A ``TaskModel`` (``partition.py``) is the same machine with one squad, its feeders and its kept
+connections only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from baim_jax.core import connections as C
+from baim_jax.core import dispatch as D
+from baim_jax.core import gates as G
+from baim_jax.core import learners as L
+from baim_jax.core import losses
+from baim_jax.core.pool import Member, PoolLayout, apply_pool_stage
+
+
+class LearnerParam(nnx.Param):
+    """Parameters of the learners (the uploaded edge models)."""
+
+
+class GateParam(nnx.Param):
+    """Parameters of the HierGate (phi, LSGates, TSGate)."""
+
+
+class ConnectionParam(nnx.Param):
+    """Kernels of the projection connections."""
+
+
+class PadMask(nnx.Variable):
+    """Padding masks (constant)."""
+
+
+class KeptMask(nnx.Variable):
+    """Which connections survive pruning ``[G]`` per group."""
+
+
+class PriorGate(nnx.Variable):
+    """Running mean of the LSGate weights ``[N]``, for sampling without an input."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BAIMConfig:
+    """Hyper-parameters of a BAIM.
+
+    Attributes:
+      k: learners per input (top-K of the task's LSGate).
+      h: connection reach, ``0 <= j - i <= h``.
+      gate: registered gate function (``gates.gate_names()``).
+      noise_std: noisy top-K std in training (0: off).
+      feature_dim: width of the gate's feature map phi.
+      combine: ``"mixture"`` (gated mixture bound) or ``"blend"``.
+      dispatch: ``"capacity"`` (fast path) or ``"dense"`` (reference).
+      capacity_factor: rows per learner = factor * B * K / N; None: B (never drops).
+      load_balance_weight, z_loss_weight, task_loss_weight: auxiliary loss weights.
+      prior_momentum: momentum of the prior gate's running mean.
+    """
+
+    k: int = 2
+    h: int = 1
+    gate: str = "topk_softmax"
+    noise_std: float = 0.0
+    feature_dim: int = 64
+    combine: str = "mixture"
+    dispatch: str = "capacity"
+    capacity_factor: float | None = None
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    task_loss_weight: float = 1.0
+    prior_momentum: float = 0.99
+
+    def validate(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k: must be an integer >= 1, got {self.k!r}")
+        if not isinstance(self.h, int) or self.h < 0:
+            raise ValueError(f"h: must be an integer >= 0, got {self.h!r}")
+        G.get_gate(self.gate)
+        if self.combine not in losses.COMBINES:
+            raise ValueError(f"combine: {self.combine!r} is not one of {losses.COMBINES}")
+        if self.dispatch not in ("capacity", "dense"):
+            raise ValueError(f"dispatch: {self.dispatch!r} is not 'capacity' or 'dense'")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor: must be > 0 or None, got {self.capacity_factor}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std: must be >= 0, got {self.noise_std}")
+        if self.feature_dim < 1:
+            raise ValueError(f"feature_dim: must be >= 1, got {self.feature_dim}")
+        if not 0.0 <= self.prior_momentum < 1.0:
+            raise ValueError(f"prior_momentum: must be in [0, 1), got {self.prior_momentum}")
+
+
+def _check_params(spec: L.LearnerSpec, params: Any, where: str, keep=None) -> None:
+    """Refuses uploaded parameters that do not match their declared spec or are not finite."""
+    own = L.stages(spec)
+    for t_idx, tower in enumerate(L.TOWERS):
+        n_keep = len(own[tower]) if keep is None else keep[t_idx]
+        got = params.get(tower) if isinstance(params, dict) else None
+        if got is None or len(got) < n_keep:
+            raise ValueError(f"{where}: the {tower} tower has {0 if got is None else len(got)} "
+                             f"stages, its spec declares {n_keep}")
+        for k in range(n_keep):
+            for name, shape in L.stage_param_shapes(own[tower][k]).items():
+                leaf = got[k].get(name) if isinstance(got[k], dict) else None
+                if leaf is None or tuple(np.shape(leaf)) != tuple(shape):
+                    raise ValueError(
+                        f"{where}: {tower} stage {k} '{name}' has shape "
+                        f"{None if leaf is None else tuple(np.shape(leaf))}, spec says {shape}")
+                if not np.all(np.isfinite(np.asarray(leaf))):
+                    raise ValueError(f"{where}: {tower} stage {k} '{name}' has non-finite values")
+    if "log_scale" not in params or not np.isfinite(np.asarray(params["log_scale"])).all():
+        raise ValueError(f"{where}: 'log_scale' is missing or not finite")
+
+
+def values(tree):
+    """The arrays of a tree of NNX variables."""
+    return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+class BAIM(nnx.Module):
+    """The assembled big model.
+
+    Build one with ``BAIM.assemble`` (from edge uploads or fresh specs); ``partition`` cuts it
+    into ``TaskModel``s; ``baim_jax.load`` reopens a saved one.
+    """
+
+    kind = "baim"
+
+    def __init__(self, members: Sequence[Member], tasks: Sequence[str], config: BAIMConfig,
+                 *, rngs: nnx.Rngs, learner_params: Sequence[L.Params] | None = None,
+                 connections: Sequence[C.Connection] | None = None,
+                 connection_kernels: Sequence[Any] | None = None,
+                 kept: Sequence[bool] | None = None, gate_params: dict | None = None,
+                 prior: Any = None):
+        config.validate()
+        self.config = config
+        self.tasks = tuple(tasks)
+        self.layout = PoolLayout(list(members))
+        squads = [m.squad for m in self.layout.members]
+        for t, name in enumerate(self.tasks):
+            size = squads.count(t)
+            if size == 0:
+                raise ValueError(f"tasks: task {name!r} has no learner")
+            if config.k > size:
+                raise ValueError(
+                    f"k: {config.k} is larger than squad {name!r}, which has {size} learners")
+        bad = [s for s in squads if s is not None and not 0 <= s < len(self.tasks)]
+        if bad:
+            raise ValueError(f"squads: {bad[0]} is not a task index in 0..{len(self.tasks) - 1}")
+        gated = [s is not None for s in squads]
+        if gated != sorted(gated, reverse=True):
+            raise ValueError("members: gated learners must come before feeders")
+        self.num_gated = sum(gated)
+
+        if learner_params is None:
+            keys = jax.random.split(rngs.params(), self.layout.size)
+            learner_params = [L.init_learner(m.spec, k) for m, k in zip(self.layout.members, keys)]
+        for n, (m, p) in enumerate(zip(self.layout.members, learner_params)):
+            _check_params(m.spec, p, f"learner {n}", m.keep)
+        stacked, masks = self.layout.stack(list(learner_params))
+        self.learners = nnx.data(jax.tree.map(LearnerParam, stacked))
+        self.pad_masks = nnx.data(jax.tree.map(PadMask, masks))
+
+        self.conns = C.ConnectionSet(
+            self.layout, C.potential_set(self.layout, config.h) if connections is None
+            else list(connections))
+        kernels = (self.conns.zeros() if connection_kernels is None
+                   else self.conns.stack(list(connection_kernels)))
+        self.connections = nnx.data([ConnectionParam(k) for k in kernels])
+        self.conn_masks = nnx.data([PadMask(m) for m in self.conns.pad_masks()])
+        kept_flat = np.ones(len(self.conns), bool) if kept is None else np.asarray(kept, bool)
+        self.kept = nnx.data([KeptMask(jnp.asarray(kept_flat[list(g.index)]))
+                              for g in self.conns.groups])
+
+        if gate_params is None:
+            gate_params = self._init_gate(rngs.params())
+        self.gate = nnx.data(jax.tree.map(GateParam, gate_params))
+        if prior is None:
+            sizes = np.array([max(squads.count(s), 1) for s in squads], np.float32)
+            prior = np.where(self.layout.segment_of >= 0, 1.0 / sizes, 0.0)
+        self.prior = PriorGate(jnp.asarray(prior, jnp.float32))
+        self.order = tuple(range(self.layout.size))
+
+    # ----------------------------------------------------------------------------- assembly
+
+    @classmethod
+    def assemble(cls, specs: Sequence[L.LearnerSpec], squads: Sequence[int],
+                 tasks: Sequence[str], config: BAIMConfig | None = None, *, seed: int = 0,
+                 params: Sequence[L.Params] | None = None) -> "BAIM":
+        """Assembles a BAIM from learners (fresh, or uploaded ``params``).
+
+        Learners are ordered by squad (stable), so the gate's N-vector is cut into contiguous
+        task segments; the BAIM's learner ``n`` is upload ``order[n]``.
+        """
+        config = config or BAIMConfig()
+        if len(squads) != len(specs):
+            raise ValueError(f"squads: {len(squads)} given for {len(specs)} learners")
+        if params is not None and len(params) != len(specs):
+            raise ValueError(f"params: {len(params)} uploads for {len(specs)} learner specs")
+        order = sorted(range(len(specs)), key=lambda n: squads[n])
+        members = [Member(specs[n], int(squads[n])) for n in order]
+        model = cls(members, tasks, config, rngs=nnx.Rngs(seed),
+                    learner_params=None if params is None else [params[n] for n in order])
+        model.order = tuple(order)
+        return model
+
+    def _init_gate(self, key: jax.Array) -> dict:
+        f = self.config.feature_dim
+        h, w, c = self.layout.image_shape
+        k1, k2, k3 = jax.random.split(key, 3)
+        return {
+            "phi": {"kernel": jax.random.normal(k1, (h, w, c, f)) / np.sqrt(h * w * c),
+                    "bias": jnp.zeros((f,))},
+            "ls": {"kernel": jax.random.normal(k2, (f, self.layout.size)) / np.sqrt(f),
+                   "bias": jnp.zeros((self.layout.size,))},
+            "ts": {"kernel": jax.random.normal(k3, (f, len(self.tasks))) / np.sqrt(f),
+                   "bias": jnp.zeros((len(self.tasks),))},
+        }
+
+    # ------------------------------------------------------------------------------ forward
+
+    def _stage(self, tower: str, p: int, x: jax.Array):
+        stage = self.layout.stages[tower][p]
+        fn = functools.partial(apply_pool_stage, stage)
+        params = values(self.learners[tower][p])
+        masks = values(self.pad_masks[tower][p])
+        return jax.vmap(fn)(params, masks, jnp.asarray(self.layout.status[tower][p]), x)
+
+    def _mix(self, tower: str, j: int, a: jax.Array, inputs: list, layout: D.Layout):
+        """``mixed[n, j] = a[n, j] + sum of kept projections into (n, j)``; a: ``[N, R, ...]``."""
+        for g_idx, g in enumerate(self.conns.groups):
+            if g.tower != tower or g.j != j:
+                continue
+            src = inputs[g.i]
+            src = jnp.concatenate([src, jnp.zeros_like(src[:, :1])], axis=1)
+            examples = layout.rows_of[g.tgt]
+            slots = layout.slot_of[examples, g.src[:, None]]
+            feat = src[g.src[:, None], slots]
+            kept = self.kept[g_idx][...].astype(a.dtype)
+            kernel = (self.connections[g_idx][...] * self.conn_masks[g_idx][...]
+                      * kept.reshape((-1,) + (1,) * len(g.kernel_shape)))
+            proj = C.project(g, kernel, feat)
+            a = a + jax.ops.segment_sum(proj, jnp.asarray(g.tgt), num_segments=a.shape[0])
+        return a
+
+    def _tower(self, tower: str, a: jax.Array, layout: D.Layout):
+        inputs = []
+        for p in range(len(self.layout.stages[tower])):
+            inputs.append(a)
+            a = self._stage(tower, p, self._mix(tower, p, a, inputs, layout))
+        return a
+
+    def _latent_mask(self) -> jax.Array:
+        return jnp.asarray(self.layout.latent_mask())
+
+    def _buffers(self, x: jax.Array, eps: jax.Array, layout: D.Layout) -> dict:
+        """Runs every learner on its buffer rows. Returns ``[N, R, ...]`` arrays."""
+        x_buf = D.gather_rows(x, layout.rows_of)
+        mean, logvar = self._tower("enc", x_buf, layout)
+        mask = self._latent_mask()[:, None, :]
+        z = (mean + jnp.exp(0.5 * logvar) * D.gather_rows(eps, layout.rows_of)) * mask
+        out = self._tower("dec", z, layout)
+        return {"x": x_buf, "mean": mean, "logvar": logvar, "z": z, "out": out}
+
+    def _layout(self, selected: jax.Array, dispatch: str) -> D.Layout:
+        batch, num = selected.shape
+        if dispatch == "dense":
+            return D.dense_layout(batch, num)
+        kept = (jnp.concatenate([m[...] for m in self.kept]) if self.kept
+                else jnp.zeros((0,), bool))
+        conn = self.conns.flat_arrays()
+        depths = (len(self.layout.stages["enc"]), len(self.layout.stages["dec"]))
+        need = D.needed(selected, conn, kept, depths)
+        cap = D.capacity(batch, self.config.k, num, self.config.capacity_factor)
+        return D.capacity_layout(need, cap)
+
+    def route(self, x: jax.Array, task=None, *, rng=None, train=False,
+              selected=None) -> G.GateOutput:
+        """The HierGate's routing of a batch (see ``gates.hier_gate``)."""
+        gate = values(self.gate)
+        noise = self.config.noise_std if train else 0.0
+        return G.hier_gate(gate, x, segment_of=jnp.asarray(self.layout.segment_of), k=self.config.k,
+                           gate=self.config.gate, task=task, noise_std=noise, rng=rng,
+                           selected=selected)
+
+    def forward(self, x: jax.Array, task=None, *, rng: jax.Array | None = None,
+                train: bool = False, dispatch: str | None = None,
+                selected: jax.Array | None = None) -> dict:
+        """Full forward: routing, learners on their rows, combination and losses.
+
+        Args:
+          x: ``[B, H, W, C]`` in [0, 1].
+          task: ``[B]`` int task ids, or None (the TSGate chooses).
+          rng: key for the latent noise (and gate noise in training); None: posterior means.
+          train: adds the gate's noise.
+          dispatch: overrides the config's dispatch (``"dense"`` or ``"capacity"``).
+          selected: ``[B, N]`` imposed learner choice (benchmarks, tests).
+
+        Returns:
+          dict with ``recon`` ``[B, H, W, C]`` (mean image), ``nelbo``, ``rec``, ``kl`` ``[B]``,
+          ``gate`` (GateOutput), ``dropped`` and the auxiliary losses.
+        """
+        rng_gate, rng_eps = (None, None) if rng is None else jax.random.split(rng)
+        out = self.route(x, task, rng=rng_gate, train=train, selected=selected)
+        layout = self._layout(out.selected, dispatch or self.config.dispatch)
+        batch = x.shape[0]
+        eps = (jnp.zeros((batch, self.layout.latent)) if rng_eps is None
+               else jax.random.normal(rng_eps, (batch, self.layout.latent)))
+        buf = self._buffers(x, eps, layout)
+        log_scale = self.learners["log_scale"][...]
+        rec_n = losses.nll(buf["out"], log_scale[:, None], buf["x"], self.layout.likelihood)
+        kl_n = losses.kl_standard_normal(buf["mean"], buf["logvar"],
+                                         self._latent_mask()[:, None, :])
+        pix = losses.pixel_mean(buf["out"], self.layout.likelihood)
+        recon = D.combine(pix, out.weights, layout)
+        kl = D.combine(kl_n, out.weights, layout)
+        if self.config.combine == "mixture":
+            rec = D.combine(rec_n, out.weights, layout)
+        else:
+            scale = D.combine(jnp.broadcast_to(jnp.exp(log_scale)[:, None], rec_n.shape),
+                              out.weights, layout)
+            rec = losses.blend_nll(recon, scale, x, self.layout.likelihood)
+        seg = jnp.asarray(self.layout.segment_of)
+        return {
+            "recon": recon, "rec": rec, "kl": kl, "nelbo": rec + kl, "gate": out,
+            "dropped": layout.dropped,
+            "load_balance": G.load_balancing_loss(out, seg, len(self.tasks), self.config.k),
+            "z_loss": G.router_z_loss(out),
+        }
+
+    def loss(self, x: jax.Array, task: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Training objective: mean negative bound + weighted auxiliary losses.
+
+        Args:
+          x: ``[B, H, W, C]``; task: ``[B]`` int task labels (routing by id, TSGate supervised).
+        """
+        out = self.forward(x, task, rng=rng, train=True)
+        cfg = self.config
+        ts = G.task_loss(out["gate"], task) if len(self.tasks) > 1 else jnp.zeros(())
+        total = (jnp.mean(out["nelbo"]) + cfg.load_balance_weight * out["load_balance"]
+                 + cfg.z_loss_weight * out["z_loss"] + cfg.task_loss_weight * ts)
+        metrics = {"loss": total, "nelbo": jnp.mean(out["nelbo"]), "rec": jnp.mean(out["rec"]),
+                   "kl": jnp.mean(out["kl"]), "load_balance": out["load_balance"],
+                   "z_loss": out["z_loss"], "task_loss": ts, "dropped": out["dropped"],
+                   "gate_weights": out["gate"].weights, "task": out["gate"].task}
+        return total, metrics
+
+    def update_prior(self, weights: jax.Array, task: jax.Array) -> None:
+        """Moves the prior gate towards the batch's mean LSGate weights, per squad."""
+        seg = jnp.asarray(self.layout.segment_of)
+        count = jnp.sum(jax.nn.one_hot(task, len(self.tasks)), axis=0)
+        per_learner = jnp.where(seg >= 0, count[jnp.maximum(seg, 0)], 0.0)
+        mean_w = jnp.sum(weights, axis=0) / jnp.maximum(per_learner, 1.0)
+        m = self.config.prior_momentum
+        self.prior[...] = jnp.where(per_learner > 0, m * self.prior[...] + (1 - m) * mean_w,
+                                    self.prior[...])
+
+    # ------------------------------------------------------------------------- public API
+
+    def _task_ids(self, task, batch: int) -> jax.Array | None:
+        """Resolves a task given as None, a name, an int or ``[B]`` ints; refuses unknown ones."""
+        if task is None:
+            return None
+        if isinstance(task, str):
+            if task not in self.tasks:
+                raise ValueError(f"task: unknown task {task!r}; this model has {list(self.tasks)}")
+            return jnp.full((batch,), self.tasks.index(task), jnp.int32)
+        ids = np.asarray(task)
+        if ids.ndim == 0:
+            ids = np.full((batch,), int(ids))
+        if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"task: expected a name, an int or [{batch}] ints, got {task!r}")
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.tasks)):
+            raise ValueError(f"task: id {int(ids.max() if ids.max() >= len(self.tasks) else ids.min())}"
+                             f" is unknown; this model has tasks 0..{len(self.tasks) - 1}")
+        return jnp.asarray(ids, jnp.int32)
+
+    def reconstruct(self, x, *, task=None, rng: jax.Array | None = None) -> dict:
+        """Reconstructs images.
+
+        Args:
+          x: ``[B, H, W, C]`` float32 in [0, 1].
+          task: a task name or id (or ``[B]`` ids); None lets the TSGate choose.
+          rng: latent noise key; None uses the posterior mean.
+
+        Returns:
+          ``{"mean": [B, H, W, C] in [0, 1], "gate": [B, N gated], "task": [B],
+          "nelbo": [B], "dropped": int}``.
+        """
+        x = jnp.asarray(x, jnp.float32)
+        L.check_image_shape(self.layout.image_shape, x.shape)
+        out = _reconstruct(self, x, self._task_ids(task, x.shape[0]), rng)
+        return {"mean": out["recon"], "gate": out["gate"].weights[:, : self.num_gated],
+                "task": out["gate"].task, "nelbo": out["nelbo"], "dropped": out["dropped"]}
+
+    def sample(self, n: int, *, task, rng: jax.Array, mode: str = "mixture") -> jax.Array:
+        """Draws ``n`` images ``[n, H, W, C]`` in [0, 1] without an input.
+
+        The squad's prior gate picks its top-K learners; every learner decodes the first d_n
+        coordinates of one shared standard normal vector (so connected decoders see consistent
+        noise). ``mode="mixture"`` (default) returns, per image, the output of ONE learner drawn
+        with the prior weights: a sample of the mixture. ``mode="blend"`` returns the
+        prior-weighted average of the K outputs, which superimposes unrelated images when the
+        learners' latent spaces differ.
+        """
+        if mode not in ("mixture", "blend"):
+            raise ValueError(f"mode: {mode!r} is not 'mixture' or 'blend'")
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n: must be a positive integer, got {n!r}")
+        t = int(self._task_ids(task, 1)[0]) if task is not None else 0
+        return _sample(self, int(n), t, rng, mode)
+
+    def evaluate(self, x, task) -> dict:
+        """Posterior-mean negative ELBO per image ``[B]`` (test loss), gate and task accuracy."""
+        x = jnp.asarray(x, jnp.float32)
+        L.check_image_shape(self.layout.image_shape, x.shape)
+        ids = self._task_ids(task, x.shape[0])
+        out = _reconstruct(self, x, ids, None)
+        routed = _reconstruct(self, x, None, None)["gate"].task
+        return {"nelbo": out["nelbo"], "task_accuracy": jnp.mean(routed == ids)}
+
+    # ---------------------------------------------------------------------------- spec/save
+
+    def kept_flat(self) -> np.ndarray:
+        """``[P]`` bool in ``conns.connections`` order."""
+        out = np.zeros(len(self.conns), bool)
+        for g, m in zip(self.conns.groups, self.kept):
+            out[list(g.index)] = np.asarray(m[...])
+        return out
+
+    def gate_param_count(self) -> int:
+        cols = self.num_gated
+        g = self.gate
+        phi = g["phi"]["kernel"][...].size + g["phi"]["bias"][...].size
+        ls = (g["ls"]["kernel"][...].shape[0] + 1) * cols
+        ts = (g["ts"]["kernel"][...].size + g["ts"]["bias"][...].size) if len(self.tasks) > 1 else 0
+        return int(phi + ls + ts)
+
+    @property
+    def spec(self) -> dict:
+        """JSON-serialisable description: learners, tasks, K, h, connections, real parameters."""
+        kept = self.kept_flat()
+        conn_params = sum(self.conns.param_count(c)
+                          for c, k in zip(self.conns.connections, kept) if k)
+        learners = [{"spec": m.spec.to_json(), "squad": m.squad,
+                     "task": None if m.squad is None else self.tasks[m.squad],
+                     "keep": None if m.keep is None else list(m.keep),
+                     "params": m.param_count()} for m in self.layout.members]
+        learner_params = sum(d["params"] for d in learners)
+        gate_params = self.gate_param_count()
+        return {
+            "format": "baim_jax", "version": 1, "kind": self.kind, "tasks": list(self.tasks),
+            "config": dataclasses.asdict(self.config), "k": self.config.k, "h": self.config.h,
+            "learners": learners,
+            "connections": {"potential": len(self.conns), "kept": int(kept.sum()),
+                            "list": [c.to_json() + [bool(k)]
+                                     for c, k in zip(self.conns.connections, kept)]},
+            "params": {"learners": learner_params, "gate": gate_params,
+                       "connections": conn_params,
+                       "total": learner_params + gate_params + conn_params},
+            "padding_waste": self.layout.padding_waste(),
+        }
+
+    def export_tree(self) -> dict:
+        """Unpadded state: per-learner parameters, gate, connection kernels, prior."""
+        stacked = values(self.learners)
+        return {
+            "learners": self.layout.unstack(stacked),
+            "gate": jax.tree.map(np.asarray, values(self.gate)),
+            "connections": self.conns.unstack([k[...] for k in self.connections]),
+            "prior": np.asarray(self.prior[...]),
+        }
+
+    def save(self, path) -> None:
+        """Writes an orbax checkpoint and ``spec.json`` to the directory ``path`` (atomically)."""
+        from baim_jax import checkpoint
+        checkpoint.save(self, path)
+
+
+@nnx.jit(static_argnums=())
+def _reconstruct(model: BAIM, x, task, rng):
+    return model.forward(x, task, rng=rng)
+
+
+@nnx.jit(static_argnums=(1, 2, 4))
+def _sample(model: BAIM, n: int, task: int, rng, mode: str):
+    seg = jnp.asarray(model.layout.segment_of)
+    selected, weights = G.prior_route(model.prior[...], seg, task, model.config.k)
+    rng_eps, rng_pick = jax.random.split(rng)
+    eps = jax.random.normal(rng_eps, (n, model.layout.latent))
+    z = jnp.broadcast_to(eps, (model.layout.size, n, model.layout.latent))
+    z = z * model._latent_mask()[:, None, :]
+    layout = D.dense_layout(n, model.layout.size)
+    out = losses.pixel_mean(model._tower("dec", z, layout), model.layout.likelihood)
+    if mode == "blend":
+        w = jnp.broadcast_to(weights, (n, model.layout.size))
+    else:
+        pick = jax.random.categorical(rng_pick, jnp.log(jnp.where(selected, weights, 0.0)),
+                                      shape=(n,))
+        w = jax.nn.one_hot(pick, model.layout.size)
+    return D.combine(out, w, layout)

@@ -1,0 +1,178 @@
+"""HierGate: the TSGate picks a task, that squad's LSGate picks and weighs K learners.
+
+Paper Sec. "Bottom-up BAIM" (Fig. 3). The HierGate's output is an N-vector cut into M squad
+segments with exactly K non-zeros, all in the selected task's segment.
+
+Ours: ``logits = W_t phi(x) + b_t`` with ``phi`` a small learned feature map; the function that
+turns a squad's logits into K weights is pluggable by name (``register_gate``), since the gating
+math is what our users research. Auxiliary losses: the Switch/GShard load-balancing loss and the
+router z-loss (ST-MoE).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+GateFn = Callable[[jax.Array, jax.Array], jax.Array]
+_GATES: dict[str, GateFn] = {}
+
+
+def register_gate(name: str):
+    """Registers ``fn(logits [B, N], selected [B, N] bool) -> weights [B, N]``.
+
+    ``selected`` marks the K learners chosen for each row (top-K of the logits inside the task's
+    segment); the gate function only decides their weights and must return zero elsewhere.
+    """
+
+    def wrap(fn: GateFn) -> GateFn:
+        _GATES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_gate(name: str) -> GateFn:
+    if name not in _GATES:
+        raise ValueError(f"gate: unknown gate function {name!r}; registered: {sorted(_GATES)}")
+    return _GATES[name]
+
+
+def gate_names() -> list[str]:
+    return sorted(_GATES)
+
+
+@register_gate("topk_softmax")
+def topk_softmax(logits: jax.Array, selected: jax.Array) -> jax.Array:
+    """Softmax over the K selected logits (Shazeer et al. 2017). Rows sum to 1."""
+    masked = jnp.where(selected, logits, -jnp.inf)
+    return jnp.where(selected, jax.nn.softmax(masked, axis=-1), 0.0)
+
+
+@register_gate("switch")
+def switch(logits: jax.Array, selected: jax.Array) -> jax.Array:
+    """Softmax over the whole task segment, kept on the K selected (Switch/GShard).
+
+    Rows sum to at most 1, so the gated mixture bound is then not a normalised mixture.
+    The caller sets logits outside the task segment to -inf.
+    """
+    return jnp.where(selected, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
+@register_gate("uniform")
+def uniform(logits: jax.Array, selected: jax.Array) -> jax.Array:
+    """Equal weights 1/K on the selected learners (routing by the logits only)."""
+    del logits
+    s = selected.astype(jnp.float32)
+    return s / jnp.sum(s, axis=-1, keepdims=True)
+
+
+class GateOutput(NamedTuple):
+    """What the HierGate gives for a batch.
+
+    Attributes:
+      weights: ``[B, N]``, K non-zeros per row inside the task's segment.
+      selected: ``[B, N]`` bool, the K chosen learners.
+      task: ``[B]`` int, the task each row was routed to.
+      logits: ``[B, N]`` LSGate logits (-inf outside the task segment).
+      task_logits: ``[B, M]`` TSGate logits.
+    """
+
+    weights: jax.Array
+    selected: jax.Array
+    task: jax.Array
+    logits: jax.Array
+    task_logits: jax.Array
+
+
+def segment_mask(segment_of: jax.Array, task: jax.Array) -> jax.Array:
+    """``[B, N]`` bool: learner n is in the segment of row b's task."""
+    return segment_of[None, :] == task[:, None]
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """``[B, N]`` bool with exactly k True per row: the k largest logits (ties to lower index)."""
+    _, idx = jax.lax.top_k(logits, k)
+    return jnp.sum(jax.nn.one_hot(idx, logits.shape[-1], dtype=jnp.int32), axis=1) > 0
+
+
+def features(params: dict, x: jax.Array) -> jax.Array:
+    """``phi(x)``: ``[B, H, W, C] -> [B, F]``, one ReLU dense layer."""
+    return jax.nn.relu(jnp.tensordot(x, params["kernel"], axes=3) + params["bias"])
+
+
+def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate: str,
+              task: jax.Array | None = None, noise_std: float = 0.0,
+              rng: jax.Array | None = None, selected: jax.Array | None = None) -> GateOutput:
+    """Routes a batch.
+
+    Args:
+      params: ``{"phi": {kernel [H,W,C,F], bias [F]}, "ls": {kernel [F,N], bias [N]},
+        "ts": {kernel [F,M], bias [M]}}``.
+      x: ``[B, H, W, C]``.
+      segment_of: ``[N]`` int, the squad of each learner (-1: not gated, a feeder).
+      k: learners per input.
+      gate: registered gate function name.
+      task: ``[B]`` int task ids; None lets the TSGate choose (argmax of its logits).
+      noise_std: noisy top-K: Gaussian noise of this std on the logits that choose (training).
+      rng: key for the noise; no noise when None.
+      selected: ``[B, N]`` bool, an imposed choice of learners (benchmarks, tests); its weights
+        still come from the gate function on the logits.
+    """
+    phi = features(params["phi"], x)
+    task_logits = phi @ params["ts"]["kernel"] + params["ts"]["bias"]
+    if task is None:
+        task = jnp.argmax(task_logits, axis=-1)
+    seg = segment_mask(segment_of, task)
+    logits = jnp.where(seg, phi @ params["ls"]["kernel"] + params["ls"]["bias"], -jnp.inf)
+    if selected is None:
+        choose = logits
+        if noise_std > 0.0 and rng is not None:
+            choose = logits + noise_std * jax.random.normal(rng, logits.shape)
+        selected = top_k_mask(choose, k) & seg
+    weights = get_gate(gate)(logits, selected)
+    return GateOutput(weights, selected, task, logits, task_logits)
+
+
+def load_balancing_loss(out: GateOutput, segment_of: jax.Array, num_tasks: int,
+                        k: int) -> jax.Array:
+    """Switch/GShard load balance, per squad over its rows, averaged over squads present.
+
+    For squad t with S_t learners: ``S_t * sum_i f_i P_i``, f_i the fraction of the squad's
+    K-assignments given to learner i and P_i its mean softmax probability. 1 when balanced.
+    """
+    probs = jax.nn.softmax(out.logits, axis=-1)
+    probs = jnp.where(jnp.isfinite(out.logits), probs, 0.0)
+    onehot = jax.nn.one_hot(out.task, num_tasks)
+    count = jnp.sum(onehot, axis=0)
+    f = onehot.T @ out.selected.astype(jnp.float32) / jnp.maximum(count, 1.0)[:, None] / k
+    p = onehot.T @ probs / jnp.maximum(count, 1.0)[:, None]
+    size = jnp.sum(jax.nn.one_hot(segment_of, num_tasks), axis=0)
+    per_task = size * jnp.sum(f * p, axis=1)
+    present = (count > 0).astype(jnp.float32)
+    return jnp.sum(per_task * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def router_z_loss(out: GateOutput) -> jax.Array:
+    """Mean squared log-sum-exp of each row's segment logits (ST-MoE)."""
+    return jnp.mean(jax.nn.logsumexp(out.logits, axis=-1) ** 2)
+
+
+def task_loss(out: GateOutput, labels: jax.Array) -> jax.Array:
+    """TSGate cross-entropy against task labels ``[B]``."""
+    logp = jax.nn.log_softmax(out.task_logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def prior_route(prior: jax.Array, segment_of: jax.Array, task: int, k: int):
+    """The squad's prior gate for sampling: top-K of the running mean weights, renormalised.
+
+    Returns:
+      ``(selected [N] bool, weights [N])``.
+    """
+    logits = jnp.where(segment_of == task, prior, -jnp.inf)
+    selected = top_k_mask(logits[None], k)[0] & (segment_of == task)
+    w = jnp.where(selected, prior, 0.0)
+    return selected, w / jnp.maximum(jnp.sum(w), 1e-12)

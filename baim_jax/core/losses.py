@@ -1,0 +1,68 @@
+"""Likelihoods, KL and the two ways of combining learners (DESIGN.md Sec. 3).
+
+* mixture (default): ``sum_n w_n (reconstruction_n + KL_n)``, the gated mixture bound;
+* blend: reconstruction of the weighted output ``sum_n w_n out_n`` plus ``sum_n w_n KL_n``.
+
+All terms are in nats per image (summed over pixels and latent coordinates).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+COMBINES = ("mixture", "blend")
+
+
+def binarize(x: jax.Array) -> jax.Array:
+    """Fixed-threshold binarisation (the Bernoulli target)."""
+    return (x > 0.5).astype(x.dtype)
+
+
+def _sum_pixels(v: jax.Array) -> jax.Array:
+    return jnp.sum(v.reshape(*v.shape[: v.ndim - 3], -1), axis=-1)
+
+
+def bernoulli_nll(logits: jax.Array, x: jax.Array) -> jax.Array:
+    """``-log p(binarize(x) | logits)``, summed over ``[H, W, C]``."""
+    t = binarize(x)
+    return _sum_pixels(jax.nn.softplus(logits) - t * logits)
+
+
+def gaussian_nll(mean: jax.Array, log_scale: jax.Array, x: jax.Array) -> jax.Array:
+    """``-log N(x | mean, exp(log_scale)^2)``, summed over ``[H, W, C]``.
+
+    ``log_scale`` broadcasts against the leading (batch) axes of ``mean``.
+    """
+    ls = log_scale.reshape(log_scale.shape + (1, 1, 1))
+    z = (x - mean) * jnp.exp(-ls)
+    return _sum_pixels(0.5 * z * z + ls + 0.5 * math.log(2 * math.pi))
+
+
+def kl_standard_normal(mean: jax.Array, logvar: jax.Array, mask: jax.Array) -> jax.Array:
+    """``KL(N(mean, exp(logvar)) || N(0, I))`` over the real (``mask``) coordinates."""
+    kl = 0.5 * (jnp.exp(logvar) + mean * mean - 1.0 - logvar)
+    return jnp.sum(jnp.where(mask, kl, 0.0), axis=-1)
+
+
+def pixel_mean(out: jax.Array, likelihood: str) -> jax.Array:
+    """The mean image in [0, 1] from raw stage output (logits or Gaussian means)."""
+    return jax.nn.sigmoid(out) if likelihood == "bernoulli" else jnp.clip(out, 0.0, 1.0)
+
+
+def nll(out: jax.Array, log_scale: jax.Array, x: jax.Array, likelihood: str) -> jax.Array:
+    if likelihood == "bernoulli":
+        return bernoulli_nll(out, x)
+    return gaussian_nll(out, log_scale, x)
+
+
+def blend_nll(mean: jax.Array, scale: jax.Array, x: jax.Array, likelihood: str) -> jax.Array:
+    """Reconstruction term of the blend: ``mean`` is the weighted probabilities (Bernoulli)
+    or weighted means (Gaussian) ``[B, H, W, C]``; ``scale`` the weighted std ``[B]``."""
+    if likelihood == "bernoulli":
+        t = binarize(x)
+        p = jnp.clip(mean, 1e-6, 1.0 - 1e-6)
+        return _sum_pixels(-(t * jnp.log(p) + (1.0 - t) * jnp.log1p(-p)))
+    return gaussian_nll(mean, jnp.log(scale), x)

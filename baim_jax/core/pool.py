@@ -1,0 +1,260 @@
+"""The learner pool: heterogeneous learners in stacked, padded parameter trees (DESIGN.md Sec. 4).
+
+Every tower is laid out in *positions*: hidden stages sit at positions ``0..e_n-1``, the tower's
+last stage (latent head / output) sits at the pool's last position, and the positions between
+(for learners shallower than the deepest) are identity stages. Each parameter leaf is stacked
+along a leading learner axis and zero-padded at the end of every axis to the pool's largest
+shape; a box mask per leaf keeps padded entries exactly zero (the forward multiplies by it, so
+their gradient is zero too). A learner inside the pool computes exactly what it computes alone.
+
+A member may also keep only the first stages of a tower (a *feeder* in a partitioned task model,
+which needs only the stages whose inputs feed other learners); its dropped stages are ``ABSENT``
+and output zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from baim_jax.core import learners as L
+
+REAL, IDENTITY, ABSENT = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """A learner of a pool: its spec, its squad (None for a feeder) and the stages it keeps.
+
+    ``keep`` is ``(encoder stages, decoder stages)`` kept from the start of each tower; None
+    keeps the whole learner.
+    """
+
+    spec: L.LearnerSpec
+    squad: int | None
+    keep: tuple[int, int] | None = None
+
+    def kept(self, tower: str) -> int:
+        n = len(L.stages(self.spec)[tower])
+        return n if self.keep is None else self.keep[L.TOWERS.index(tower)]
+
+    def param_count(self) -> int:
+        if self.keep is None:
+            return L.count_params(self.spec)
+        return L.count_params(self.spec, enc_stages=self.keep[0], dec_stages=self.keep[1])
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec.to_json(), "squad": self.squad,
+                "keep": None if self.keep is None else list(self.keep)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Member":
+        keep = d.get("keep")
+        return cls(L.LearnerSpec.from_json(d["spec"]), d["squad"],
+                   None if keep is None else tuple(keep))
+
+
+def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
+
+
+def box_mask(real: tuple[int, ...], padded: tuple[int, ...]) -> np.ndarray:
+    """Boolean mask, True on ``[0:real[0], 0:real[1], ...]`` inside ``padded``."""
+    m = np.zeros(padded, bool)
+    m[tuple(slice(0, r) for r in real)] = True
+    return m
+
+
+def resize_last(x: jax.Array, size: int) -> jax.Array:
+    """Truncates or zero-pads the last axis to ``size``."""
+    d = x.shape[-1]
+    if d >= size:
+        return x[..., :size]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - d)])
+
+
+class PoolLayout:
+    """Static layout of a pool: positions, padded stage shapes, per-learner stage status.
+
+    Attributes:
+      members: the pool's members, in learner order ``n = 0..N-1``.
+      stages: ``{tower: [Stage]}``, the padded stage of each position (shapes are maxima).
+      status: ``{tower: int array [positions, N]}``: REAL, IDENTITY or ABSENT.
+      stage_index: ``{tower: [[learner stage index or None] per learner] per position}``.
+      latent: padded latent size.
+    """
+
+    def __init__(self, members: list[Member]):
+        if not members:
+            raise L.SpecError("pool: no learners")
+        self.members = tuple(members)
+        specs = [m.spec for m in members]
+        for field in ("kind", "image_shape", "likelihood"):
+            values = {getattr(s, field) for s in specs}
+            if len(values) > 1:
+                raise L.SpecError(
+                    f"learner spec field '{field}': one pool needs a single value, got "
+                    f"{sorted(map(str, values))}")
+        self.kind = specs[0].kind
+        self.image_shape = specs[0].image_shape
+        self.likelihood = specs[0].likelihood
+        self.latent = max(s.latent for s in specs)
+        own = [L.stages(s) for s in specs]
+        self.stages, self.status, self.stage_index, self.in_shapes = {}, {}, {}, {}
+        for tower in L.TOWERS:
+            depth = max(len(st[tower]) for st in own)
+            index = [[None] * len(members) for _ in range(depth)]
+            status = np.full((depth, len(members)), ABSENT, np.int32)
+            in_shapes = [[None] * len(members) for _ in range(depth)]
+            for n, (member, st) in enumerate(zip(members, own)):
+                stages_n = st[tower]
+                kept = member.kept(tower)
+                carried = stages_n[0].in_shape
+                for p in range(depth):
+                    k = p if p < len(stages_n) - 1 else (
+                        len(stages_n) - 1 if p == depth - 1 else None)
+                    in_shapes[p][n] = stages_n[k].in_shape if k is not None else carried
+                    if k is None:
+                        status[p, n] = IDENTITY if kept == len(stages_n) else ABSENT
+                    else:
+                        index[p][n] = k
+                        status[p, n] = REAL if k < kept else ABSENT
+                        carried = stages_n[k].out_shape
+            pool_stages = []
+            for p in range(depth):
+                real = [own[n][tower][index[p][n]] for n in range(len(members))
+                        if index[p][n] is not None]
+                ops = {(s.op, s.stride, s.act) for s in real}
+                if len(ops) > 1:
+                    raise L.SpecError(
+                        f"learner specs: stage {p} of the {tower} tower differs in kind across "
+                        f"learners ({sorted(ops)}); they cannot share a pool")
+                in_pad = tuple(int(v) for v in np.max(in_shapes[p], axis=0))
+                out_pad = (tuple(int(v) for v in np.max([s.out_shape for s in real], axis=0))
+                           if real[0].op == "head" or p == depth - 1 else None)
+                pool_stages.append((real[0], in_pad, out_pad))
+            resolved = []
+            for p, (proto, in_pad, out_pad) in enumerate(pool_stages):
+                if out_pad is None:
+                    out_pad = pool_stages[p + 1][1]
+                resolved.append(dataclasses.replace(proto, in_shape=in_pad, out_shape=out_pad))
+            self.stages[tower] = resolved
+            self.status[tower] = status
+            self.stage_index[tower] = index
+            self.in_shapes[tower] = in_shapes
+
+    @property
+    def segment_of(self) -> np.ndarray:
+        """``[N]`` int: each learner's squad, -1 for a feeder (not gated)."""
+        return np.array([-1 if m.squad is None else m.squad for m in self.members], np.int32)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def position(self, tower: str, n: int, k: int) -> int:
+        """Pool position of learner ``n``'s own stage ``k``."""
+        return next(p for p, idx in enumerate(self.stage_index[tower]) if idx[n] == k)
+
+    def param_shapes(self, tower: str, p: int) -> dict[str, tuple[int, ...]]:
+        return L.stage_param_shapes(self.stages[tower][p])
+
+    def latent_mask(self) -> np.ndarray:
+        """``[N, latent]``: True on each learner's real latent coordinates (when its head runs)."""
+        real_head = self.status["enc"][-1] == REAL
+        return np.stack([box_mask((m.spec.latent,), (self.latent,)) & h
+                         for m, h in zip(self.members, real_head)])
+
+    def stack(self, params: list[L.Params]) -> tuple[dict, dict]:
+        """Stacks unpadded per-learner parameters into padded pool trees.
+
+        Args:
+          params: per member, ``init_learner``-shaped parameters (stages it does not keep may be
+            missing or present; they are ignored).
+
+        Returns:
+          ``(stacked, masks)``: ``{"enc": [per position {name: [N, *padded]}], "dec": [...],
+          "log_scale": [N]}`` and boolean masks of the same structure.
+        """
+        stacked, masks = {}, {}
+        for tower in L.TOWERS:
+            stacked[tower], masks[tower] = [], []
+            for p in range(len(self.stages[tower])):
+                shapes = self.param_shapes(tower, p)
+                leaves, leaf_masks = {}, {}
+                for name, shape in shapes.items():
+                    rows, mrows = [], []
+                    for n in range(self.size):
+                        k = self.stage_index[tower][p][n]
+                        if self.status[tower][p, n] == REAL:
+                            a = jnp.asarray(params[n][tower][k][name], jnp.float32)
+                            rows.append(_pad_to(a, shape))
+                            mrows.append(box_mask(a.shape, shape))
+                        else:
+                            rows.append(jnp.zeros(shape, jnp.float32))
+                            mrows.append(np.zeros(shape, bool))
+                    leaves[name] = jnp.stack(rows)
+                    leaf_masks[name] = jnp.asarray(np.stack(mrows))
+                stacked[tower].append(leaves)
+                masks[tower].append(leaf_masks)
+        stacked["log_scale"] = jnp.stack(
+            [jnp.asarray(p["log_scale"], jnp.float32) for p in params])
+        masks["log_scale"] = jnp.ones((self.size,), bool)
+        return stacked, masks
+
+    def unstack(self, stacked: dict) -> list[L.Params]:
+        """Inverse of ``stack``: each member's real (unpadded) parameters, kept stages only."""
+        out = []
+        for n, member in enumerate(self.members):
+            own = L.stages(member.spec)
+            tree = {"log_scale": np.asarray(stacked["log_scale"][n])}
+            for tower in L.TOWERS:
+                tree[tower] = []
+                for k in range(member.kept(tower)):
+                    p = self.position(tower, n, k)
+                    real = L.stage_param_shapes(own[tower][k])
+                    tree[tower].append({
+                        name: np.asarray(stacked[tower][p][name][n][
+                            tuple(slice(0, r) for r in shape)])
+                        for name, shape in real.items()})
+            out.append(tree)
+        return out
+
+    def padding_waste(self) -> float:
+        """Executed FLOPs of the padded pool over the useful FLOPs of its real stages."""
+        executed = useful = 0
+        for tower in L.TOWERS:
+            for p, stage in enumerate(self.stages[tower]):
+                for n, member in enumerate(self.members):
+                    executed += L.stage_flops(stage)
+                    k = self.stage_index[tower][p][n]
+                    if self.status[tower][p, n] == REAL:
+                        useful += L.stage_flops(L.stages(member.spec)[tower][k])
+        return executed / max(useful, 1)
+
+
+def apply_pool_stage(stage: L.Stage, params: dict, masks: dict, status: jax.Array,
+                     x: jax.Array):
+    """One position for one learner (``vmap`` over the learner axis).
+
+    Args:
+      stage: the padded stage of this position.
+      params/masks: this learner's padded leaves of the position.
+      status: scalar REAL / IDENTITY / ABSENT.
+      x: ``[R, *stage.in_shape]``.
+
+    Returns:
+      ``[R, *stage.out_shape]`` (a head returns ``(mean, logvar)``, each ``[R, latent]``).
+    """
+    p = jax.tree.map(lambda a, m: a * m.astype(a.dtype), params, masks)
+    y = L.apply_stage(stage, p, x)
+    if stage.op == "head":
+        keep = (status == REAL).astype(x.dtype)
+        return y[0] * keep, y[1] * keep
+    if x.ndim == y.ndim and x.shape[1:-1] == y.shape[1:-1]:
+        ident = resize_last(x, y.shape[-1])
+    else:
+        ident = jnp.zeros_like(y)
+    return jnp.where(status == REAL, y, jnp.where(status == IDENTITY, ident, 0.0))

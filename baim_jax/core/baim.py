@@ -125,6 +125,16 @@ def _check_params(spec: L.LearnerSpec, params: Any, where: str, keep=None) -> No
         raise ValueError(f"{where}: 'log_scale' is missing or not finite")
 
 
+def _pad_gate_columns(gate: dict, size: int) -> dict:
+    """Gives feeders (saved without LSGate columns) zero columns, up to ``size``."""
+    short = size - np.shape(gate["ls"]["bias"])[0]
+    if short == 0:
+        return gate
+    ls = {"kernel": jnp.pad(jnp.asarray(gate["ls"]["kernel"]), [(0, 0), (0, short)]),
+          "bias": jnp.pad(jnp.asarray(gate["ls"]["bias"]), [(0, short)])}
+    return {**gate, "ls": ls}
+
+
 def values(tree):
     """The arrays of a tree of NNX variables."""
     return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
@@ -187,6 +197,7 @@ class BAIM(nnx.Module):
 
         if gate_params is None:
             gate_params = self._init_gate(rngs.params())
+        gate_params = _pad_gate_columns(gate_params, self.layout.size)
         self.gate = nnx.data(jax.tree.map(GateParam, gate_params))
         if prior is None:
             sizes = np.array([max(squads.count(s), 1) for s in squads], np.float32)
@@ -477,9 +488,12 @@ class BAIM(nnx.Module):
     def export_tree(self) -> dict:
         """Unpadded state: per-learner parameters, gate, connection kernels, prior."""
         stacked = values(self.learners)
+        gate = jax.tree.map(np.asarray, values(self.gate))
+        gate["ls"] = {"kernel": gate["ls"]["kernel"][:, : self.num_gated],
+                      "bias": gate["ls"]["bias"][: self.num_gated]}
         return {
             "learners": self.layout.unstack(stacked),
-            "gate": jax.tree.map(np.asarray, values(self.gate)),
+            "gate": gate,
             "connections": self.conns.unstack([k[...] for k in self.connections]),
             "prior": np.asarray(self.prior[...]),
         }

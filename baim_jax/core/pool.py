@@ -117,7 +117,7 @@ class PoolLayout:
                         len(stages_n) - 1 if p == depth - 1 else None)
                     in_shapes[p][n] = stages_n[k].in_shape if k is not None else carried
                     if k is None:
-                        status[p, n] = IDENTITY if kept == len(stages_n) else ABSENT
+                        status[p, n] = IDENTITY if kept >= len(stages_n) - 1 else ABSENT
                     else:
                         index[p][n] = k
                         status[p, n] = REAL if k < kept else ABSENT

@@ -1,0 +1,100 @@
+"""Partitioning the BAIM into compact task models, the toolkit (paper Sec. III, step 5).
+
+``partition(baim, task)`` keeps the task's squad, its LSGate, the kept connections that reach
+the squad (transitively), and of every other learner only the first stages whose inputs feed it
+(a *feeder*). Padding, pruned connections and the rest are dropped. The task model computes
+exactly what the BAIM computes for that task (DESIGN.md Sec. 5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from baim_jax.core import connections as C
+from baim_jax.core import learners as L
+from baim_jax.core.baim import BAIM
+from baim_jax.core.pool import Member
+
+
+class TaskModel(BAIM):
+    """One task's compact mixture of experts: its learners first, then feeders (not gated)."""
+
+    kind = "task"
+
+    @property
+    def task(self) -> str:
+        return self.tasks[0]
+
+
+def needed_prefixes(model: BAIM, active: list[int]) -> np.ndarray:
+    """Stages each learner must keep so that the ``active`` learners compute in full.
+
+    Returns:
+      ``[N, 2]`` int: how many of its own encoder / decoder stages each learner keeps (0, 0 for
+      a learner that is not needed). Same rule as ``dispatch.needed``, in learners' own stage
+      indices.
+    """
+    members = model.layout.members
+    depth = np.array([[len(L.stages(m.spec)[t]) for t in L.TOWERS] for m in members])
+    need = np.zeros_like(depth)
+    need[active] = depth[active]
+    kept = [c for c, k in zip(model.conns.connections, model.kept_flat()) if k]
+    changed = True
+    while changed:
+        changed = False
+        for c in kept:
+            t = L.TOWERS.index(c.tower)
+            if need[c.tgt, t] <= c.tgt_stage:
+                continue
+            want = need[c.src].copy()
+            want[t] = max(want[t], c.src_stage)
+            if c.tower == "dec":
+                want[0] = depth[c.src, 0]
+            if (want > need[c.src]).any():
+                need[c.src] = np.maximum(need[c.src], want)
+                changed = True
+    return need
+
+
+def partition(model: BAIM, task) -> TaskModel:
+    """Cuts the task model of ``task`` (a name or index) out of ``model``.
+
+    Returns:
+      a ``TaskModel`` whose outputs equal ``model``'s for inputs of that task.
+    """
+    t = int(model._task_ids(task, 1)[0])
+    seg = model.layout.segment_of
+    squad = [n for n in range(model.layout.size) if seg[n] == t]
+    need = needed_prefixes(model, squad)
+    feeders = [n for n in range(model.layout.size) if n not in squad and need[n, 0] > 0]
+    keep_idx = squad + feeders
+    new_index = {old: new for new, old in enumerate(keep_idx)}
+    old = model.export_tree()
+    members = [Member(model.layout.members[n].spec, 0) for n in squad]
+    members += [Member(model.layout.members[n].spec, None, (int(need[n, 0]), int(need[n, 1])))
+                for n in feeders]
+    params = [old["learners"][n] for n in keep_idx]
+
+    conns, kernels = [], []
+    for c, kernel, kept in zip(model.conns.connections, old["connections"], model.kept_flat()):
+        if kept and c.tgt in new_index and need[c.tgt, L.TOWERS.index(c.tower)] > c.tgt_stage:
+            conns.append(C.Connection(c.tower, new_index[c.src], c.src_stage,
+                                      new_index[c.tgt], c.tgt_stage))
+            kernels.append(kernel)
+    order = sorted(range(len(conns)), key=lambda i: conns[i])
+
+    gate = old["gate"]
+    cols = np.array(keep_idx)
+    ls_kernel = np.where(seg[cols][None, :] == t, gate["ls"]["kernel"][:, cols], 0.0)
+    ls_bias = np.where(seg[cols] == t, gate["ls"]["bias"][cols], 0.0)
+    gate_params = {"phi": gate["phi"],
+                   "ls": {"kernel": ls_kernel.astype(np.float32),
+                          "bias": ls_bias.astype(np.float32)},
+                   "ts": {"kernel": gate["ts"]["kernel"][:, t:t + 1],
+                          "bias": gate["ts"]["bias"][t:t + 1]}}
+    prior = np.where(seg[cols] == t, old["prior"][cols], 0.0)
+    return TaskModel(members, [model.tasks[t]], model.config, rngs=nnx.Rngs(0),
+                     learner_params=params, connections=[conns[i] for i in order],
+                     connection_kernels=[kernels[i] for i in order], gate_params=gate_params,
+                     prior=prior)

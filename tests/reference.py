@@ -1,0 +1,78 @@
+"""A plain loop reference of the BAIM forward: one learner at a time, unpadded parameters,
+one connection at a time (as maxtext's ``moe_test.py`` checks its fast paths)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from baim_jax.core import connections as C
+from baim_jax.core import learners as L
+from baim_jax.core import losses
+
+
+def reference_forward(model, x, eps, weights):
+    """Returns ``(recon [B, H, W, C], nelbo [B])`` computed learner by learner.
+
+    Every learner runs on every example; ``weights [B, N]`` combine their outputs.
+    """
+    members = model.layout.members
+    tree = model.export_tree()
+    kept = [(c, k) for c, k, on in zip(model.conns.connections, tree["connections"],
+                                       model.kept_flat()) if on]
+    own = [L.stages(m.spec) for m in members]
+
+    @functools.lru_cache(maxsize=None)
+    def head(n):
+        return L.apply_stage(own[n]["enc"][-1], tree["learners"][n]["enc"][-1],
+                             mixed(n, "enc", len(own[n]["enc"]) - 1))
+
+    def z(n):
+        mean, logvar = head(n)
+        return mean + jnp.exp(0.5 * logvar) * eps[:, : members[n].spec.latent]
+
+    @functools.lru_cache(maxsize=None)
+    def a(n, tower, k):
+        """Original input of learner n's own stage k."""
+        if k == 0:
+            return x if tower == "enc" else z(n)
+        return L.apply_stage(own[n][tower][k - 1], tree["learners"][n][tower][k - 1],
+                             mixed(n, tower, k - 1))
+
+    @functools.lru_cache(maxsize=None)
+    def mixed(n, tower, k):
+        out = a(n, tower, k)
+        for c, kernel in kept:
+            if c.tgt == n and c.tower == tower and c.tgt_stage == k:
+                src = a(c.src, tower, c.src_stage)
+                if src.ndim == 2:
+                    out = out + jnp.tensordot(src, kernel, axes=1)
+                else:
+                    src = C.resample(src, out.shape[1:3])
+                    out = out + jnp.einsum("bhwc,cd->bhwd", src, kernel)
+        return out
+
+    recon = 0.0
+    nelbo = 0.0
+    for n, m in enumerate(members):
+        if m.squad is None:
+            continue
+        out = a(n, "dec", len(own[n]["dec"]) - 1)
+        out = L.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1],
+                            mixed(n, "dec", len(own[n]["dec"]) - 1))
+        mean, logvar = head(n)
+        rec = losses.nll(out, jnp.asarray(tree["learners"][n]["log_scale"]), x,
+                         model.layout.likelihood)
+        kl = losses.kl_standard_normal(mean, logvar, jnp.ones_like(mean, bool))
+        w = weights[:, n]
+        recon = recon + w[:, None, None, None] * losses.pixel_mean(out, model.layout.likelihood)
+        nelbo = nelbo + w * (rec + kl)
+    return recon, nelbo
+
+
+def randomize_connections(model, key, scale=0.05):
+    """Gives every connection random (padding-respecting) values, as if trained."""
+    for i, (var, mask) in enumerate(zip(model.connections, model.conn_masks)):
+        noise = scale * jax.random.normal(jax.random.fold_in(key, i), var[...].shape)
+        var[...] = noise * mask[...]

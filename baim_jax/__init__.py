@@ -1,1 +1,15 @@
-"""baim_jax: the edge-cloud BAIM framework of Tian et al. (IEEE Network 2024) in JAX/Flax NNX."""
+"""baim_jax: the edge-cloud BAIM framework of Tian et al. (IEEE Network 2024) in JAX/Flax NNX.
+
+The package reads like the workflow: ``core`` holds the big model (learners, pool, gates,
+connections, dispatch, the BAIM itself, partition into task models, training strategies);
+``checkpoint`` saves and loads; ``train`` and ``cli`` run jobs.
+"""
+
+from baim_jax.checkpoint import CheckpointError, load
+from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.learners import LearnerSpec, SpecError
+from baim_jax.core.partition import TaskModel, partition
+from baim_jax.core.pool import Member
+
+__all__ = ["BAIM", "BAIMConfig", "CheckpointError", "LearnerSpec", "Member", "SpecError",
+           "TaskModel", "load", "partition"]

@@ -125,6 +125,22 @@ def _check_params(spec: L.LearnerSpec, params: Any, where: str, keep=None) -> No
         raise ValueError(f"{where}: 'log_scale' is missing or not finite")
 
 
+def _check_gate(gate: Any, layout: PoolLayout, gated: int, tasks: int, features: int) -> None:
+    """Refuses gate parameters whose shapes do not fit the pool."""
+    h, w, c = layout.image_shape
+    want = {("phi", "kernel"): [(h, w, c, features)], ("phi", "bias"): [(features,)],
+            ("ls", "kernel"): [(features, gated), (features, layout.size)],
+            ("ls", "bias"): [(gated,), (layout.size,)],
+            ("ts", "kernel"): [(features, tasks)], ("ts", "bias"): [(tasks,)]}
+    for (part, name), shapes in want.items():
+        leaf = gate.get(part, {}).get(name) if isinstance(gate, dict) else None
+        if leaf is None or tuple(np.shape(leaf)) not in shapes:
+            raise ValueError(f"gate '{part}/{name}': shape "
+                             f"{None if leaf is None else tuple(np.shape(leaf))}, expected {shapes[0]}")
+        if not np.isfinite(np.asarray(leaf)).all():
+            raise ValueError(f"gate '{part}/{name}': non-finite values")
+
+
 def _pad_gate_columns(gate: dict, size: int) -> dict:
     """Gives feeders (saved without LSGate columns) zero columns, up to ``size``."""
     short = size - np.shape(gate["ls"]["bias"])[0]
@@ -135,9 +151,13 @@ def _pad_gate_columns(gate: dict, size: int) -> dict:
     return {**gate, "ls": ls}
 
 
+def _is_var(v) -> bool:
+    return isinstance(v, nnx.Variable)
+
+
 def values(tree):
     """The arrays of a tree of NNX variables."""
-    return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return jax.tree.map(lambda v: v[...], tree, is_leaf=_is_var)
 
 
 class BAIM(nnx.Module):
@@ -197,11 +217,15 @@ class BAIM(nnx.Module):
 
         if gate_params is None:
             gate_params = self._init_gate(rngs.params())
+        _check_gate(gate_params, self.layout, self.num_gated, len(self.tasks),
+                    config.feature_dim)
         gate_params = _pad_gate_columns(gate_params, self.layout.size)
         self.gate = nnx.data(jax.tree.map(GateParam, gate_params))
         if prior is None:
             sizes = np.array([max(squads.count(s), 1) for s in squads], np.float32)
             prior = np.where(self.layout.segment_of >= 0, 1.0 / sizes, 0.0)
+        if np.shape(prior) != (self.layout.size,):
+            raise ValueError(f"prior: shape {np.shape(prior)}, expected ({self.layout.size},)")
         self.prior = PriorGate(jnp.asarray(prior, jnp.float32))
         self.order = tuple(range(self.layout.size))
 
@@ -378,6 +402,40 @@ class BAIM(nnx.Module):
         m = self.config.prior_momentum
         self.prior[...] = jnp.where(per_learner > 0, m * self.prior[...] + (1 - m) * mean_w,
                                     self.prior[...])
+
+    def reinit_learners(self, seed: int) -> None:
+        """Re-initialises every learner at random with the same specs (the scratch strategy)."""
+        keys = jax.random.split(jax.random.key(seed), self.layout.size)
+        fresh = [L.init_learner(m.spec, k) for m, k in zip(self.layout.members, keys)]
+        stacked, _ = self.layout.stack(fresh)
+        for var, value in zip(jax.tree.leaves(self.learners, is_leaf=_is_var),
+                              jax.tree.leaves(stacked)):
+            var[...] = value
+
+    def prune_connections(self, kept_fraction: float) -> int:
+        """Iterative magnitude pruning step: keeps ``ceil(kept_fraction * potential)`` of the
+        connections by Frobenius norm (never reviving one) and zeroes the rest.
+
+        Returns:
+          the number of connections kept.
+        """
+        if not 0.0 < kept_fraction <= 1.0:
+            raise ValueError(f"kept_fraction: must be in (0, 1], got {kept_fraction}")
+        if not self.conns.groups:
+            return 0
+        masked = [k[...] * m[...] for k, m in zip(self.connections, self.conn_masks)]
+        norm = np.asarray(C.norms(masked))
+        kept = np.concatenate([np.asarray(m[...]) for m in self.kept])
+        n_keep = int(np.ceil(kept_fraction * len(self.conns) - 1e-9))
+        new = C.prune_mask(norm, kept, n_keep)
+        start = 0
+        for var, kvar in zip(self.connections, self.kept):
+            size = kvar[...].shape[0]
+            part = jnp.asarray(new[start:start + size])
+            kvar[...] = part
+            var[...] = var[...] * part.reshape((-1,) + (1,) * (var[...].ndim - 1))
+            start += size
+        return int(new.sum())
 
     # ------------------------------------------------------------------------- public API
 

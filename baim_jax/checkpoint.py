@@ -1,0 +1,140 @@
+"""Saving and loading BAIMs and task models: a directory with ``spec.json`` and an orbax
+checkpoint of the unpadded state (``state/``).
+
+Saving writes into a temporary sibling directory and renames it into place, so an interrupted
+save never leaves a half-written model where a good one was. Loading needs nothing but the
+directory and refuses anything inconsistent with one clear error (``CheckpointError``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from baim_jax.core import connections as C
+from baim_jax.core import learners as L
+from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.partition import TaskModel
+from baim_jax.core.pool import Member, PoolLayout
+
+FORMAT, VERSION = "baim_jax", 1
+KINDS = {"baim": BAIM, "task": TaskModel}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded."""
+
+
+def _to_dicts(tree):
+    """Lists become dicts keyed "0", "1", ...; empty containers are dropped (orbax-friendly)."""
+    if isinstance(tree, (list, tuple)):
+        tree = {str(i): v for i, v in enumerate(tree)}
+    if isinstance(tree, dict):
+        out = {k: _to_dicts(v) for k, v in tree.items()}
+        return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+    return np.asarray(tree)
+
+
+def _as_list(d, n: int, where: str) -> list:
+    d = d or {}
+    if not isinstance(d, dict) or set(d) - {str(i) for i in range(n)}:
+        raise CheckpointError(f"{where}: unexpected entries in the checkpoint")
+    return [d.get(str(i)) for i in range(n)]
+
+
+def save(model: BAIM, path) -> None:
+    """Writes ``model`` to the directory ``path`` (replaced atomically if it exists)."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        tree = model.export_tree()
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(tmp / "state", _to_dicts(tree))
+        ckpt.wait_until_finished()
+        spec = model.spec
+        spec["members"] = [m.to_json() for m in model.layout.members]
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_spec(path) -> dict:
+    """Reads and checks ``spec.json`` of a model directory."""
+    path = Path(path)
+    if not (path / "spec.json").is_file():
+        raise CheckpointError(f"{path}: not a baim_jax model directory (no spec.json)")
+    try:
+        spec = json.loads((path / "spec.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/spec.json: unreadable ({e})") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise CheckpointError(f"{path}/spec.json: not a {FORMAT} spec")
+    if spec.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}/spec.json: format version {spec.get('version')!r}, this baim_jax reads "
+            f"version {VERSION}")
+    if spec.get("kind") not in KINDS:
+        raise CheckpointError(f"{path}/spec.json: unknown model kind {spec.get('kind')!r}")
+    return spec
+
+
+def load(path) -> BAIM:
+    """Opens a saved BAIM or TaskModel from its directory."""
+    path = Path(path).absolute()
+    spec = read_spec(path)
+    try:
+        config = BAIMConfig(**spec["config"])
+        members = [Member.from_json(m) for m in spec["members"]]
+        conns = [C.Connection(*c[:5]) for c in spec["connections"]["list"]]
+        kept = [bool(c[5]) for c in spec["connections"]["list"]]
+        tasks = spec["tasks"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/spec.json: malformed ({type(e).__name__}: {e})") from None
+    if not (path / "state").is_dir():
+        raise CheckpointError(f"{path}: the checkpoint directory 'state' is missing")
+    try:
+        tree = ocp.StandardCheckpointer().restore(path / "state")
+    except Exception as e:  # orbax raises many types for damaged files
+        raise CheckpointError(f"{path}/state: cannot be restored ({type(e).__name__})") from None
+    learners = _as_list(tree.get("learners"), len(members), "learners")
+    params = []
+    for n, p in enumerate(learners):
+        if not isinstance(p, dict):
+            raise CheckpointError(f"learner {n}: missing from the checkpoint")
+        towers = {t: [v for v in _as_list(p.get(t), len(L.stages(members[n].spec)[t]),
+                                          f"learner {n} {t}") if v is not None]
+                  for t in L.TOWERS}
+        params.append({**towers, "log_scale": p.get("log_scale")})
+    kernels = _as_list(tree.get("connections"), len(conns), "connections")
+    cls = KINDS[spec["kind"]]
+    try:
+        probe = C.ConnectionSet(PoolLayout(members), conns)
+        for c, k in zip(conns, kernels):
+            if k is None or tuple(np.shape(k)) != probe.real_kernel_shape(c):
+                raise ValueError(f"connection {c.to_json()}: kernel shape "
+                                 f"{None if k is None else np.shape(k)}, expected "
+                                 f"{probe.real_kernel_shape(c)}")
+            if not np.isfinite(k).all():
+                raise ValueError(f"connection {c.to_json()}: non-finite values")
+        return cls(members, tasks, config, rngs=nnx.Rngs(0), learner_params=params,
+                   connections=conns, connection_kernels=kernels, kept=kept,
+                   gate_params=tree.get("gate"), prior=tree.get("prior"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None

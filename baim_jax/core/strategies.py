@@ -1,0 +1,70 @@
+"""Cloud training strategies as parameter partitions (paper Sec. III, step 4).
+
+* ``finetune``: everything trains; learners start from the uploads.
+* ``freeze``: the uploaded learners stay fixed (they get no gradient and no update); only the
+  gates and connections train.
+* ``scratch``: the same architecture with every learner re-initialised at random; all train.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import optax
+from flax import nnx
+
+from baim_jax.core.baim import BAIM, ConnectionParam, GateParam
+
+STRATEGIES = ("finetune", "freeze", "scratch")
+
+
+def trainable(strategy: str) -> nnx.filterlib.Filter:
+    """The NNX filter of the parameters a strategy trains."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: {strategy!r} is not one of {STRATEGIES}")
+    if strategy == "freeze":
+        return nnx.Any(GateParam, ConnectionParam)
+    return nnx.Param
+
+
+def prepare(model: BAIM, strategy: str, seed: int = 0) -> BAIM:
+    """Applies the strategy to a freshly assembled model (scratch re-initialises learners)."""
+    trainable(strategy)
+    if strategy == "scratch":
+        model.reinit_learners(seed)
+    return model
+
+
+def make_optimizer(model: BAIM, strategy: str, tx: optax.GradientTransformation) -> nnx.Optimizer:
+    return nnx.Optimizer(model, tx, wrt=trainable(strategy))
+
+
+def make_train_step(model: BAIM, optimizer: nnx.Optimizer, strategy: str
+                    ) -> Callable[..., dict]:
+    """A jitted ``step(x [B,H,W,C], task [B], rng) -> metrics`` that updates model in place.
+
+    The model and optimizer are split once; each call runs one compiled function over their
+    state (the fast NNX pattern), then writes the new state back.
+    """
+    wrt = trainable(strategy)
+    graphdef, state = nnx.split((model, optimizer))
+
+    @jax.jit
+    def step(state, x, task, rng):
+        m, opt = nnx.merge(graphdef, state)
+        grad_fn = nnx.value_and_grad(lambda mod: mod.loss(x, task, rng),
+                                     argnums=nnx.DiffState(0, wrt), has_aux=True)
+        (_, metrics), grads = grad_fn(m)
+        opt.update(m, grads)
+        m.update_prior(metrics.pop("gate_weights"), task)
+        metrics.pop("task")
+        return nnx.state((m, opt)), metrics
+
+    def run(x, task, rng) -> dict:
+        nonlocal state
+        state, metrics = step(state, x, task, rng)
+        nnx.update((model, optimizer), state)
+        return metrics
+
+    return run

@@ -121,7 +121,7 @@ def load(path) -> BAIM:
         towers = {t: [v for v in _as_list(p.get(t), len(L.stages(members[n].spec)[t]),
                                           f"learner {n} {t}") if v is not None]
                   for t in L.TOWERS}
-        params.append({**towers, "log_scale": p.get("log_scale")})
+        params.append({**towers, **({"log_scale": p["log_scale"]} if "log_scale" in p else {})})
     kernels = _as_list(tree.get("connections"), len(conns), "connections")
     cls = KINDS[spec["kind"]]
     try:

@@ -62,7 +62,7 @@ def reference_forward(model, x, eps, weights):
         out = L.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1],
                             mixed(n, "dec", len(own[n]["dec"]) - 1))
         mean, logvar = head(n)
-        rec = losses.nll(out, jnp.asarray(tree["learners"][n]["log_scale"]), x,
+        rec = losses.nll(out, jnp.asarray(tree["learners"][n].get("log_scale", 0.0)), x,
                          model.layout.likelihood)
         kl = losses.kl_standard_normal(mean, logvar, jnp.ones_like(mean, bool))
         w = weights[:, n]
@@ -75,4 +75,4 @@ def randomize_connections(model, key, scale=0.05):
     """Gives every connection random (padding-respecting) values, as if trained."""
     for i, (var, mask) in enumerate(zip(model.connections, model.conn_masks)):
         noise = scale * jax.random.normal(jax.random.fold_in(key, i), var[...].shape)
-        var[...] = noise * mask[...]
+        var[...] = noise * mask[...].astype(noise.dtype)

@@ -121,7 +121,8 @@ def _check_params(spec: L.LearnerSpec, params: Any, where: str, keep=None) -> No
                         f"{None if leaf is None else tuple(np.shape(leaf))}, spec says {shape}")
                 if not np.all(np.isfinite(np.asarray(leaf))):
                     raise ValueError(f"{where}: {tower} stage {k} '{name}' has non-finite values")
-    if "log_scale" not in params or not np.isfinite(np.asarray(params["log_scale"])).all():
+    if spec.likelihood == "gaussian" and (
+            "log_scale" not in params or not np.isfinite(np.asarray(params["log_scale"])).all()):
         raise ValueError(f"{where}: 'log_scale' is missing or not finite")
 
 
@@ -149,6 +150,21 @@ def _pad_gate_columns(gate: dict, size: int) -> dict:
     ls = {"kernel": jnp.pad(jnp.asarray(gate["ls"]["kernel"]), [(0, 0), (0, short)]),
           "bias": jnp.pad(jnp.asarray(gate["ls"]["bias"]), [(0, short)])}
     return {**gate, "ls": ls}
+
+
+def init_learners(members: Sequence[Member], key: jax.Array) -> list[L.Params]:
+    """Fresh parameters of every member, in one compiled call."""
+    return [L.init_learner(m.spec, jax.random.fold_in(key, n)) for n, m in enumerate(members)]
+
+
+def shared_noise(key: jax.Array, batch: int, size: int) -> jax.Array:
+    """Standard normal ``[batch, size]`` whose coordinate d depends only on (key, d).
+
+    Learner n takes the first d_n coordinates, so its noise does not depend on the pool's
+    padded latent size: a task model draws exactly the BAIM's noise from the same key.
+    """
+    cols = jax.vmap(lambda d: jax.random.normal(jax.random.fold_in(key, d), (batch,)))
+    return cols(jnp.arange(size)).T
 
 
 def _is_var(v) -> bool:
@@ -196,8 +212,7 @@ class BAIM(nnx.Module):
         self.num_gated = sum(gated)
 
         if learner_params is None:
-            keys = jax.random.split(rngs.params(), self.layout.size)
-            learner_params = [L.init_learner(m.spec, k) for m, k in zip(self.layout.members, keys)]
+            learner_params = init_learners(self.layout.members, rngs.params())
         for n, (m, p) in enumerate(zip(self.layout.members, learner_params)):
             _check_params(m.spec, p, f"learner {n}", m.keep)
         stacked, masks = self.layout.stack(list(learner_params))
@@ -255,14 +270,17 @@ class BAIM(nnx.Module):
     def _init_gate(self, key: jax.Array) -> dict:
         f = self.config.feature_dim
         h, w, c = self.layout.image_shape
-        k1, k2, k3 = jax.random.split(key, 3)
+        rng = L.numpy_rng(key)
+
+        def dense(fan_in, shape):
+            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
         return {
-            "phi": {"kernel": jax.random.normal(k1, (h, w, c, f)) / np.sqrt(h * w * c),
-                    "bias": jnp.zeros((f,))},
-            "ls": {"kernel": jax.random.normal(k2, (f, self.layout.size)) / np.sqrt(f),
-                   "bias": jnp.zeros((self.layout.size,))},
-            "ts": {"kernel": jax.random.normal(k3, (f, len(self.tasks))) / np.sqrt(f),
-                   "bias": jnp.zeros((len(self.tasks),))},
+            "phi": {"kernel": dense(h * w * c, (h, w, c, f)), "bias": np.zeros((f,), np.float32)},
+            "ls": {"kernel": dense(f, (f, self.layout.size)),
+                   "bias": np.zeros((self.layout.size,), np.float32)},
+            "ts": {"kernel": dense(f, (f, len(self.tasks))),
+                   "bias": np.zeros((len(self.tasks),), np.float32)},
         }
 
     # ------------------------------------------------------------------------------ forward
@@ -285,7 +303,7 @@ class BAIM(nnx.Module):
             slots = layout.slot_of[examples, g.src[:, None]]
             feat = src[g.src[:, None], slots]
             kept = self.kept[g_idx][...].astype(a.dtype)
-            kernel = (self.connections[g_idx][...] * self.conn_masks[g_idx][...]
+            kernel = (self.connections[g_idx][...] * self.conn_masks[g_idx][...].astype(a.dtype)
                       * kept.reshape((-1,) + (1,) * len(g.kernel_shape)))
             proj = C.project(g, kernel, feat)
             a = a + jax.ops.segment_sum(proj, jnp.asarray(g.tgt), num_segments=a.shape[0])
@@ -306,11 +324,11 @@ class BAIM(nnx.Module):
         x_buf = D.gather_rows(x, layout.rows_of)
         mean, logvar = self._tower("enc", x_buf, layout)
         mask = self._latent_mask()[:, None, :]
-        z = (mean + jnp.exp(0.5 * logvar) * D.gather_rows(eps, layout.rows_of)) * mask
+        z = jnp.where(mask, mean + jnp.exp(0.5 * logvar) * D.gather_rows(eps, layout.rows_of), 0.0)
         out = self._tower("dec", z, layout)
         return {"x": x_buf, "mean": mean, "logvar": logvar, "z": z, "out": out}
 
-    def _layout(self, selected: jax.Array, dispatch: str) -> D.Layout:
+    def _layout(self, selected: jax.Array, dispatch: str, dropless: bool) -> D.Layout:
         batch, num = selected.shape
         if dispatch == "dense":
             return D.dense_layout(batch, num)
@@ -319,7 +337,8 @@ class BAIM(nnx.Module):
         conn = self.conns.flat_arrays()
         depths = (len(self.layout.stages["enc"]), len(self.layout.stages["dec"]))
         need = D.needed(selected, conn, kept, depths)
-        cap = D.capacity(batch, self.config.k, num, self.config.capacity_factor)
+        cap = D.capacity(batch, self.config.k, num,
+                         None if dropless else self.config.capacity_factor)
         return D.capacity_layout(need, cap)
 
     def route(self, x: jax.Array, task=None, *, rng=None, train=False,
@@ -333,7 +352,7 @@ class BAIM(nnx.Module):
 
     def forward(self, x: jax.Array, task=None, *, rng: jax.Array | None = None,
                 train: bool = False, dispatch: str | None = None,
-                selected: jax.Array | None = None) -> dict:
+                selected: jax.Array | None = None, dropless: bool = False) -> dict:
         """Full forward: routing, learners on their rows, combination and losses.
 
         Args:
@@ -343,6 +362,8 @@ class BAIM(nnx.Module):
           train: adds the gate's noise.
           dispatch: overrides the config's dispatch (``"dense"`` or ``"capacity"``).
           selected: ``[B, N]`` imposed learner choice (benchmarks, tests).
+          dropless: ignore ``capacity_factor`` (capacity B): what inference and evaluation use,
+            so that reported outputs and losses never miss a dropped learner.
 
         Returns:
           dict with ``recon`` ``[B, H, W, C]`` (mean image), ``nelbo``, ``rec``, ``kl`` ``[B]``,
@@ -350,10 +371,10 @@ class BAIM(nnx.Module):
         """
         rng_gate, rng_eps = (None, None) if rng is None else jax.random.split(rng)
         out = self.route(x, task, rng=rng_gate, train=train, selected=selected)
-        layout = self._layout(out.selected, dispatch or self.config.dispatch)
+        layout = self._layout(out.selected, dispatch or self.config.dispatch, dropless)
         batch = x.shape[0]
         eps = (jnp.zeros((batch, self.layout.latent)) if rng_eps is None
-               else jax.random.normal(rng_eps, (batch, self.layout.latent)))
+               else shared_noise(rng_eps, batch, self.layout.latent))
         buf = self._buffers(x, eps, layout)
         log_scale = self.learners["log_scale"][...]
         rec_n = losses.nll(buf["out"], log_scale[:, None], buf["x"], self.layout.likelihood)
@@ -405,9 +426,7 @@ class BAIM(nnx.Module):
 
     def reinit_learners(self, seed: int) -> None:
         """Re-initialises every learner at random with the same specs (the scratch strategy)."""
-        keys = jax.random.split(jax.random.key(seed), self.layout.size)
-        fresh = [L.init_learner(m.spec, k) for m, k in zip(self.layout.members, keys)]
-        stacked, _ = self.layout.stack(fresh)
+        stacked, _ = self.layout.stack(init_learners(self.layout.members, jax.random.key(seed)))
         for var, value in zip(jax.tree.leaves(self.learners, is_leaf=_is_var),
                               jax.tree.leaves(stacked)):
             var[...] = value
@@ -423,7 +442,8 @@ class BAIM(nnx.Module):
             raise ValueError(f"kept_fraction: must be in (0, 1], got {kept_fraction}")
         if not self.conns.groups:
             return 0
-        masked = [k[...] * m[...] for k, m in zip(self.connections, self.conn_masks)]
+        masked = [k[...] * m[...].astype(k[...].dtype)
+                  for k, m in zip(self.connections, self.conn_masks)]
         norm = np.asarray(C.norms(masked))
         kept = np.concatenate([np.asarray(m[...]) for m in self.kept])
         n_keep = int(np.ceil(kept_fraction * len(self.conns) - 1e-9))
@@ -433,7 +453,8 @@ class BAIM(nnx.Module):
             size = kvar[...].shape[0]
             part = jnp.asarray(new[start:start + size])
             kvar[...] = part
-            var[...] = var[...] * part.reshape((-1,) + (1,) * (var[...].ndim - 1))
+            var[...] = var[...] * part.astype(var[...].dtype).reshape(
+                (-1,) + (1,) * (var[...].ndim - 1))
             start += size
         return int(new.sum())
 
@@ -498,7 +519,7 @@ class BAIM(nnx.Module):
         L.check_image_shape(self.layout.image_shape, x.shape)
         ids = self._task_ids(task, x.shape[0])
         out = _reconstruct(self, x, ids, None)
-        routed = _reconstruct(self, x, None, None)["gate"].task
+        routed = _route(self, x).task
         return {"nelbo": out["nelbo"], "task_accuracy": jnp.mean(routed == ids)}
 
     # ---------------------------------------------------------------------------- spec/save
@@ -562,9 +583,14 @@ class BAIM(nnx.Module):
         checkpoint.save(self, path)
 
 
-@nnx.jit(static_argnums=())
+@nnx.jit
 def _reconstruct(model: BAIM, x, task, rng):
-    return model.forward(x, task, rng=rng)
+    return model.forward(x, task, rng=rng, dropless=True)
+
+
+@nnx.jit
+def _route(model: BAIM, x):
+    return model.route(x)
 
 
 @nnx.jit(static_argnums=(1, 2, 4))
@@ -572,9 +598,9 @@ def _sample(model: BAIM, n: int, task: int, rng, mode: str):
     seg = jnp.asarray(model.layout.segment_of)
     selected, weights = G.prior_route(model.prior[...], seg, task, model.config.k)
     rng_eps, rng_pick = jax.random.split(rng)
-    eps = jax.random.normal(rng_eps, (n, model.layout.latent))
+    eps = shared_noise(rng_eps, n, model.layout.latent)
     z = jnp.broadcast_to(eps, (model.layout.size, n, model.layout.latent))
-    z = z * model._latent_mask()[:, None, :]
+    z = jnp.where(model._latent_mask()[:, None, :], z, 0.0)
     layout = D.dense_layout(n, model.layout.size)
     out = losses.pixel_mean(model._tower("dec", z, layout), model.layout.likelihood)
     if mode == "blend":

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from baim_jax.core import learners as L
-from baim_jax.core.pool import REAL, PoolLayout, box_mask
+from baim_jax.core.pool import REAL, PoolLayout, box_mask, pad_to
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -137,26 +137,21 @@ class ConnectionSet:
         """Per group ``[G, *kernel_pad]`` bool: each connection's real box."""
         return [jnp.asarray(np.stack([
             box_mask(self.real_kernel_shape(self.connections[k]), g.kernel_shape)
-            for k in g.index])) if g.index else jnp.zeros((0, *g.kernel_shape), bool)
-            for g in self.groups]
+            for k in g.index])) for g in self.groups]
 
     def stack(self, kernels: list) -> list[jax.Array]:
         """Pads per-connection kernels (in ``connections`` order) into group arrays."""
-        out = []
-        for g in self.groups:
-            rows = [jnp.pad(jnp.asarray(kernels[k], jnp.float32),
-                            [(0, t - s) for s, t in zip(np.shape(kernels[k]), g.kernel_shape)])
-                    for k in g.index]
-            out.append(jnp.stack(rows))
-        return out
+        return [jnp.asarray(np.stack([pad_to(kernels[k], g.kernel_shape) for k in g.index]))
+                for g in self.groups]
 
     def unstack(self, group_kernels: list) -> list[np.ndarray]:
         """Each connection's real kernel, in ``connections`` order."""
         out: list = [None] * len(self.connections)
         for g, arr in zip(self.groups, group_kernels):
+            arr = np.asarray(arr)
             for row, k in enumerate(g.index):
                 shape = self.real_kernel_shape(self.connections[k])
-                out[k] = np.asarray(arr[row][tuple(slice(0, s) for s in shape)])
+                out[k] = arr[row][tuple(slice(0, s) for s in shape)]
         return out
 
     def flat_arrays(self) -> dict[str, np.ndarray]:

@@ -167,35 +167,39 @@ def stage_param_shapes(stage: Stage) -> dict[str, tuple[int, ...]]:
     return {"kernel": (3, 3, cin, cout), "bias": (cout,)}
 
 
-def _fan_in(stage: Stage, name: str) -> int:
+def _fan_in(stage: Stage) -> int:
     if stage.op in ("conv", "upconv"):
         return 9 * stage.in_shape[-1]
     return math.prod(stage.in_shape)
 
 
-def init_stage(stage: Stage, key: jax.Array) -> Params:
-    """LeCun-normal kernels, zero biases."""
-    shapes = stage_param_shapes(stage)
-    keys = jax.random.split(key, len(shapes))
+def numpy_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded from a JAX key (initialisation draws on the host: no compile
+    per parameter shape, which on a CPU costs far more than the draws)."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def init_stage(stage: Stage, rng: np.random.Generator) -> Params:
+    """LeCun-normal kernels, zero biases (numpy float32)."""
     out = {}
-    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+    for name, shape in sorted(stage_param_shapes(stage).items()):
         if name.endswith("kernel"):
-            scale = 1.0 / math.sqrt(_fan_in(stage, name))
-            out[name] = scale * jax.random.normal(k, shape, jnp.float32)
+            scale = 1.0 / math.sqrt(_fan_in(stage))
+            out[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
         else:
-            out[name] = jnp.zeros(shape, jnp.float32)
+            out[name] = np.zeros(shape, np.float32)
     return out
 
 
 def init_learner(spec: LearnerSpec, key: jax.Array) -> Params:
-    """Unpadded parameters ``{"enc": [stage params], "dec": [...], "log_scale": []}``."""
+    """Unpadded parameters ``{"enc": [stage params], "dec": [...]}``; Gaussian learners add a
+    scalar ``"log_scale"`` (the pixel standard deviation's log)."""
+    rng = numpy_rng(key)
     st = stages(spec)
-    k_enc, k_dec = jax.random.split(key)
-    return {
-        "enc": [init_stage(s, k) for s, k in zip(st["enc"], jax.random.split(k_enc, len(st["enc"])))],
-        "dec": [init_stage(s, k) for s, k in zip(st["dec"], jax.random.split(k_dec, len(st["dec"])))],
-        "log_scale": jnp.zeros((), jnp.float32),
-    }
+    params = {tower: [init_stage(s, rng) for s in st[tower]] for tower in TOWERS}
+    if spec.likelihood == "gaussian":
+        params["log_scale"] = np.zeros((), np.float32)
+    return params
 
 
 def count_params(spec: LearnerSpec, *, enc_stages: int | None = None,
@@ -298,10 +302,3 @@ def learner_forward(spec: LearnerSpec, params: Params, x: jax.Array, eps: jax.Ar
     return {"mean": mean, "logvar": logvar, "z": z, "out": a, "inputs": inputs}
 
 
-def spec_summary(spec: LearnerSpec) -> str:
-    return (f"{spec.kind} enc{list(spec.encoder)} L={spec.latent} dec{list(spec.decoder)} "
-            f"({count_params(spec):,} params)")
-
-
-def as_numpy_tree(tree):
-    return jax.tree.map(np.asarray, tree)

@@ -56,8 +56,10 @@ class Member:
                    None if keep is None else tuple(keep))
 
 
-def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
+def pad_to(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zero-pads ``a`` at the end of every axis to ``shape`` (numpy: no per-shape compiles)."""
+    a = np.asarray(a, np.float32)
+    return np.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
 
 
 def box_mask(real: tuple[int, ...], padded: tuple[int, ...]) -> np.ndarray:
@@ -189,35 +191,36 @@ class PoolLayout:
                     for n in range(self.size):
                         k = self.stage_index[tower][p][n]
                         if self.status[tower][p, n] == REAL:
-                            a = jnp.asarray(params[n][tower][k][name], jnp.float32)
-                            rows.append(_pad_to(a, shape))
+                            a = np.asarray(params[n][tower][k][name], np.float32)
+                            rows.append(pad_to(a, shape))
                             mrows.append(box_mask(a.shape, shape))
                         else:
-                            rows.append(jnp.zeros(shape, jnp.float32))
+                            rows.append(np.zeros(shape, np.float32))
                             mrows.append(np.zeros(shape, bool))
-                    leaves[name] = jnp.stack(rows)
+                    leaves[name] = jnp.asarray(np.stack(rows))
                     leaf_masks[name] = jnp.asarray(np.stack(mrows))
                 stacked[tower].append(leaves)
                 masks[tower].append(leaf_masks)
-        stacked["log_scale"] = jnp.stack(
-            [jnp.asarray(p["log_scale"], jnp.float32) for p in params])
+        stacked["log_scale"] = jnp.asarray(
+            np.array([p.get("log_scale", 0.0) for p in params], np.float32))
         masks["log_scale"] = jnp.ones((self.size,), bool)
         return stacked, masks
 
     def unstack(self, stacked: dict) -> list[L.Params]:
         """Inverse of ``stack``: each member's real (unpadded) parameters, kept stages only."""
+        stacked = jax.tree.map(np.asarray, stacked)
         out = []
         for n, member in enumerate(self.members):
             own = L.stages(member.spec)
-            tree = {"log_scale": np.asarray(stacked["log_scale"][n])}
+            tree = ({"log_scale": stacked["log_scale"][n]}
+                    if self.likelihood == "gaussian" else {})
             for tower in L.TOWERS:
                 tree[tower] = []
                 for k in range(member.kept(tower)):
                     p = self.position(tower, n, k)
                     real = L.stage_param_shapes(own[tower][k])
                     tree[tower].append({
-                        name: np.asarray(stacked[tower][p][name][n][
-                            tuple(slice(0, r) for r in shape)])
+                        name: stacked[tower][p][name][n][tuple(slice(0, r) for r in shape)]
                         for name, shape in real.items()})
             out.append(tree)
         return out

@@ -1,0 +1,44 @@
+"""Test set-up: 4 fake CPU devices, strict dtype promotion, small learner topologies."""
+
+import os
+
+# 4 fake devices; backend optimisation off: tests compile many small graphs, and compiling
+# dominates their time on a 2-core CPU.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4"
+                           + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from baim_jax.core.learners import LearnerSpec  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+IMAGE = (8, 8, 1)
+
+
+def mlp(encoder, latent, decoder, likelihood="bernoulli"):
+    return LearnerSpec("mlp", IMAGE, tuple(encoder), latent, tuple(decoder), likelihood)
+
+
+def conv(encoder, latent, decoder, likelihood="bernoulli"):
+    return LearnerSpec("conv", IMAGE, tuple(encoder), latent, tuple(decoder), likelihood)
+
+
+@pytest.fixture
+def mlp_specs():
+    """Four heterogeneous MLP learners (widths, depths, latent sizes differ)."""
+    return [mlp([16], 4, [16]), mlp([12, 10], 3, [8]), mlp([6], 5, [6, 9, 7]), mlp([16], 4, [16])]
+
+
+@pytest.fixture
+def conv_specs():
+    """Four heterogeneous convolutional learners."""
+    return [conv([4, 6], 4, [4, 6]), conv([3, 5, 7], 3, [8, 5]), conv([6, 4], 5, [6, 9, 7]),
+            conv([4, 6], 4, [5, 5])]
+
+
+@pytest.fixture
+def images():
+    return jax.random.uniform(jax.random.key(0), (6, *IMAGE))

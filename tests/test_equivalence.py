@@ -1,0 +1,180 @@
+"""Fast paths against plain references: padding, dispatch and partition lose nothing."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from baim_jax.core import dispatch as D
+from baim_jax.core import learners as L
+from baim_jax.core import losses
+from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.partition import partition
+from reference import randomize_connections, reference_forward
+
+SQUADS = [0, 1, 0, 1]
+TASKS = ["a", "b"]
+TASK_OF_ROW = jnp.array([0, 1, 0, 1, 1, 0])
+
+
+@nnx.jit(static_argnames=("dispatch",))
+def _forward(model, x, task, selected=None, dispatch=None):
+    return model.forward(x, task, selected=selected, dispatch=dispatch)
+
+
+def _onehot_route(n, batch, size):
+    return jnp.zeros((batch, size), bool).at[:, n].set(True)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_fresh_baim_routed_to_one_learner_equals_that_learner_alone(kind, mlp_specs, conv_specs,
+                                                                    images):
+    """Zero-initialised connections + padding: learner n inside the pool computes exactly what
+    it computes alone (its own unpadded parameters, no pool)."""
+    specs = mlp_specs if kind == "mlp" else conv_specs
+    model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=2))
+    params = model.export_tree()["learners"]
+    zeros = jnp.zeros((images.shape[0], model.layout.latent))
+    for n, member in enumerate(model.layout.members):
+        alone = L.learner_forward(member.spec, params[n], images, zeros)
+        out = _forward(model, images, jnp.full((images.shape[0],), member.squad),
+                            selected=_onehot_route(n, images.shape[0], model.layout.size))
+        mean_alone = losses.pixel_mean(alone["out"], member.spec.likelihood)
+        nelbo_alone = (losses.nll(alone["out"], params[n].get("log_scale", jnp.zeros(())), images,
+                                  member.spec.likelihood)
+                       + losses.kl_standard_normal(alone["mean"], alone["logvar"],
+                                                   jnp.ones_like(alone["mean"], bool)))
+        chex.assert_trees_all_close(out["recon"], mean_alone, atol=1e-6)
+        chex.assert_trees_all_close(out["nelbo"], nelbo_alone, rtol=1e-5)
+
+
+def test_pool_stack_unstack_round_trip(mlp_specs):
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=1, h=1))
+    tree = model.export_tree()["learners"]
+    stacked, _ = model.layout.stack(tree)
+    chex.assert_trees_all_equal(model.layout.unstack(stacked), tree)
+    for n, m in enumerate(model.layout.members):
+        expected = L.count_params(m.spec)
+        assert sum(np.size(v) for v in jax.tree.leaves(tree[n])) == expected
+
+
+def _connected(specs, h, seed=3, prune=None, config=None):
+    config = config or BAIMConfig(k=2, h=h)
+    model = BAIM.assemble(specs, SQUADS, TASKS, config)
+    randomize_connections(model, jax.random.key(seed), 0.3)
+    if prune is not None:
+        model.prune_connections(prune)
+    return model
+
+
+@pytest.mark.parametrize("kind,h,prune", [("mlp", 0, None), ("mlp", 2, 0.4), ("conv", 1, 0.5)])
+def test_dense_and_capacity_paths_equal_loop_reference(kind, h, prune, mlp_specs, conv_specs,
+                                                       images):
+    specs = mlp_specs if kind == "mlp" else conv_specs
+    model = _connected(specs, h, prune=prune)
+    eps = jnp.zeros((images.shape[0], model.layout.latent))
+    for dispatch in ("dense", "capacity"):
+        out = _forward(model, images, TASK_OF_ROW, dispatch=dispatch)
+        recon, nelbo = reference_forward(model, images, eps, out["gate"].weights)
+        assert int(out["dropped"]) == 0
+        chex.assert_trees_all_close(out["recon"], recon, atol=1e-5)
+        chex.assert_trees_all_close(out["nelbo"], nelbo, rtol=1e-5)
+
+
+def test_capacity_path_with_enough_capacity_equals_dense(mlp_specs, images):
+    """A capacity below B that still holds every needed row gives the dense result."""
+    batch = 48
+    x = jax.random.uniform(jax.random.key(1), (batch, *images.shape[1:]))
+    task = jnp.arange(batch) % 2
+    model = _connected(mlp_specs, 1, prune=0.05, config=BAIMConfig(k=1, h=1))
+    dense = _forward(model, x, task, dispatch="dense")
+    kept = jnp.concatenate([m[...] for m in model.kept])
+    depths = (len(model.layout.stages["enc"]), len(model.layout.stages["dec"]))
+    need = D.needed(dense["gate"].selected, model.conns.flat_arrays(), kept, depths)
+    max_load = int(jnp.max(jnp.sum(need, axis=0)))
+    assert max_load < batch
+    model.config = dataclasses.replace(model.config, capacity_factor=max_load * 4 / batch)
+    fast = _forward(model, x, task, dispatch="capacity")
+    assert int(fast["dropped"]) == 0
+    chex.assert_trees_all_close(fast["recon"], dense["recon"], atol=1e-6)
+    chex.assert_trees_all_close(fast["nelbo"], dense["nelbo"], rtol=1e-6)
+
+
+def test_capacity_path_counts_drops(mlp_specs):
+    """All 16 rows routed to learner 0 with capacity ceil(0.5 * 16 * 1 / 4) = 2.
+
+    With h=0 and every (zero-initialised) connection still kept, learner 0's inputs are fed by
+    all three others, so all 4 learners are needed by all 16 rows: 4 * (16 - 2) = 56 dropped.
+    """
+    batch = 16
+    x = jax.random.uniform(jax.random.key(1), (batch, 8, 8, 1))
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS,
+                          BAIMConfig(k=1, h=0, capacity_factor=0.5))
+    out = _forward(model, x, jnp.zeros((batch,), jnp.int32),
+                        selected=_onehot_route(0, batch, 4))
+    assert int(out["dropped"]) == 4 * (batch - 2)
+
+
+@pytest.mark.parametrize("kind,h,prune,dispatch", [("mlp", 1, None, "dense"),
+                                                   ("mlp", 2, 0.3, "capacity"),
+                                                   ("conv", 1, 0.6, "capacity")])
+def test_partition_equals_baim_for_its_task(kind, h, prune, dispatch, mlp_specs, conv_specs,
+                                            images):
+    """Random connections (cross-squad ones included), random inputs, with latent noise."""
+    specs = mlp_specs if kind == "mlp" else conv_specs
+    config = BAIMConfig(k=2, h=h, dispatch=dispatch)
+    model = _connected(specs, h, prune=prune, config=config)
+    key = jax.random.key(7)
+    for t, name in enumerate(TASKS):
+        task_model = partition(model, name)
+        big = model.reconstruct(images, task=name, rng=key)
+        small = task_model.reconstruct(images, rng=key)
+        chex.assert_trees_all_close(small["mean"], big["mean"], atol=1e-5)
+        chex.assert_trees_all_close(small["nelbo"], big["nelbo"], rtol=1e-5)
+        in_squad = np.flatnonzero(model.layout.segment_of == t)
+        chex.assert_trees_all_close(small["gate"], big["gate"][:, in_squad], atol=1e-6)
+        chex.assert_shape(small["gate"], (images.shape[0], len(in_squad)))
+        assert task_model.spec["params"]["total"] < model.spec["params"]["total"]
+
+
+def test_partition_drops_other_squads_and_truncates_feeders(mlp_specs):
+    model = _connected(mlp_specs, 1, prune=0.3)
+    for name in TASKS:
+        task_model = partition(model, name)
+        spec = task_model.spec
+        gated = [m for m in spec["learners"] if m["squad"] is not None]
+        feeders = [m for m in spec["learners"] if m["squad"] is None]
+        assert len(gated) == 2 and spec["tasks"] == [name]
+        assert spec["connections"]["kept"] == spec["connections"]["potential"]
+        assert spec["connections"]["kept"] <= model.spec["connections"]["kept"]
+        for f in feeders:
+            full = L.count_params(L.LearnerSpec.from_json(f["spec"]))
+            assert f["params"] <= full
+
+
+def test_partition_without_connections_keeps_only_the_squad(mlp_specs, images):
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    model.prune_connections(1e-9)
+    assert model.spec["connections"]["kept"] == 1
+    model.prune_connections(1e-9)
+    task_model = partition(model, "a")
+    assert len(task_model.layout.members) >= 2
+
+
+def test_forward_sharded_over_four_devices_equals_one_device(mlp_specs):
+    """The batch split over 4 (fake) devices with NamedSharding computes the same."""
+    assert len(jax.devices()) == 4
+    model = _connected(mlp_specs, 1)
+    x = jax.random.uniform(jax.random.key(2), (8, 8, 8, 1))
+    task = jnp.arange(8) % 2
+    mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    ts = jax.device_put(task, NamedSharding(mesh, P("batch")))
+    sharded = model.reconstruct(xs, task=ts)
+    single = model.reconstruct(x, task=task)
+    chex.assert_trees_all_close(sharded["mean"], single["mean"], atol=1e-6)

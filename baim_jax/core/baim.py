@@ -397,13 +397,16 @@ class BAIM(nnx.Module):
             "z_loss": G.router_z_loss(out),
         }
 
-    def loss(self, x: jax.Array, task: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(self, x: jax.Array, task: jax.Array, rng: jax.Array,
+             selected: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Training objective: mean negative bound + weighted auxiliary losses.
 
         Args:
           x: ``[B, H, W, C]``; task: ``[B]`` int task labels (routing by id, TSGate supervised).
+          rng: latent (and gate) noise.
+          selected: optional imposed ``[B, N]`` learner choice (benchmarks).
         """
-        out = self.forward(x, task, rng=rng, train=True)
+        out = self.forward(x, task, rng=rng, train=True, selected=selected)
         cfg = self.config
         ts = G.task_loss(out["gate"], task) if len(self.tasks) > 1 else jnp.zeros(())
         total = (jnp.mean(out["nelbo"]) + cfg.load_balance_weight * out["load_balance"]
@@ -457,6 +460,20 @@ class BAIM(nnx.Module):
                 (-1,) + (1,) * (var[...].ndim - 1))
             start += size
         return int(new.sum())
+
+    def compacted(self) -> "BAIM":
+        """The same model without its pruned connections (their parameters are gone, so the
+        forward no longer spends compute on them). Optimiser state does not carry over."""
+        tree = self.export_tree()
+        kept = self.kept_flat()
+        conns = [c for c, k in zip(self.conns.connections, kept) if k]
+        kernels = [k for k, on in zip(tree["connections"], kept) if on]
+        model = type(self)(self.layout.members, self.tasks, self.config, rngs=nnx.Rngs(0),
+                           learner_params=tree["learners"], connections=conns,
+                           connection_kernels=kernels, gate_params=tree["gate"],
+                           prior=tree["prior"])
+        model.order = self.order
+        return model
 
     # ------------------------------------------------------------------------- public API
 

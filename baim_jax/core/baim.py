@@ -42,7 +42,7 @@ class ConnectionParam(nnx.Param):
 
 
 class PadMask(nnx.Variable):
-    """Padding masks (constant)."""
+    """Padding masks of the connection kernels (constant)."""
 
 
 class KeptMask(nnx.Variable):
@@ -215,9 +215,8 @@ class BAIM(nnx.Module):
             learner_params = init_learners(self.layout.members, rngs.params())
         for n, (m, p) in enumerate(zip(self.layout.members, learner_params)):
             _check_params(m.spec, p, f"learner {n}", m.keep)
-        stacked, masks = self.layout.stack(list(learner_params))
+        stacked, _ = self.layout.stack(list(learner_params))
         self.learners = nnx.data(jax.tree.map(LearnerParam, stacked))
-        self.pad_masks = nnx.data(jax.tree.map(PadMask, masks))
 
         self.conns = C.ConnectionSet(
             self.layout, C.potential_set(self.layout, config.h) if connections is None
@@ -289,8 +288,7 @@ class BAIM(nnx.Module):
         stage = self.layout.stages[tower][p]
         fn = functools.partial(apply_pool_stage, stage)
         params = values(self.learners[tower][p])
-        masks = values(self.pad_masks[tower][p])
-        return jax.vmap(fn)(params, masks, jnp.asarray(self.layout.status[tower][p]), x)
+        return jax.vmap(fn)(params, jnp.asarray(self.layout.status[tower][p]), x)
 
     def _mix(self, tower: str, j: int, a: jax.Array, inputs: list, layout: D.Layout):
         """``mixed[n, j] = a[n, j] + sum of kept projections into (n, j)``; a: ``[N, R, ...]``."""
@@ -460,6 +458,13 @@ class BAIM(nnx.Module):
                 (-1,) + (1,) * (var[...].ndim - 1))
             start += size
         return int(new.sum())
+
+    def padding_max_abs(self) -> float:
+        """Largest magnitude among the pool's padded learner parameters (0 when none leaks)."""
+        _, masks = self.layout.stack(self.layout.unstack(values(self.learners)))
+        return max(float(np.max(np.abs(np.where(m, 0.0, np.asarray(v))), initial=0.0))
+                   for v, m in zip(jax.tree.leaves(values(self.learners)),
+                                   jax.tree.leaves(masks)))
 
     def compacted(self) -> "BAIM":
         """The same model without its pruned connections (their parameters are gone, so the

@@ -4,8 +4,13 @@ Every tower is laid out in *positions*: hidden stages sit at positions ``0..e_n-
 last stage (latent head / output) sits at the pool's last position, and the positions between
 (for learners shallower than the deepest) are identity stages. Each parameter leaf is stacked
 along a leading learner axis and zero-padded at the end of every axis to the pool's largest
-shape; a box mask per leaf keeps padded entries exactly zero (the forward multiplies by it, so
-their gradient is zero too). A learner inside the pool computes exactly what it computes alone.
+shape (``stack`` also returns a box mask per leaf). Padded entries stay exactly zero through
+training without masking the weights in the forward (which would read every weight three
+times): padded units compute ReLU(0) = 0 with ReLU'(0) = 0, padded latent coordinates are
+masked, depth-padding stages are selected away, so every padded parameter gets an exactly zero
+gradient, and optimisers map a zero gradient history to a zero update (SGD, Adam, clipping,
+decoupled weight decay of a zero). A learner inside the pool computes exactly what it computes
+alone (tested, as is the zero padding after training).
 
 A member may also keep only the first stages of a tower (a *feeder* in a partitioned task model,
 which needs only the stages whose inputs feed other learners); its dropped stages are ``ABSENT``
@@ -238,21 +243,19 @@ class PoolLayout:
         return executed / max(useful, 1)
 
 
-def apply_pool_stage(stage: L.Stage, params: dict, masks: dict, status: jax.Array,
-                     x: jax.Array):
+def apply_pool_stage(stage: L.Stage, params: dict, status: jax.Array, x: jax.Array):
     """One position for one learner (``vmap`` over the learner axis).
 
     Args:
       stage: the padded stage of this position.
-      params/masks: this learner's padded leaves of the position.
+      params: this learner's padded leaves of the position.
       status: scalar REAL / IDENTITY / ABSENT.
       x: ``[R, *stage.in_shape]``.
 
     Returns:
       ``[R, *stage.out_shape]`` (a head returns ``(mean, logvar)``, each ``[R, latent]``).
     """
-    p = jax.tree.map(lambda a, m: a * m.astype(a.dtype), params, masks)
-    y = L.apply_stage(stage, p, x)
+    y = L.apply_stage(stage, params, x)
     if stage.op == "head":
         keep = (status == REAL).astype(x.dtype)
         return y[0] * keep, y[1] * keep

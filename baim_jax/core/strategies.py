@@ -56,7 +56,8 @@ def make_train_step(model: BAIM, optimizer: nnx.Optimizer, strategy: str
         grad_fn = nnx.value_and_grad(lambda mod: mod.loss(x, task, rng),
                                      argnums=nnx.DiffState(0, wrt), has_aux=True)
         (_, metrics), grads = grad_fn(m)
-        opt.update(m, grads)
+        with jax.numpy_dtype_promotion("standard"):  # optax: float ** int32 step count
+            opt.update(m, grads)
         m.update_prior(metrics.pop("gate_weights"), task)
         metrics.pop("task")
         return nnx.state((m, opt)), metrics

@@ -1,0 +1,95 @@
+"""Cloud strategies, pruning during training and the padding invariant."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from baim_jax.core import strategies
+from baim_jax.core.baim import BAIM, BAIMConfig, values
+from reference import randomize_connections
+
+SQUADS = [0, 1, 0, 1]
+TASKS = ["a", "b"]
+
+
+def _train(model, strategy, steps=3, batch=8):
+    optimizer = strategies.make_optimizer(model, strategy, optax.adam(1e-2))
+    step = strategies.make_train_step(model, optimizer, strategy)
+    x = jax.random.uniform(jax.random.key(5), (batch, 8, 8, 1))
+    task = jnp.arange(batch) % 2
+    return [step(x, task, jax.random.key(i)) for i in range(steps)]
+
+
+def _snapshot(tree):
+    return [np.array(v) for v in jax.tree.leaves(values(tree))]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_padding_stays_exactly_zero_through_training(kind, mlp_specs, conv_specs):
+    specs = mlp_specs if kind == "mlp" else conv_specs
+    model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, noise_std=0.5))
+    randomize_connections(model, jax.random.key(0))
+    assert model.padding_max_abs() == 0.0
+    metrics = _train(model, "finetune")
+    assert np.isfinite(float(metrics[-1]["loss"]))
+    assert model.padding_max_abs() == 0.0
+
+
+def test_freeze_gives_learners_exactly_zero_update(mlp_specs):
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    learners, gate, conns = (_snapshot(model.learners), _snapshot(model.gate),
+                             _snapshot(model.connections))
+    _train(model, "freeze")
+    for before, after in zip(learners, _snapshot(model.learners)):
+        np.testing.assert_array_equal(before, after)
+    assert any(np.abs(b - a).max() > 0 for b, a in zip(gate, _snapshot(model.gate)))
+    assert any(np.abs(b - a).max() > 0 for b, a in zip(conns, _snapshot(model.connections)))
+
+
+def test_finetune_updates_learners_gate_and_connections(mlp_specs):
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    before = _snapshot(model.learners)
+    metrics = _train(model, "finetune", steps=5)
+    assert any(np.abs(b - a).max() > 0 for b, a in zip(before, _snapshot(model.learners)))
+    assert float(metrics[-1]["nelbo"]) < float(metrics[0]["nelbo"])
+    assert int(metrics[-1]["dropped"]) == 0
+
+
+def test_scratch_reinitialises_learners_with_the_same_specs(mlp_specs):
+    uploads = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    before = _snapshot(uploads.learners)
+    strategies.prepare(uploads, "scratch", seed=123)
+    after = _snapshot(uploads.learners)
+    assert [b.shape for b in before] == [a.shape for a in after]
+    assert any(np.abs(b - a).max() > 0 for b, a in zip(before, after))
+    assert uploads.padding_max_abs() == 0.0
+
+
+def test_unknown_strategy_is_refused(mlp_specs):
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    with pytest.raises(ValueError, match="strategy"):
+        strategies.make_optimizer(model, "distill", optax.adam(1e-3))
+
+
+def test_prior_gate_follows_the_lsgate_weights(mlp_specs):
+    """After training steps the prior is a running mean of the weights: per squad it sums to 1
+    (topk_softmax weights sum to 1 per row, each row in one squad)."""
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, prior_momentum=0.5))
+    _train(model, "finetune")
+    prior = np.asarray(model.prior[...])
+    seg = model.layout.segment_of
+    for t in range(2):
+        np.testing.assert_allclose(prior[seg == t].sum(), 1.0, rtol=1e-5)
+
+
+def test_compacted_model_drops_pruned_connections_and_computes_the_same(mlp_specs, images):
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    randomize_connections(model, jax.random.key(1))
+    model.prune_connections(0.3)
+    small = model.compacted()
+    assert len(small.conns) == model.spec["connections"]["kept"] < len(model.conns)
+    a = model.reconstruct(images, task="a", rng=jax.random.key(0))
+    b = small.reconstruct(images, task="a", rng=jax.random.key(0))
+    np.testing.assert_allclose(a["mean"], b["mean"], atol=1e-6)

@@ -8,6 +8,7 @@ directory and refuses anything inconsistent with one clear error (``CheckpointEr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,12 @@ KINDS = {"baim": BAIM, "task": TaskModel}
 
 class CheckpointError(ValueError):
     """A model directory that cannot be loaded."""
+
+
+def _digests(state: Path) -> dict[str, str]:
+    """SHA-256 of every file under the checkpoint directory, keyed by relative path."""
+    return {str(f.relative_to(state)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(state.rglob("*")) if f.is_file()}
 
 
 def _to_dicts(tree):
@@ -61,7 +68,7 @@ def save(model: BAIM, path) -> None:
         ckpt.save(tmp / "state", _to_dicts(tree))
         ckpt.wait_until_finished()
         spec = model.spec
-        spec["members"] = [m.to_json() for m in model.layout.members]
+        spec["files"] = _digests(tmp / "state")
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -101,7 +108,7 @@ def load(path) -> BAIM:
     spec = read_spec(path)
     try:
         config = BAIMConfig(**spec["config"])
-        members = [Member.from_json(m) for m in spec["members"]]
+        members = [Member.from_json(m) for m in spec["learners"]]
         conns = [C.Connection(*c[:5]) for c in spec["connections"]["list"]]
         kept = [bool(c[5]) for c in spec["connections"]["list"]]
         tasks = spec["tasks"]
@@ -109,6 +116,18 @@ def load(path) -> BAIM:
         raise CheckpointError(f"{path}/spec.json: malformed ({type(e).__name__}: {e})") from None
     if not (path / "state").is_dir():
         raise CheckpointError(f"{path}: the checkpoint directory 'state' is missing")
+    files = spec.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}/spec.json: no file digests ('files')")
+    found = _digests(path / "state")
+    for name, digest in files.items():
+        if name not in found:
+            raise CheckpointError(f"{path}/state/{name}: missing")
+        if found[name] != digest:
+            raise CheckpointError(f"{path}/state/{name}: damaged (SHA-256 differs from spec.json)")
+    extra = sorted(set(found) - set(files))
+    if extra:
+        raise CheckpointError(f"{path}/state/{extra[0]}: not part of the saved model")
     try:
         tree = ocp.StandardCheckpointer().restore(path / "state")
     except Exception as e:  # orbax raises many types for damaged files

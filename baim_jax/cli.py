@@ -116,13 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="the whole spec as JSON")
     args, overrides = parser.parse_known_args(argv)
-    from baim_jax.checkpoint import CheckpointError  # noqa: F401  (error type below)
-
     try:
         {"demo": _demo, "inspect": _inspect}[args.command](args, overrides)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        msg = str(e) if not isinstance(e, KeyError) else f"missing {e}"
-        print(f"baim-jax: error: {msg}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"baim-jax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("baim-jax: interrupted", file=sys.stderr)

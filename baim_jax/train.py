@@ -39,11 +39,21 @@ def build(config: ml_collections.ConfigDict) -> BAIM:
         unknown = set(d) - {"encoder", "latent", "decoder", "squad"}
         if unknown:
             raise ValueError(f"learners[{n}]: unknown field(s) {sorted(unknown)}")
+        missing = {"encoder", "latent", "decoder"} - set(d)
+        if missing:
+            raise ValueError(f"learners[{n}]: missing field(s) {sorted(missing)}")
+        for field in ("encoder", "decoder"):
+            if not isinstance(d[field], (list, tuple)) or not all(
+                    isinstance(w, int) for w in d[field]):
+                raise ValueError(f"learners[{n}].{field}: must be a list of integers, "
+                                 f"got {d[field]!r}")
+        if not isinstance(d["latent"], int):
+            raise ValueError(f"learners[{n}].latent: must be an integer, got {d['latent']!r}")
         try:
             specs.append(LearnerSpec(config.kind, (28, 28, 1), tuple(d["encoder"]),
                                      d["latent"], tuple(d["decoder"]), config.likelihood))
-        except KeyError as e:
-            raise ValueError(f"learners[{n}]: missing field {e}") from None
+        except ValueError as e:
+            raise ValueError(f"learners[{n}]: {e}") from None
         squads.append(int(d.get("squad", 0)))
     baim_config = BAIMConfig(**config.baim.to_dict())
     return BAIM.assemble(specs, squads, list(config.task_names), baim_config, seed=config.seed)
@@ -89,6 +99,8 @@ def evaluate(model: BAIM, split: data_lib.Split, batch: int = 250) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     """Runs the demo job; writes the BAIM, the toolkit, results.json, report.md and figures."""
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir: {workdir} exists and is not a directory")
     validate(config)
     previous = workdir / "results.json"
     if previous.exists() and json.loads(previous.read_text()).get("config") != config.to_dict():

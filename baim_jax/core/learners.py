@@ -216,8 +216,13 @@ def count_params(spec: LearnerSpec, *, enc_stages: int | None = None,
 
 
 def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    n_in = kernel.ndim - bias.ndim
-    return jnp.tensordot(x, kernel, axes=(tuple(range(1, 1 + n_in)), tuple(range(n_in)))) + bias
+    """``[B, *in] @ [*in, *out] + [*out]`` as one 2-D matmul (reshapes are free; a
+    multi-axis contraction would make XLA copy the kernel into matmul layout every call)."""
+    n_out = bias.ndim
+    out_shape = kernel.shape[kernel.ndim - n_out:]
+    k2 = kernel.reshape(-1, math.prod(out_shape))
+    y = x.reshape(x.shape[0], -1) @ k2
+    return y.reshape(x.shape[0], *out_shape) + bias
 
 
 def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) -> jax.Array:

@@ -61,17 +61,9 @@ def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
                 isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))):
             raise UsageError(f"--config.{key}: expected {type(old).__name__}, got "
                              f"{type(value).__name__} {raw!r}")
-        with parent.unlocked() if hasattr(parent, "unlocked") else _null():
+        with parent.unlocked():
             parent[leaf] = value
     return config
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _demo(args, overrides) -> None:

@@ -18,7 +18,6 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from baim_jax import __name__ as package
 from baim_jax.core import connections as C
 from baim_jax.core import strategies
 from baim_jax.core.baim import BAIM, BAIMConfig
@@ -182,7 +181,7 @@ def versions() -> dict:
     import orbax.checkpoint
 
     return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "orbax": orbax.checkpoint.__version__, package: "0.1.0"}
+            "orbax": orbax.checkpoint.__version__, "baim_jax": "0.1.0"}
 
 
 __all__ = ["train_and_evaluate", "build", "evaluate"]

@@ -22,17 +22,17 @@ def get_config() -> ml_collections.ConfigDict:
     ]
     c.baim = ml_collections.ConfigDict({
         "k": 2, "h": 1, "gate": "topk_softmax", "noise_std": 0.5, "feature_dim": 64,
-        "combine": "mixture", "dispatch": "capacity", "capacity_factor": 2.0,
+        "combine": "mixture", "dispatch": "capacity", "capacity_factor": None,
         "load_balance_weight": 0.01, "z_loss_weight": 0.001, "task_loss_weight": 1.0,
         "prior_momentum": 0.99})
     c.strategy = "finetune"
-    c.num_steps = 300
+    c.num_steps = 600
     c.batch_size = 64
     c.learning_rate = 1e-3
     c.test_size = 1000
-    c.eval_every = 50
+    c.eval_every = 100
     c.rho = 0.5
-    c.prune_start = 50
-    c.prune_end = 250
+    c.prune_start = 100
+    c.prune_end = 450
     c.prune_every = 25
     return c

@@ -131,7 +131,8 @@ class ConnectionSet:
 
     def zeros(self) -> list[jax.Array]:
         """Zero-initialised kernels, one ``[G, *kernel_pad]`` array per group."""
-        return [jnp.zeros((len(g.index), *g.kernel_shape), jnp.float32) for g in self.groups]
+        return [jnp.asarray(np.zeros((len(g.index), *g.kernel_shape), np.float32))
+                for g in self.groups]
 
     def pad_masks(self) -> list[jax.Array]:
         """Per group ``[G, *kernel_pad]`` bool: each connection's real box."""

@@ -46,14 +46,13 @@ def capacity(batch: int, k: int, num_learners: int, factor: float | None) -> int
     return int(min(batch, max(1, math.ceil(factor * batch * k / num_learners))))
 
 
-def needed(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
-           depths: tuple[int, int]) -> jax.Array:
-    """Learners whose stages must run for each example.
+def needed_prefixes(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
+                    depths: tuple[int, int]) -> jax.Array:
+    """How many positions of each tower every learner must run, per example.
 
-    Works on prefixes: learner m runs the first ``len[tower]`` stages of each tower. A kept
-    connection ``(m, i) -> (n, j)`` whose target stage runs needs m's first ``i`` stages of that
-    tower (they produce ``a[m, i]``) and, in the decoder tower, m's whole encoder (for z_m).
-    Iterated to the fixed point (at most ``enc + dec`` positions deep).
+    A kept connection ``(m, i) -> (n, j)`` whose target stage runs needs m's first ``i``
+    positions of that tower (they produce ``a[m, i]``) and, in the decoder tower, m's whole
+    encoder (for z_m). Iterated to the fixed point (at most ``enc + dec`` positions deep).
 
     Args:
       active: ``[B, N]`` bool, the gate's choice (all their stages run).
@@ -62,14 +61,14 @@ def needed(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
       depths: positions in the encoder and decoder towers.
 
     Returns:
-      ``[B, N]`` bool.
+      ``[B, N, 2]`` int: encoder and decoder positions to run.
     """
     enc_depth, dec_depth = depths
+    need = jnp.stack([jnp.where(active, enc_depth, 0), jnp.where(active, dec_depth, 0)], -1)
     if len(conn["src"]) == 0:
-        return active
+        return need
     src, tgt, tower, i, j = (jnp.asarray(conn[k]) for k in ("src", "tgt", "tower", "i", "j"))
     num = active.shape[1]
-    need = jnp.stack([jnp.where(active, enc_depth, 0), jnp.where(active, dec_depth, 0)], -1)
     for _ in range(enc_depth + dec_depth):
         fires = (need[:, tgt, tower] > j) & kept
         enc_req = jnp.where(fires, jnp.where(tower == 0, i, enc_depth), 0)
@@ -77,7 +76,14 @@ def needed(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
         new = jnp.stack([jax.ops.segment_max(r.T, src, num_segments=num).T
                          for r in (enc_req, dec_req)], -1)
         need = jnp.maximum(need, new)
-    return need[..., 0] > 0
+    return need
+
+
+def needed(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
+           depths: tuple[int, int]) -> jax.Array:
+    """``[B, N]`` bool: the learners with any stage to run for each example
+    (see ``needed_prefixes``)."""
+    return needed_prefixes(active, conn, kept, depths)[..., 0] > 0
 
 
 def dense_layout(batch: int, num_learners: int) -> Layout:

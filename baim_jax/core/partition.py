@@ -8,10 +8,12 @@ exactly what the BAIM computes for that task (DESIGN.md Sec. 5).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from baim_jax.core import connections as C
+from baim_jax.core import dispatch as D
 from baim_jax.core import learners as L
 from baim_jax.core.baim import BAIM
 from baim_jax.core.pool import Member
@@ -27,34 +29,24 @@ class TaskModel(BAIM):
         return self.tasks[0]
 
 
-def needed_prefixes(model: BAIM, active: list[int]) -> np.ndarray:
-    """Stages each learner must keep so that the ``active`` learners compute in full.
+def kept_stages(model: BAIM, active: list[int]) -> np.ndarray:
+    """Own stages each learner must keep so that the ``active`` learners compute in full.
 
     Returns:
       ``[N, 2]`` int: how many of its own encoder / decoder stages each learner keeps (0, 0 for
-      a learner that is not needed). Same rule as ``dispatch.needed``, in learners' own stage
-      indices.
+      a learner that is not needed), from ``dispatch.needed_prefixes`` (pool positions).
     """
-    members = model.layout.members
-    depth = np.array([[len(L.stages(m.spec)[t]) for t in L.TOWERS] for m in members])
-    need = np.zeros_like(depth)
-    need[active] = depth[active]
-    kept = [c for c, k in zip(model.conns.connections, model.kept_flat()) if k]
-    changed = True
-    while changed:
-        changed = False
-        for c in kept:
-            t = L.TOWERS.index(c.tower)
-            if need[c.tgt, t] <= c.tgt_stage:
-                continue
-            want = need[c.src].copy()
-            want[t] = max(want[t], c.src_stage)
-            if c.tower == "dec":
-                want[0] = depth[c.src, 0]
-            if (want > need[c.src]).any():
-                need[c.src] = np.maximum(need[c.src], want)
-                changed = True
-    return need
+    layout = model.layout
+    depths = tuple(len(layout.stages[t]) for t in L.TOWERS)
+    selected = np.zeros((1, layout.size), bool)
+    selected[0, active] = True
+    kept = (np.concatenate([np.asarray(m[...]) for m in model.kept]) if model.kept
+            else np.zeros(0, bool))
+    positions = np.asarray(D.needed_prefixes(jnp.asarray(selected), model.conns.flat_arrays(),
+                                             jnp.asarray(kept), depths))[0]
+    return np.array([[sum(layout.stage_index[t][q][n] is not None
+                          for q in range(positions[n, ti]))
+                      for ti, t in enumerate(L.TOWERS)] for n in range(layout.size)])
 
 
 def partition(model: BAIM, task) -> TaskModel:
@@ -66,7 +58,7 @@ def partition(model: BAIM, task) -> TaskModel:
     t = int(model._task_ids(task, 1)[0])
     seg = model.layout.segment_of
     squad = [n for n in range(model.layout.size) if seg[n] == t]
-    need = needed_prefixes(model, squad)
+    need = kept_stages(model, squad)
     feeders = [n for n in range(model.layout.size) if n not in squad and need[n, 0] > 0]
     keep_idx = squad + feeders
     new_index = {old: new for new, old in enumerate(keep_idx)}

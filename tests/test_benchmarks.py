@@ -1,0 +1,26 @@
+"""The benchmark scripts run and print the JSON they promise (a smoke test: nothing is timed
+against a goal here; speed goals live in benchmarks/)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_scaling_prints_its_json():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_scaling.py"), "--sizes", "2", "4",
+         "--repeats", "2"], capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(out.stdout)
+    for key in ("seconds_per_grad", "seconds_per_train_step", "seconds_per_grad_dense",
+                "seconds_per_grad_no_connections"):
+        assert set(result[key]) == {"2", "4"} and all(v > 0 for v in result[key].values())
+    assert result["ratio_4_over_2"] > 0 and 0 < result["fraction_of_matmul"]
+    assert result["grad_flops_per_s"] > 0 and result["matmul_flops_per_s"] > 0
+    load = result["load"]["4"]
+    # Balanced routing: every learner gets B K / N = 128 rows of its own; learner m also feeds
+    # m+1, whose 128 rows are the other half of the batch, so the busiest learner needs all 256.
+    assert load["active_learners_per_example"] == 2 and load["capacity"] == 256
+    assert load["kept_connections"] == 4

@@ -93,7 +93,7 @@ def test_capacity_path_with_enough_capacity_equals_dense(mlp_specs, images):
     task = jnp.arange(batch) % 2
     model = _connected(mlp_specs, 1, prune=0.05, config=BAIMConfig(k=1, h=1))
     dense = _forward(model, x, task, dispatch="dense")
-    kept = jnp.concatenate([m[...] for m in model.kept])
+    kept = model.kept_by_group()
     depths = (len(model.layout.stages["enc"]), len(model.layout.stages["dec"]))
     need = D.needed(dense["gate"].selected, model.conns.flat_arrays(), kept, depths)
     max_load = int(jnp.max(jnp.sum(need, axis=0)))

@@ -153,7 +153,7 @@ def _pad_gate_columns(gate: dict, size: int) -> dict:
 
 
 def init_learners(members: Sequence[Member], key: jax.Array) -> list[L.Params]:
-    """Fresh parameters of every member, in one compiled call."""
+    """Fresh parameters of every member (drawn on the host, see ``learners.numpy_rng``)."""
     return [L.init_learner(m.spec, jax.random.fold_in(key, n)) for n, m in enumerate(members)]
 
 
@@ -330,8 +330,7 @@ class BAIM(nnx.Module):
         batch, num = selected.shape
         if dispatch == "dense":
             return D.dense_layout(batch, num)
-        kept = (jnp.concatenate([m[...] for m in self.kept]) if self.kept
-                else jnp.zeros((0,), bool))
+        kept = self.kept_by_group()
         conn = self.conns.flat_arrays()
         depths = (len(self.layout.stages["enc"]), len(self.layout.stages["dec"]))
         need = D.needed(selected, conn, kept, depths)
@@ -446,7 +445,7 @@ class BAIM(nnx.Module):
         masked = [k[...] * m[...].astype(k[...].dtype)
                   for k, m in zip(self.connections, self.conn_masks)]
         norm = np.asarray(C.norms(masked))
-        kept = np.concatenate([np.asarray(m[...]) for m in self.kept])
+        kept = np.asarray(self.kept_by_group())
         n_keep = int(np.ceil(kept_fraction * len(self.conns) - 1e-9))
         new = C.prune_mask(norm, kept, n_keep)
         start = 0
@@ -545,6 +544,12 @@ class BAIM(nnx.Module):
         return {"nelbo": out["nelbo"], "task_accuracy": jnp.mean(routed == ids)}
 
     # ---------------------------------------------------------------------------- spec/save
+
+    def kept_by_group(self) -> jax.Array:
+        """``[P]`` bool in group order, aligned with ``conns.flat_arrays()``."""
+        if not self.kept:
+            return jnp.zeros((0,), bool)
+        return jnp.concatenate([m[...] for m in self.kept])
 
     def kept_flat(self) -> np.ndarray:
         """``[P]`` bool in ``conns.connections`` order."""

@@ -40,10 +40,8 @@ def kept_stages(model: BAIM, active: list[int]) -> np.ndarray:
     depths = tuple(len(layout.stages[t]) for t in L.TOWERS)
     selected = np.zeros((1, layout.size), bool)
     selected[0, active] = True
-    kept = (np.concatenate([np.asarray(m[...]) for m in model.kept]) if model.kept
-            else np.zeros(0, bool))
     positions = np.asarray(D.needed_prefixes(jnp.asarray(selected), model.conns.flat_arrays(),
-                                             jnp.asarray(kept), depths))[0]
+                                             model.kept_by_group(), depths))[0]
     return np.array([[sum(layout.stage_index[t][q][n] is not None
                           for q in range(positions[n, ti]))
                       for ti, t in enumerate(L.TOWERS)] for n in range(layout.size)])

@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 from baim_jax.core.learners import LearnerSpec  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Exact float32 matmuls: on GPUs the default (TF32) makes paths differ by ~1e-4.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 IMAGE = (8, 8, 1)
 

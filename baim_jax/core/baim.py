@@ -13,7 +13,6 @@ connections only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -26,7 +25,7 @@ from baim_jax.core import dispatch as D
 from baim_jax.core import gates as G
 from baim_jax.core import learners as L
 from baim_jax.core import losses
-from baim_jax.core.pool import Member, PoolLayout, apply_pool_stage
+from baim_jax.core.pool import Member, PoolLayout, run_pool, run_tower
 
 
 class LearnerParam(nnx.Param):
@@ -284,12 +283,6 @@ class BAIM(nnx.Module):
 
     # ------------------------------------------------------------------------------ forward
 
-    def _stage(self, tower: str, p: int, x: jax.Array):
-        stage = self.layout.stages[tower][p]
-        fn = functools.partial(apply_pool_stage, stage)
-        params = values(self.learners[tower][p])
-        return jax.vmap(fn)(params, jnp.asarray(self.layout.status[tower][p]), x)
-
     def _mix(self, tower: str, j: int, a: jax.Array, inputs: list, layout: D.Layout):
         """``mixed[n, j] = a[n, j] + sum of kept projections into (n, j)``; a: ``[N, R, ...]``."""
         for g_idx, g in enumerate(self.conns.groups):
@@ -308,23 +301,17 @@ class BAIM(nnx.Module):
         return a
 
     def _tower(self, tower: str, a: jax.Array, layout: D.Layout):
-        inputs = []
-        for p in range(len(self.layout.stages[tower])):
-            inputs.append(a)
-            a = self._stage(tower, p, self._mix(tower, p, a, inputs, layout))
-        return a
+        return run_tower(self.layout, values(self.learners), tower, a,
+                         lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout))
 
     def _latent_mask(self) -> jax.Array:
         return jnp.asarray(self.layout.latent_mask())
 
     def _buffers(self, x: jax.Array, eps: jax.Array, layout: D.Layout) -> dict:
-        """Runs every learner on its buffer rows. Returns ``[N, R, ...]`` arrays."""
-        x_buf = D.gather_rows(x, layout.rows_of)
-        mean, logvar = self._tower("enc", x_buf, layout)
-        mask = self._latent_mask()[:, None, :]
-        z = jnp.where(mask, mean + jnp.exp(0.5 * logvar) * D.gather_rows(eps, layout.rows_of), 0.0)
-        out = self._tower("dec", z, layout)
-        return {"x": x_buf, "mean": mean, "logvar": logvar, "z": z, "out": out}
+        """Runs every learner on its buffer rows. Returns ``[N, R, ...]`` arrays and losses."""
+        return run_pool(self.layout, values(self.learners), D.gather_rows(x, layout.rows_of),
+                        D.gather_rows(eps, layout.rows_of),
+                        lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout))
 
     def _layout(self, selected: jax.Array, dispatch: str, dropless: bool) -> D.Layout:
         batch, num = selected.shape
@@ -374,9 +361,7 @@ class BAIM(nnx.Module):
                else shared_noise(rng_eps, batch, self.layout.latent))
         buf = self._buffers(x, eps, layout)
         log_scale = self.learners["log_scale"][...]
-        rec_n = losses.nll(buf["out"], log_scale[:, None], buf["x"], self.layout.likelihood)
-        kl_n = losses.kl_standard_normal(buf["mean"], buf["logvar"],
-                                         self._latent_mask()[:, None, :])
+        rec_n, kl_n = buf["rec"], buf["kl"]
         pix = losses.pixel_mean(buf["out"], self.layout.likelihood)
         recon = D.combine(pix, out.weights, layout)
         kl = D.combine(kl_n, out.weights, layout)

@@ -20,11 +20,15 @@ and output zeros.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from baim_jax.core import learners as L
+from baim_jax.core import losses
 
 REAL, IDENTITY, ABSENT = 0, 1, 2
 
@@ -264,3 +268,52 @@ def apply_pool_stage(stage: L.Stage, params: dict, status: jax.Array, x: jax.Arr
     else:
         ident = jnp.zeros_like(y)
     return jnp.where(status == REAL, y, jnp.where(status == IDENTITY, ident, 0.0))
+
+
+Mix = Callable[[str, int, jax.Array, list], jax.Array]
+
+
+def run_tower(layout: PoolLayout, params: dict, tower: str, a: jax.Array,
+              mix: Mix | None = None):
+    """Every learner through one tower on its own rows.
+
+    Args:
+      layout: the pool's layout.
+      params: stacked learner parameters (``PoolLayout.stack`` structure, arrays).
+      tower: ``"enc"`` or ``"dec"``.
+      a: ``[N, R, *in_shape]``, the input of position 0 per learner.
+      mix: optional ``mix(tower, p, a, inputs) -> mixed`` that adds connection projections to
+        the input ``a`` of position ``p`` (``inputs``: the original inputs of positions 0..p).
+
+    Returns:
+      ``[N, R, *out_shape]`` (the encoder returns ``(mean, logvar)``).
+    """
+    inputs = []
+    for p, stage in enumerate(layout.stages[tower]):
+        inputs.append(a)
+        mixed = a if mix is None else mix(tower, p, a, inputs)
+        fn = functools.partial(apply_pool_stage, stage)
+        a = jax.vmap(fn)(params[tower][p], jnp.asarray(layout.status[tower][p]), mixed)
+    return a
+
+
+def run_pool(layout: PoolLayout, params: dict, x: jax.Array, eps: jax.Array,
+             mix: Mix | None = None) -> dict:
+    """Every learner as a VAE on its own rows, with per-row losses.
+
+    Args:
+      x: ``[N, R, H, W, C]`` images per learner.
+      eps: ``[N, R, latent]`` standard normal noise (zeros: posterior means).
+      mix: see ``run_tower``.
+
+    Returns:
+      dict of ``[N, R, ...]``: ``mean``, ``logvar``, ``z``, ``out`` (logits or means), and
+      ``rec`` (negative log-likelihood), ``kl``, each ``[N, R]`` in nats.
+    """
+    mean, logvar = run_tower(layout, params, "enc", x, mix)
+    real = jnp.asarray(layout.latent_mask())[:, None, :]
+    z = jnp.where(real, mean + jnp.exp(0.5 * logvar) * eps, 0.0)
+    out = run_tower(layout, params, "dec", z, mix)
+    rec = losses.nll(out, params["log_scale"][:, None], x, layout.likelihood)
+    return {"mean": mean, "logvar": logvar, "z": z, "out": out, "rec": rec,
+            "kl": losses.kl_standard_normal(mean, logvar, real)}

@@ -22,11 +22,12 @@ from flax import nnx
 from baim_jax.core import connections as C
 from baim_jax.core import learners as L
 from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import TaskModel
 from baim_jax.core.pool import Member, PoolLayout
 
 FORMAT, VERSION = "baim_jax", 1
-KINDS = {"baim": BAIM, "task": TaskModel}
+KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel}
 
 
 class CheckpointError(ValueError):
@@ -56,7 +57,7 @@ def _as_list(d, n: int, where: str) -> list:
     return [d.get(str(i)) for i in range(n)]
 
 
-def save(model: BAIM, path) -> None:
+def save(model: BAIM | EdgeModel, path) -> None:
     """Writes ``model`` to the directory ``path`` (replaced atomically if it exists)."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,12 +103,12 @@ def read_spec(path) -> dict:
     return spec
 
 
-def load(path) -> BAIM:
-    """Opens a saved BAIM or TaskModel from its directory."""
+def load(path) -> BAIM | EdgeModel:
+    """Opens a saved BAIM, TaskModel or EdgeModel from its directory."""
     path = Path(path).absolute()
     spec = read_spec(path)
     try:
-        config = BAIMConfig(**spec["config"])
+        config = None if spec["kind"] == "edge" else BAIMConfig(**spec["config"])
         members = [Member.from_json(m) for m in spec["learners"]]
         conns = [C.Connection(*c[:5]) for c in spec["connections"]["list"]]
         kept = [bool(c[5]) for c in spec["connections"]["list"]]
@@ -144,6 +145,10 @@ def load(path) -> BAIM:
     kernels = _as_list(tree.get("connections"), len(conns), "connections")
     cls = KINDS[spec["kind"]]
     try:
+        if cls is EdgeModel:
+            if len(members) != 1 or conns:
+                raise ValueError("an edge model has exactly one learner and no connections")
+            return EdgeModel(members[0].spec, tasks[0], params=params[0])
         probe = C.ConnectionSet(PoolLayout(members), conns)
         for c, k in zip(conns, kernels):
             if k is None or tuple(np.shape(k)) != probe.real_kernel_shape(c):

@@ -121,6 +121,13 @@ class ConnectionSet:
     def __len__(self) -> int:
         return len(self.connections)
 
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, ConnectionSet) and self.layout == other.layout
+                and self.connections == other.connections)
+
+    def __hash__(self) -> int:
+        return hash((self.layout, self.connections))
+
     def real_kernel_shape(self, c: Connection) -> tuple[int, ...]:
         src = L.stages(self.layout.members[c.src].spec)[c.tower][c.src_stage].in_shape
         tgt = L.stages(self.layout.members[c.tgt].spec)[c.tower][c.tgt_stage].in_shape

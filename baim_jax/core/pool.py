@@ -156,6 +156,13 @@ class PoolLayout:
             self.stage_index[tower] = index
             self.in_shapes[tower] = in_shapes
 
+    def __eq__(self, other) -> bool:
+        """Layouts of the same members are equal (so equal models share compiled code)."""
+        return isinstance(other, PoolLayout) and self.members == other.members
+
+    def __hash__(self) -> int:
+        return hash(self.members)
+
     @property
     def segment_of(self) -> np.ndarray:
         """``[N]`` int: each learner's squad, -1 for a feeder (not gated)."""

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -40,32 +41,41 @@ def make_optimizer(model: BAIM, strategy: str, tx: optax.GradientTransformation)
     return nnx.Optimizer(model, tx, wrt=trainable(strategy))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_step(graphdef, strategy: str, state, x, task, rng):
+    """One step on split state. Compiled once per model architecture and strategy (equal
+    layouts and connection sets compare equal, so same-shaped models share the code)."""
+    m, opt = nnx.merge(graphdef, state)
+    grad_fn = nnx.value_and_grad(lambda mod: mod.loss(x, task, rng),
+                                 argnums=nnx.DiffState(0, trainable(strategy)), has_aux=True)
+    (_, metrics), grads = grad_fn(m)
+    with jax.numpy_dtype_promotion("standard"):  # optax: float ** int32 step count
+        opt.update(m, grads)
+    m.update_prior(metrics.pop("gate_weights"), task)
+    metrics.pop("task")
+    return nnx.state((m, opt)), metrics
+
+
 def make_train_step(model: BAIM, optimizer: nnx.Optimizer, strategy: str
                     ) -> Callable[..., dict]:
-    """A jitted ``step(x [B,H,W,C], task [B], rng) -> metrics`` that updates model in place.
+    """A jitted ``step(x [B,H,W,C], task [B], rng) -> metrics`` that updates model in place
+    (``step.lower(x, task, rng)`` gives the compiled step for cost analysis).
 
     The model and optimizer are split once; each call runs one compiled function over their
     state (the fast NNX pattern), then writes the new state back.
     """
-    wrt = trainable(strategy)
+    trainable(strategy)
     graphdef, state = nnx.split((model, optimizer))
-
-    @jax.jit
-    def step(state, x, task, rng):
-        m, opt = nnx.merge(graphdef, state)
-        grad_fn = nnx.value_and_grad(lambda mod: mod.loss(x, task, rng),
-                                     argnums=nnx.DiffState(0, wrt), has_aux=True)
-        (_, metrics), grads = grad_fn(m)
-        with jax.numpy_dtype_promotion("standard"):  # optax: float ** int32 step count
-            opt.update(m, grads)
-        m.update_prior(metrics.pop("gate_weights"), task)
-        metrics.pop("task")
-        return nnx.state((m, opt)), metrics
 
     def run(x, task, rng) -> dict:
         nonlocal state
-        state, metrics = step(state, x, task, rng)
+        state, metrics = _train_step(graphdef, strategy, state, x, task, rng)
         nnx.update((model, optimizer), state)
         return metrics
 
+    def lower(x, task, rng):
+        """The compiled step's ``jax.stages.Lowered`` (for XLA's cost analysis)."""
+        return _train_step.lower(graphdef, strategy, state, x, task, rng)
+
+    run.lower = lower
     return run

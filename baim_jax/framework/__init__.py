@@ -1,0 +1,1 @@
+"""The edge-cloud workflow (paper Sec. III): edges, cloud, FedAvg baseline, accounting, pipeline."""

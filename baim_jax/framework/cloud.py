@@ -1,0 +1,142 @@
+"""The cloud (paper Sec. III, steps 2 to 6): aggregation of the uploads into the BAIM, its
+training with a strategy and connection pruning, and the same loop for personalising a task
+model at an edge."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from baim_jax.core import connections as C
+from baim_jax.core import strategies
+from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.edge_model import EdgeModel
+from baim_jax.evaluation.data import Split
+
+
+def aggregate(uploads: Sequence[EdgeModel], tasks: Sequence[str], config: BAIMConfig, *,
+              seed: int = 0, max_upload_params: int | None = None) -> BAIM:
+    """Assembles the BAIM from the edges' uploaded models (DESIGN.md Sec. 5).
+
+    Each upload is checked first (its task is one of ``tasks``, its parameters match its spec
+    and are finite, its size is within ``max_upload_params``); a bad one raises ``ValueError``
+    naming the upload, before anything is built. Squads come from the uploads' tasks.
+
+    Returns:
+      the BAIM; its learner ``n`` is upload ``model.order[n]``.
+    """
+    if not uploads:
+        raise ValueError("uploads: no edge model to aggregate")
+    squads = []
+    for e, up in enumerate(uploads):
+        if not isinstance(up, EdgeModel):
+            raise ValueError(f"upload {e}: not an edge model ({type(up).__name__})")
+        if up.task not in tasks:
+            raise ValueError(f"upload {e}: task {up.task!r} is not one of {list(tasks)}")
+        params = up.spec["params"]["total"]
+        if max_upload_params is not None and params > max_upload_params:
+            raise ValueError(f"upload {e}: {params} parameters, more than the cloud accepts "
+                             f"({max_upload_params})")
+        if not all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(up.arrays())):
+            raise ValueError(f"upload {e}: parameters hold non-finite values")
+        squads.append(list(tasks).index(up.task))
+    return BAIM.assemble([up.learner_spec for up in uploads], squads, list(tasks), config,
+                         seed=seed,
+                         params=[jax.tree.map(np.asarray, up.arrays()) for up in uploads])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruning:
+    """Magnitude pruning to ``rho`` along the cubic schedule, every ``every`` steps between the
+    global steps ``start`` and ``end`` (``connections.kept_fraction``)."""
+
+    rho: float
+    start: int
+    end: int
+    every: int
+
+    def after_step(self, model: BAIM, step: int) -> None:
+        if step >= self.start and step % self.every == 0:
+            model.prune_connections(C.kept_fraction(step, self.rho, self.start, self.end))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """A fresh permutation of ``n`` examples in full batches (one batch of all when n < B)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    size = min(batch_size, n)
+    return [order[i:i + size] for i in range(0, n - size + 1, size)]
+
+
+class Trainer:
+    """Trains a BAIM (or a TaskModel) epoch by epoch with one strategy.
+
+    Args:
+      model: the model, trained in place.
+      strategy: ``finetune``, ``freeze`` or ``scratch`` (``strategies.prepare`` must already
+        have been applied).
+      learning_rate, batch_size, seed: optimiser, batches, noise.
+      pruning: optional connection pruning schedule.
+    """
+
+    def __init__(self, model: BAIM, strategy: str, *, learning_rate: float, batch_size: int,
+                 seed: int, pruning: Pruning | None = None):
+        self.model, self.strategy = model, strategy
+        self.batch_size, self.seed, self.pruning = batch_size, seed, pruning
+        self.optimizer = strategies.make_optimizer(model, strategy, optax.adam(learning_rate))
+        self.step = strategies.make_train_step(model, self.optimizer, strategy)
+
+    def state_leaves(self) -> list:
+        """The model's and optimiser's state as a flat list of arrays (for checkpoints)."""
+        return jax.tree.leaves(nnx.state((self.model, self.optimizer)))
+
+    def load_state(self, leaves: list) -> None:
+        """Restores ``state_leaves()`` output into the model and optimiser."""
+        treedef = jax.tree.structure(nnx.state((self.model, self.optimizer)))
+        nnx.update((self.model, self.optimizer), jax.tree.unflatten(treedef, leaves))
+        self.step = strategies.make_train_step(self.model, self.optimizer, self.strategy)
+
+    def run_epoch(self, data: Split, epoch: int,
+                  on_step: Callable[[], None] | None = None) -> dict:
+        """One epoch over ``data``; returns the epoch's mean training metrics."""
+        batches = epoch_batches(len(data.images), self.batch_size, self.seed, epoch)
+        key = jax.random.fold_in(jax.random.key(self.seed), epoch)
+        sums: dict[str, float] = {}
+        for s, idx in enumerate(batches):
+            metrics = self.step(jnp.asarray(data.images[idx]), jnp.asarray(data.tasks[idx]),
+                                jax.random.fold_in(key, s))
+            if self.pruning is not None:
+                self.pruning.after_step(self.model, epoch * len(batches) + s + 1)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if on_step is not None:
+                on_step()
+        return {k: v / len(batches) for k, v in sums.items()}
+
+    def lower(self, data: Split):
+        """The compiled train step for one batch of ``data`` (for cost analysis)."""
+        idx = epoch_batches(len(data.images), self.batch_size, self.seed, 0)[0]
+        return self.step.lower(jnp.asarray(data.images[idx]), jnp.asarray(data.tasks[idx]),
+                               jax.random.key(0))
+
+
+def test_loss(model: BAIM | EdgeModel, data: Split, batch: int = 500) -> float:
+    """Mean posterior-mean negative ELBO (nats per image) of ``data``.
+
+    A BAIM routes by the data's task ids; a task model and an edge model take every image as
+    their own task.
+    """
+    total = 0.0
+    for i in range(0, len(data.images), batch):
+        x = data.images[i:i + batch]
+        if isinstance(model, EdgeModel):
+            out = model.evaluate(x)
+        else:
+            out = model.evaluate(x, data.tasks[i:i + batch] if len(model.tasks) > 1 else 0)
+        total += float(np.sum(np.asarray(out["nelbo"])))
+    return total / len(data.images)

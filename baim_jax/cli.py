@@ -1,8 +1,8 @@
-"""Command line: ``baim-jax demo|inspect``.
+"""Command line: ``baim-jax run|inspect``.
 
-``baim-jax demo --config configs/demo.py --workdir DIR [--config.key=value ...]`` trains a BAIM
-on the embedded digits; ``baim-jax inspect PATH`` prints a saved model's spec. A bad input gets
-one error line (no traceback) and exit status 2, before any work starts.
+``baim-jax run --config configs/<name>.py --workdir DIR [--config.key=value ...]`` runs (or
+resumes) the edge-cloud pipeline; ``baim-jax inspect PATH`` prints a saved model's spec. A bad
+input gets one error line (no traceback) and exit status 2, before any work starts.
 """
 
 from __future__ import annotations
@@ -66,13 +66,15 @@ def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     return config
 
 
-def _demo(args, overrides) -> None:
+def _run(args, overrides) -> None:
     from baim_jax import train
 
     config = load_config(args.config, overrides)
     results = train.train_and_evaluate(config, args.workdir)
-    print(f"test loss {results['test_loss']:.2f} nats/image; wrote {args.workdir}/results.json, "
-          f"report.md, baim/ and toolkit/")
+    for name, row in results["approaches"].items():
+        print(f"{name:>8}: test loss {row['test_loss']:.2f} nats/image, "
+              f"{row['wall_seconds']:.0f} s")
+    print(f"wrote {args.workdir}/results.json, report.md, edges/, baim/, toolkit/ and fl/")
 
 
 def _inspect(args, overrides) -> None:
@@ -85,8 +87,9 @@ def _inspect(args, overrides) -> None:
         print(json.dumps(spec, indent=1))
         return
     size = sum(f.stat().st_size for f in Path(args.path).rglob("*") if f.is_file())
+    gate = spec["config"]["gate"] if spec["config"] else "none"
     print(f"{spec['kind']} model, tasks {spec['tasks']}, K={spec['k']}, h={spec['h']}, "
-          f"gate {spec['config']['gate']}")
+          f"gate {gate}")
     for n, m in enumerate(spec["learners"]):
         s = m["spec"]
         role = f"task {m['task']}" if m["task"] is not None else f"feeder, keeps {m['keep']}"
@@ -101,15 +104,15 @@ def _inspect(args, overrides) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="baim-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a BAIM on the embedded digits")
-    demo.add_argument("--config", required=True, help="a configs/*.py file")
-    demo.add_argument("--workdir", required=True, help="where results and models go")
+    run = sub.add_parser("run", help="run or resume the edge-cloud pipeline")
+    run.add_argument("--config", required=True, help="a configs/*.py file")
+    run.add_argument("--workdir", required=True, help="where results, models and checkpoints go")
     inspect = sub.add_parser("inspect", help="print a saved model's spec")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="the whole spec as JSON")
     args, overrides = parser.parse_known_args(argv)
     try:
-        {"demo": _demo, "inspect": _inspect}[args.command](args, overrides)
+        {"run": _run, "inspect": _inspect}[args.command](args, overrides)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"baim-jax: error: {e}", file=sys.stderr)
         return 2

@@ -33,51 +33,82 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8, title: str | None =
     plt.close(fig)
 
 
-def write_demo_report(model, results: dict, test, workdir: Path) -> None:
-    """Loss curves, samples and reconstructions per task, and ``report.md``."""
-    curve = results["curve"]
+APPROACHES = ("finetune", "freeze", "scratch", "fl")
+
+
+def _plot_curves(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    steps = [c["step"] for c in curve]
-    ax.plot(steps, [c["nelbo"] for c in curve], label="train (batch)")
-    ax.plot(steps, [c["test_loss"] for c in curve], label="test")
-    ax.set_xlabel("step")
-    ax.set_ylabel("negative ELBO (nats / image)")
+    for name, row in results["approaches"].items():
+        curve = row["test_loss_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+    ax.set_xlabel("cloud epoch (FL: round)")
+    ax.set_ylabel("test negative ELBO (nats / image)")
     ax.legend()
-    fig.savefig(workdir / "loss_curve.png", dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    figures = ["loss_curve.png"]
-    for t, name in enumerate(model.tasks):
-        samples = model.sample(32, task=name, rng=jax.random.key(t))
-        save_grid(np.asarray(samples), workdir / f"samples_{name}.png",
-                  title=f"samples, task {name} (prior gate, mixture)")
-        x = test.images[test.tasks == t][:16]
-        rec = np.asarray(model.reconstruct(x, task=name)["mean"])
-        save_grid(np.concatenate([x, rec]), workdir / f"reconstructions_{name}.png",
-                  title=f"task {name}: inputs (top), reconstructions (bottom)")
-        figures += [f"samples_{name}.png", f"reconstructions_{name}.png"]
 
-    lines = [
-        "# BAIM demo run", "",
-        f"Data: {results['data']['source']}, {results['data']['train']} training and "
-        f"{results['data']['test']} held-out test images.", "",
-        "| measure | value |", "|---|---|",
-        f"| test loss (negative ELBO, nats/image, posterior mean) | {results['test_loss']:.2f} |",
-    ]
-    lines += [f"| test loss, task {k} | {v:.2f} |"
-              for k, v in results["test_loss_per_task"].items()]
-    lines += [
-        f"| TSGate accuracy | {results['task_accuracy']:.3f} |",
-        f"| parameters (learners / gate / connections) | {results['params']['learners']:,} / "
-        f"{results['params']['gate']:,} / {results['params']['connections']:,} |",
-        f"| connections kept / potential | {results['connections']['kept']} / "
-        f"{results['connections']['potential']} |",
-        f"| padding waste (executed / useful FLOPs) | {results['padding_waste']:.2f} |",
-        f"| training | {results['train_seconds']:.1f} s, "
-        f"{results['steps_per_second']:.1f} steps/s |", "",
-        "## Toolkit", "", "| task | learners | feeders | params | bytes | connections | test loss |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _plot_edges(results: dict, path: Path) -> None:
+    edges = results["edges"]
+    x = np.arange(len(edges))
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(edges) + 2), 3.2))
+    ax.bar(x - 0.2, [e["test_loss_initial"] for e in edges], 0.4, label="edge model")
+    ax.bar(x + 0.2, [e["test_loss_personalized"] for e in edges], 0.4, label="personalised")
+    ax.set_xticks(x, [e["id"] for e in edges], rotation=45, fontsize=7)
+    ax.set_ylabel("test negative ELBO (nats / image)")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, list):
+        return " to ".join(_fmt(x) for x in v) if v[0] != v[1] else _fmt(v[0])
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return f"{v:,}"
+
+
+def write_pipeline_report(results: dict, workdir: Path) -> None:
+    """``report.md`` with the cost table (paper Fig. 5b), test-loss curves (Fig. 5c), the
+    edges before and after personalisation, the toolkit, and samples of every task model."""
+    from baim_jax import checkpoint
+
+    _plot_curves(results, workdir / "test_loss_curves.png")
+    _plot_edges(results, workdir / "personalization.png")
+    figures = ["test_loss_curves.png", "personalization.png"]
+    for t, (name, row) in enumerate(results["toolkit"].items()):
+        model = checkpoint.load(row["path"])
+        save_grid(np.asarray(model.sample(32, task=name, rng=jax.random.key(t))),
+                  workdir / f"samples_{name}.png", title=f"toolkit model {name}: samples")
+        figures.append(f"samples_{name}.png")
+    keys = [("test loss (nats/image)", "test_loss"),
+            ("trainable params, cloud", "cloud_trainable_params"),
+            ("params per edge", "edge_params"),
+            ("upload bytes per edge", "upload_bytes_per_edge"), ("uploads", "upload_times"),
+            ("download bytes per edge", "download_bytes_per_edge"),
+            ("downloads", "download_times"),
+            ("cloud FLOPs per epoch", "cloud_flops_per_epoch"),
+            ("edge FLOPs per epoch", "edge_flops_per_epoch"), ("wall time (s)", "wall_seconds")]
+    names = [a for a in APPROACHES if a in results["approaches"]]
+    lines = ["# Edge-cloud run", "",
+             f"Data: {results['data']['source']}: {results['data']['test']} test images, "
+             f"{results['data']['cloud']} at the cloud, edges {results['data']['edges']}.", "",
+             "## Cost and quality per approach (paper Fig. 5b)", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key in keys:
+        lines.append(f"| {label} | " + " | ".join(_fmt(results["approaches"][a][key])
+                                                  for a in names) + " |")
+    lines += ["", "Bytes are float32 payloads; FLOPs are XLA's cost analysis of the compiled "
+              "training step times the steps of an epoch.", "",
+              "## Edges before and after personalisation", "",
+              "| edge | task | params | data | test loss, edge model | test loss, personalised |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {e['id']} | {e['task']} | {e['params']:,} | {e['data_size']} | "
+              f"{e['test_loss_initial']:.2f} | {e['test_loss_personalized']:.2f} |"
+              for e in results["edges"]]
+    lines += ["", "## Toolkit", "", "| task | learners | feeders | params | bytes | connections |"
+              " test loss |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['learners']} | {v['feeders']} | {v['params']:,} | {v['bytes']:,} | "
               f"{v['connections_kept']} | {v['test_loss']:.2f} |"
               for k, v in results["toolkit"].items()]

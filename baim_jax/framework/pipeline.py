@@ -47,7 +47,7 @@ from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches,
 
 EDGE_FIELDS = {"task", "encoder", "latent", "decoder", "share"}
 SECTIONS = {
-    "data": {"dataset": str, "test_size": int, "cloud_fraction": float},
+    "data": {"dataset": str, "size": int, "test_size": int, "cloud_fraction": float},
     "edge": {"epochs": int, "batch_size": int, "learning_rate": float},
     "cloud": {"epochs": int, "batch_size": int, "learning_rate": float, "rho": float,
               "prune_start": float, "prune_end": float, "prune_every": int,
@@ -171,6 +171,11 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
             raise ValueError(f"edges[{e}]: {L.count_params(spec)} parameters, more than "
                              f"cloud.max_upload_params ({config.cloud.max_upload_params})")
     images, labels = data_lib.embedded_digits()
+    if config.data.size > len(images):
+        raise ValueError(f"data.size: {config.data.size} is more than the dataset's "
+                         f"{len(images)} images")
+    keep = np.random.default_rng(config.seed).permutation(len(images))[:config.data.size]
+    images, labels = images[np.sort(keep)], labels[np.sort(keep)]
     data = data_lib.edge_cloud_split(
         images, labels, config.task_classes, edge_tasks, shares,
         test_size=config.data.test_size, cloud_fraction=config.data.cloud_fraction,

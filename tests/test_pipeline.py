@@ -1,0 +1,168 @@
+"""The edge-cloud pipeline end to end (configs/smoke.py), and its resumption after kills."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import baim_jax
+from baim_jax import BAIM, TaskModel
+from baim_jax.cli import main
+from baim_jax.core.edge_model import EdgeModel
+from conftest import SMOKE
+
+APPROACH_KEYS = ("test_loss", "test_loss_curve", "cloud_trainable_params", "edge_params",
+                 "upload_bytes_per_edge", "upload_times", "download_bytes_per_edge",
+                 "download_times", "cloud_flops_per_epoch", "edge_flops_per_epoch",
+                 "wall_seconds")
+TASKS = ["digits_0_4", "digits_5_9"]
+
+
+@pytest.fixture(scope="module")
+def results(smoke_run):
+    assert smoke_run["code"] == 0, smoke_run["err"][-2000:]
+    return json.loads((smoke_run["workdir"] / "results.json").read_text())
+
+
+def test_results_has_every_approach_with_its_costs(results):
+    assert set(results["approaches"]) == {"finetune", "freeze", "scratch", "fl"}
+    for name, row in results["approaches"].items():
+        for key in APPROACH_KEYS:
+            assert key in row, (name, key)
+        assert math.isfinite(row["test_loss"]) and row["test_loss"] > 0
+        assert row["test_loss"] == row["test_loss_curve"][-1]
+        assert len(row["test_loss_curve"]) == 2  # 2 cloud epochs, 2 FL rounds
+        for key in ("edge_params", "upload_bytes_per_edge", "download_bytes_per_edge",
+                    "edge_flops_per_epoch"):
+            low, high = row[key]
+            assert 0 < low <= high, (name, key)
+        assert row["cloud_flops_per_epoch"] > 0 and row["wall_seconds"] > 0
+
+
+def test_edges_span_ten_times_in_size(results):
+    params = [e["params"] for e in results["edges"]]
+    assert max(params) >= 10 * min(params)
+    assert results["approaches"]["finetune"]["edge_params"] == [min(params), max(params)]
+
+
+def test_transfers_follow_the_workflow(results):
+    a = results["approaches"]
+    fl, rounds = a["fl"], results["config"]["fl"]["rounds"]
+    # FedAvg moves the whole float32 model both ways every round.
+    assert fl["upload_times"] == fl["download_times"] == rounds
+    assert fl["upload_bytes_per_edge"] == [4 * fl["cloud_trainable_params"]] * 2
+    # The BAIM route uploads each edge model once and downloads its task model once.
+    params = [e["params"] for e in results["edges"]]
+    for name in ("finetune", "freeze", "scratch"):
+        assert a[name]["upload_times"] == a[name]["download_times"] == 1
+        assert a[name]["upload_bytes_per_edge"] == [4 * min(params), 4 * max(params)]
+    toolkit_params = [results["toolkit"][e["task"]]["params"] for e in results["edges"]]
+    assert a["finetune"]["download_bytes_per_edge"] == [4 * min(toolkit_params),
+                                                        4 * max(toolkit_params)]
+    # Freezing trains no learner, so less than fine-tuning (same gate and connections).
+    assert a["freeze"]["cloud_trainable_params"] < a["finetune"]["cloud_trainable_params"]
+    assert a["scratch"]["cloud_trainable_params"] == a["finetune"]["cloud_trainable_params"]
+
+
+def test_every_model_is_saved_and_loads(smoke_run, results):
+    workdir = smoke_run["workdir"]
+    for strategy in ("finetune", "freeze", "scratch"):
+        model = baim_jax.load(workdir / "baim" / strategy)
+        assert isinstance(model, BAIM) and list(model.tasks) == TASKS
+    for task in TASKS:
+        model = baim_jax.load(results["toolkit"][task]["path"])
+        assert isinstance(model, TaskModel) and model.task == task
+        assert model.spec["params"]["total"] == results["toolkit"][task]["params"]
+        assert model.spec["connections"]["kept"] == results["toolkit"][task]["connections_kept"]
+    for edge in results["edges"]:
+        initial = baim_jax.load(workdir / "edges" / edge["id"] / "initial")
+        personal = baim_jax.load(workdir / "edges" / edge["id"] / "personalized")
+        assert isinstance(initial, EdgeModel) and initial.task == edge["task"]
+        assert initial.spec["params"]["total"] == edge["params"]
+        assert isinstance(personal, TaskModel) and personal.task == edge["task"]
+    assert isinstance(baim_jax.load(workdir / "fl"), EdgeModel)
+
+
+def test_personalisation_improves_every_edge(results):
+    for edge in results["edges"]:
+        assert edge["test_loss_personalized"] < edge["test_loss_initial"], edge["id"]
+
+
+def test_report_and_figures(smoke_run):
+    workdir = smoke_run["workdir"]
+    report = (workdir / "report.md").read_text()
+    for word in ("finetune", "freeze", "scratch", "fl", "upload bytes", "edge_00"):
+        assert word in report
+    for name in ["test_loss_curves.png", "personalization.png"] + [f"samples_{t}.png"
+                                                                  for t in TASKS]:
+        assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({name})" in report
+
+
+def test_results_record_config_versions_and_split(smoke_run, results):
+    assert results["config"]["edges"][0]["encoder"] == [32]
+    assert {"jax", "flax", "optax", "orbax"} <= set(results["versions"])
+    split = json.loads((smoke_run["workdir"] / "split.json").read_text())
+    parts = [split["test"], split["cloud"], *split["edges"]]
+    together = np.concatenate(parts)
+    assert len(together) == len(set(together.tolist()))  # no image in two places
+    assert [len(e) for e in split["edges"]] == results["data"]["edges"]
+
+
+def test_finished_run_is_not_redone(smoke_run):
+    workdir = smoke_run["workdir"]
+    stamps = {p: p.stat().st_mtime_ns for p in (workdir / "phases").iterdir()}
+    models = (workdir / "baim" / "finetune" / "spec.json").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert main(["run", "--config", SMOKE, "--workdir", str(workdir)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (workdir / "phases").iterdir()} == stamps
+    assert (workdir / "baim" / "finetune" / "spec.json").stat().st_mtime_ns == models
+    assert time.perf_counter() - start < 60
+
+
+def _comparable(results: dict, workdir: Path) -> dict:
+    """results.json without wall times and checkpoint bytes on disk (orbax's metadata varies
+    from save to save), and with paths relative to the workdir."""
+    out = json.loads(json.dumps(results).replace(str(workdir), "WORKDIR"))
+    for row in out["approaches"].values():
+        row.pop("wall_seconds")
+    for row in out["toolkit"].values():
+        row.pop("bytes")
+    out.pop("phases")
+    return out
+
+
+def _run_until(workdir: Path, marker: str, timeout: float = 300) -> None:
+    """Runs the smoke pipeline in a subprocess and kills it (SIGKILL) once ``marker`` exists."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "baim_jax.cli", "run", "--config", SMOKE, "--workdir",
+         str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (workdir / marker).exists():
+            assert proc.poll() is None, f"the run ended before {marker} appeared"
+            assert time.monotonic() < deadline, f"{marker} did not appear"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+def test_killed_runs_resume_to_the_same_results(smoke_run, results, tmp_path):
+    """Killed in the middle of the edges phase, then between phases; the third run resumes
+    and ends with the uninterrupted run's results."""
+    workdir = tmp_path / "run"
+    _run_until(workdir, "ckpt/edges/1")  # after 1 of 2 local epochs
+    assert not (workdir / "phases" / "edges.json").exists()
+    _run_until(workdir, "phases/edges.json")
+    assert main(["run", "--config", SMOKE, "--workdir", str(workdir)]) == 0
+    resumed = json.loads((workdir / "results.json").read_text())
+    assert _comparable(resumed, workdir) == _comparable(results, smoke_run["workdir"])
+    assert not (workdir / "ckpt" / "edges").exists()

@@ -1,6 +1,9 @@
 """Test set-up: 4 fake CPU devices, strict dtype promotion, small learner topologies."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # 4 fake devices; backend optimisation off: tests compile many small graphs, and compiling
@@ -8,6 +11,12 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=4"
                            + " --xla_backend_optimization_level=0").strip()
+# A persistent compilation cache for this session: the pipeline tests' subprocesses (killed
+# and resumed runs) then reuse what the in-process smoke run compiled.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="baim_jax_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

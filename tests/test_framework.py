@@ -75,10 +75,6 @@ def test_weighted_average_refuses_bad_weights(weights):
         fedavg.weighted_average(trees, weights)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="fedavg.weighted_average accepts an infinite weight "
-                   "(inf > 0 passes the check) and returns NaN parameters instead of raising")
 def test_weighted_average_refuses_an_infinite_weight():
     trees = [{"w": np.ones((2,), np.float32) * i} for i in range(3)]
     with pytest.raises(ValueError, match="weights"):
@@ -447,10 +443,6 @@ def test_cloud_trainer_resume_from_state_leaves_is_exact(mlp_specs):
     chex.assert_trees_all_equal(resumed.state_leaves(), a)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "strategies.make_train_step keeps the split (model, optimizer) state in its closure and never "
-    "re-reads it from the model, so BAIM.prune_connections (called by Pruning.after_step from "
-    "Trainer.run_epoch) is overwritten by the next train step: pruned connections come back"))
 def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):
     model = _tiny_baim(mlp_specs)
     randomize_connections(model, jax.random.key(0), 0.3)
@@ -462,10 +454,6 @@ def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):
     assert model.spec["connections"]["kept"] == math.ceil(0.25 * potential)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "same cause as test_cloud_trainer_pruning_survives_later_steps: when an epoch ends with a "
-    "pruning step, the uninterrupted trainer's next step starts from its stale (unpruned) closure "
-    "state while a resumed trainer starts from the pruned model, so resume is not exact"))
 def test_cloud_trainer_resume_is_exact_with_pruning(mlp_specs):
     data = _split(16)
 

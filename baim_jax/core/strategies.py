@@ -61,21 +61,21 @@ def make_train_step(model: BAIM, optimizer: nnx.Optimizer, strategy: str
     """A jitted ``step(x [B,H,W,C], task [B], rng) -> metrics`` that updates model in place
     (``step.lower(x, task, rng)`` gives the compiled step for cost analysis).
 
-    The model and optimizer are split once; each call runs one compiled function over their
-    state (the fast NNX pattern), then writes the new state back.
+    Each call splits the model and optimizer afresh (so changes made between steps, such
+    as pruning, are seen) and runs one compiled function over their state.
     """
     trainable(strategy)
-    graphdef, state = nnx.split((model, optimizer))
+    graphdef = nnx.graphdef((model, optimizer))
 
     def run(x, task, rng) -> dict:
-        nonlocal state
-        state, metrics = _train_step(graphdef, strategy, state, x, task, rng)
+        state, metrics = _train_step(graphdef, strategy, nnx.state((model, optimizer)), x, task,
+                                     rng)
         nnx.update((model, optimizer), state)
         return metrics
 
     def lower(x, task, rng):
         """The compiled step's ``jax.stages.Lowered`` (for XLA's cost analysis)."""
-        return _train_step.lower(graphdef, strategy, state, x, task, rng)
+        return _train_step.lower(graphdef, strategy, nnx.state((model, optimizer)), x, task, rng)
 
     run.lower = lower
     return run

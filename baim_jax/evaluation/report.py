@@ -61,6 +61,53 @@ def _plot_edges(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_fid(results: dict, path: Path) -> None:
+    """FID of the approaches per epoch (lines) and of every edge before and after
+    personalisation (points), as the paper's Fig. 5d."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for name, row in results["approaches"].items():
+        curve = row["fid_curve"]
+        left.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+    left.axhline(results["fid_floor"], color="gray", ls=":", label="real vs real")
+    left.set_xlabel("cloud epoch (FL: round)")
+    left.set_ylabel("FID (small-CNN features)")
+    left.legend(fontsize=7)
+    edges = results["edges"]
+    x = np.arange(len(edges))
+    right.scatter(x, [e["fid_initial"] for e in edges], label="edge model")
+    right.scatter(x, [e["fid_personalized"] for e in edges], marker="s", label="personalised")
+    right.set_xticks(x, [e["id"] for e in edges], rotation=45, fontsize=7)
+    right.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _phase_grids(results: dict, workdir: Path) -> list[str]:
+    """Samples of the three phases: every edge model, each strategy's BAIM per task, every
+    personalised task model (8 per row)."""
+    from baim_jax import checkpoint
+
+    key = jax.random.key(0)
+    rows = {"edges_initial": [], "cloud": [], "edges_personalized": []}
+    for e in results["edges"]:
+        for phase, sub in (("edges_initial", "initial"), ("edges_personalized", "personalized")):
+            model = checkpoint.load(Path(e["path"]) / sub)
+            rows[phase].append(np.asarray(model.sample(8, task=None if sub == "initial"
+                                                       else e["task"], rng=key)))
+    for strategy in [a for a in APPROACHES if a != "fl" and a in results["approaches"]]:
+        model = checkpoint.load(workdir / "baim" / strategy)
+        for task in model.tasks:
+            rows["cloud"].append(np.asarray(model.sample(8, task=task, rng=key)))
+    titles = {"edges_initial": "edge models (one row per edge)",
+              "cloud": "cloud BAIM: one row per strategy and task",
+              "edges_personalized": "personalised task models (one row per edge)"}
+    names = []
+    for phase, images in rows.items():
+        save_grid(np.concatenate(images), workdir / f"samples_{phase}.png", title=titles[phase])
+        names.append(f"samples_{phase}.png")
+    return names
+
+
 def _fmt(v) -> str:
     if isinstance(v, list):
         return " to ".join(_fmt(x) for x in v) if v[0] != v[1] else _fmt(v[0])
@@ -70,19 +117,15 @@ def _fmt(v) -> str:
 
 
 def write_pipeline_report(results: dict, workdir: Path) -> None:
-    """``report.md`` with the cost table (paper Fig. 5b), test-loss curves (Fig. 5c), the
-    edges before and after personalisation, the toolkit, and samples of every task model."""
-    from baim_jax import checkpoint
-
+    """``report.md`` with the cost table (paper Fig. 5b), test-loss curves (Fig. 5c), FID of
+    the approaches and the edges (Fig. 5d), the edges before and after personalisation, the
+    toolkit, and sample grids of the three phases."""
     _plot_curves(results, workdir / "test_loss_curves.png")
     _plot_edges(results, workdir / "personalization.png")
-    figures = ["test_loss_curves.png", "personalization.png"]
-    for t, (name, row) in enumerate(results["toolkit"].items()):
-        model = checkpoint.load(row["path"])
-        save_grid(np.asarray(model.sample(32, task=name, rng=jax.random.key(t))),
-                  workdir / f"samples_{name}.png", title=f"toolkit model {name}: samples")
-        figures.append(f"samples_{name}.png")
-    keys = [("test loss (nats/image)", "test_loss"),
+    _plot_fid(results, workdir / "fid.png")
+    figures = (["test_loss_curves.png", "fid.png", "personalization.png"]
+               + _phase_grids(results, workdir))
+    keys = [("test loss (nats/image)", "test_loss"), ("FID", "fid"),
             ("trainable params, cloud", "cloud_trainable_params"),
             ("params per edge", "edge_params"),
             ("upload bytes per edge", "upload_bytes_per_edge"), ("uploads", "upload_times"),
@@ -92,20 +135,27 @@ def write_pipeline_report(results: dict, workdir: Path) -> None:
             ("edge FLOPs per epoch", "edge_flops_per_epoch"), ("wall time (s)", "wall_seconds")]
     names = [a for a in APPROACHES if a in results["approaches"]]
     lines = ["# Edge-cloud run", "",
-             f"Data: {results['data']['source']}: {results['data']['test']} test images, "
+             f"Data: {results['data']['dataset']}: {results['data']['test']} test images, "
              f"{results['data']['cloud']} at the cloud, edges {results['data']['edges']}.", "",
              "## Cost and quality per approach (paper Fig. 5b)", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key in keys:
         lines.append(f"| {label} | " + " | ".join(_fmt(results["approaches"][a][key])
                                                   for a in names) + " |")
+    net = results["fid_feature_net"]
     lines += ["", "Bytes are float32 payloads; FLOPs are XLA's cost analysis of the compiled "
               "training step times the steps of an epoch.", "",
+              f"FID is measured with a {net['name']} trained on this run's real training "
+              f"images (test accuracy {net['test_accuracy']:.3f}): its scale is not "
+              f"Inception-FID's. Reference: the grayscale real test images; samples are mean "
+              f"images. Real held-out against real training images scores "
+              f"{results['fid_floor']:.2f} (the floor).", "",
               "## Edges before and after personalisation", "",
-              "| edge | task | params | data | test loss, edge model | test loss, personalised |",
-              "|---|---|---|---|---|---|"]
+              "| edge | task | params | data | test loss, edge model | test loss, personalised |"
+              " FID, edge model | FID, personalised |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {e['id']} | {e['task']} | {e['params']:,} | {e['data_size']} | "
-              f"{e['test_loss_initial']:.2f} | {e['test_loss_personalized']:.2f} |"
+              f"{e['test_loss_initial']:.2f} | {e['test_loss_personalized']:.2f} | "
+              f"{e['fid_initial']:.1f} | {e['fid_personalized']:.1f} |"
               for e in results["edges"]]
     lines += ["", "## Toolkit", "", "| task | learners | feeders | params | bytes | connections |"
               " test loss |", "|---|---|---|---|---|---|---|"]

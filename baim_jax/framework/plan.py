@@ -1,0 +1,163 @@
+"""A pipeline config, checked field by field, and the data split it implies (the ``Plan``).
+
+Everything a user gives is validated here, before any training: one ``ValueError`` line names
+the first bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from baim_jax.core import learners as L
+from baim_jax.core import strategies
+from baim_jax.core.baim import BAIMConfig
+from baim_jax.evaluation import data as data_lib
+from baim_jax.evaluation.data import Split
+
+EDGE_FIELDS = {"task", "encoder", "latent", "decoder", "share"}
+SECTIONS = {
+    "data": {"dataset": str, "size": int, "test_size": int, "cloud_fraction": float,
+             "alpha": (float, None), "data_dir": (str, ""), "image_size": int, "label": str},
+    "edge": {"epochs": int, "batch_size": int, "learning_rate": float},
+    "cloud": {"epochs": int, "batch_size": int, "learning_rate": float, "rho": float,
+              "prune_start": float, "prune_end": float, "prune_every": int,
+              "max_upload_params": int},
+    "personalize": {"epochs": int, "batch_size": int, "learning_rate": float},
+    "fl": {"rounds": int, "batch_size": int, "learning_rate": float},
+    "fid": {"feature_epochs": int},
+}
+
+
+@dataclasses.dataclass
+class Plan:
+    """A validated configuration and the data split it implies."""
+
+    config: ml_collections.ConfigDict
+    tasks: list[str]
+    specs: list[L.LearnerSpec]
+    edge_tasks: list[int]
+    baim: BAIMConfig
+    data: data_lib.Partition
+
+    @property
+    def edge_ids(self) -> list[str]:
+        return [f"edge_{e:02d}" for e in range(len(self.specs))]
+
+    @property
+    def train(self) -> Split:
+        """Every real training image: the cloud's and the edges'."""
+        parts = [self.data.cloud, *self.data.edges]
+        return Split(*(np.concatenate([getattr(p, f) for p in parts]) for f in Split._fields))
+
+    def task_test(self, t: int) -> Split:
+        test = self.data.test
+        sel = test.tasks == t
+        return Split(test.images[sel], test.labels[sel], test.tasks[sel])
+
+
+def _get(config, section: str, key: str, kind):
+    """The value of ``section.key``, checked: ``kind`` is a type, or ``(type, allowed)`` where
+    ``allowed`` (None, or "") may stand in for a value."""
+    try:
+        value = config[section][key]
+    except (KeyError, AttributeError):
+        raise ValueError(f"config: missing key {section}.{key}") from None
+    if isinstance(kind, tuple):
+        kind, allowed = kind
+        if value == allowed:
+            return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{section}.{key}: expected {kind.__name__}, got {value!r}")
+    if kind in (int, float) and not value > 0:
+        raise ValueError(f"{section}.{key}: must be > 0, got {value!r}")
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> Plan:
+    """Checks every field of a pipeline config and splits the data, before any training.
+
+    Raises:
+      ValueError: one line naming the first bad field.
+    """
+    for section, keys in SECTIONS.items():
+        if section not in config:
+            raise ValueError(f"config: missing section {section!r}")
+        unknown = set(config[section]) - set(keys)
+        if unknown:
+            raise ValueError(f"{section}: unknown key(s) {sorted(unknown)}")
+        for key, kind in keys.items():
+            _get(config, section, key, kind)
+    dc = config.data
+    images, labels = data_lib.load_dataset(dc.dataset, size=dc.size, seed=config.seed,
+                                           data_dir=dc.data_dir or None,
+                                           image_size=dc.image_size, label=dc.label)
+    tasks = list(config.task_names)
+    if len(tasks) != len(config.task_classes) or not tasks:
+        raise ValueError(f"task_names: {len(tasks)} names for {len(config.task_classes)} "
+                         f"task_classes")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task_names: duplicate names in {tasks}")
+    if not config.edges:
+        raise ValueError("edges: no edge")
+    specs, edge_tasks, shares = [], [], []
+    for e, d in enumerate(config.edges):
+        d = dict(d)
+        unknown = set(d) - EDGE_FIELDS
+        if unknown:
+            raise ValueError(f"edges[{e}]: unknown field(s) {sorted(unknown)}")
+        missing = EDGE_FIELDS - {"share"} - set(d)
+        if missing:
+            raise ValueError(f"edges[{e}]: missing field(s) {sorted(missing)}")
+        task = d["task"]
+        if isinstance(task, str) and task in tasks:
+            task = tasks.index(task)
+        if not isinstance(task, int) or not 0 <= task < len(tasks):
+            raise ValueError(f"edges[{e}].task: {d['task']!r} is not a task of {tasks}")
+        try:
+            spec = L.LearnerSpec(config.kind, tuple(images.shape[1:]), tuple(d["encoder"]),
+                                 d["latent"], tuple(d["decoder"]), config.likelihood)
+            spec.validate()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"edges[{e}]: {err}") from None
+        specs.append(spec)
+        edge_tasks.append(task)
+        shares.append(d.get("share", 1.0))
+    for t, name in enumerate(tasks):
+        if t not in edge_tasks:
+            raise ValueError(f"task_names: task {name!r} has no edge")
+    try:
+        baim = BAIMConfig(**config.baim.to_dict())
+        baim.validate()
+    except TypeError as err:
+        raise ValueError(f"baim: {err}") from None
+    smallest = min(edge_tasks.count(t) for t in range(len(tasks)))
+    if baim.k > smallest:
+        raise ValueError(f"baim.k: {baim.k} is larger than the smallest squad ({smallest} edges)")
+    chosen = list(config.strategies)
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"strategies: need distinct names from {strategies.STRATEGIES}")
+    for s in chosen:
+        strategies.trainable(s)
+    if config.toolkit_strategy not in chosen:
+        raise ValueError(f"toolkit_strategy: {config.toolkit_strategy!r} is not in "
+                         f"strategies {chosen}")
+    if not 0 < config.cloud.rho <= 1:
+        raise ValueError(f"cloud.rho: must be in (0, 1], got {config.cloud.rho}")
+    if not 0 <= config.cloud.prune_start <= config.cloud.prune_end <= 1:
+        raise ValueError("cloud.prune_start/prune_end: need 0 <= start <= end <= 1 (fractions "
+                         "of the cloud's training steps)")
+    if not isinstance(config.devices, int) or config.devices < 0:
+        raise ValueError(f"devices: must be an integer >= 0 (0: all), got {config.devices!r}")
+    for e, spec in enumerate(specs):
+        if L.count_params(spec) > config.cloud.max_upload_params:
+            raise ValueError(f"edges[{e}]: {L.count_params(spec)} parameters, more than "
+                             f"cloud.max_upload_params ({config.cloud.max_upload_params})")
+    data = data_lib.edge_cloud_split(
+        images, labels, config.task_classes, edge_tasks, shares, test_size=dc.test_size,
+        cloud_fraction=dc.cloud_fraction, seed=config.seed, alpha=dc.alpha)
+    return Plan(config, tasks, specs, edge_tasks, baim, data)

@@ -1,0 +1,67 @@
+"""The run directory: its config record, atomic JSON records and the phases' epoch
+checkpoints (orbax)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class PhaseCheckpoint:
+    """Epoch checkpoints of one phase: a flat list of arrays and a JSON record (orbax; the
+    latest is kept, and a save cut short leaves the previous one readable)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.manager = ocp.CheckpointManager(
+            path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+    def latest(self, like: list) -> tuple[list, dict] | None:
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        target = {str(i): np.asarray(v) for i, v in enumerate(like)}
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return [got.state[str(i)] for i in range(len(like))], got.meta
+
+    def save(self, step: int, leaves: list, meta: dict) -> None:
+        state = {str(i): np.asarray(v) for i, v in enumerate(leaves)}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def remove(self) -> None:
+        self.manager.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Makes ``workdir`` this config's run directory, or refuses one holding another run."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir: {workdir} exists and is not a directory")
+    record = workdir / "config.json"
+    wanted = json.loads(json.dumps(config.to_dict()))
+    if record.exists():
+        if json.loads(record.read_text()) != wanted:
+            raise ValueError(f"workdir: {workdir} holds a run of a different config; choose "
+                             f"another --workdir (nothing was overwritten)")
+    elif workdir.is_dir() and any(workdir.iterdir()):
+        raise ValueError(f"workdir: {workdir} is not empty and holds no baim-jax run; choose "
+                         f"another --workdir (nothing was overwritten)")
+    else:
+        write_json(record, wanted)

@@ -56,6 +56,16 @@ def test_fid_of_every_approach_and_edge(results):
     assert "not Inception" in net["name"] and net["test_accuracy"] > 0.8
 
 
+def test_edges_report_every_class_of_their_task(results):
+    classes = {t: [str(c) for c in cs] for t, cs in zip(TASKS, results["config"]["task_classes"])}
+    for edge in results["edges"]:
+        for key in ("test_loss_initial_per_class", "test_loss_personalized_per_class"):
+            assert sorted(edge[key]) == classes[edge["task"]], (edge["id"], key)
+        # The task's score is the mean over its images, so it lies within the class means.
+        values = edge["test_loss_initial_per_class"].values()
+        assert min(values) <= edge["test_loss_initial"] <= max(values)
+
+
 def test_edges_span_ten_times_in_size(results):
     params = [e["params"] for e in results["edges"]]
     assert max(params) >= 10 * min(params)

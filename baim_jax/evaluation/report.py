@@ -157,6 +157,13 @@ def write_pipeline_report(results: dict, workdir: Path) -> None:
               f"{e['test_loss_initial']:.2f} | {e['test_loss_personalized']:.2f} | "
               f"{e['fid_initial']:.1f} | {e['fid_personalized']:.1f} |"
               for e in results["edges"]]
+    lines += ["", "Per class (DESIGN.md Sec. 8: with non-IID shards one rare class can dominate "
+              "a task's score): test loss of each class of the edge's task, edge model -> "
+              "personalised.", "", "| edge | " + "per class: initial -> personalised |",
+              "|---|---|"]
+    lines += [f"| {e['id']} | " + ", ".join(
+        f"{c}: {v:.0f} -> {e['test_loss_personalized_per_class'][c]:.0f}"
+        for c, v in e["test_loss_initial_per_class"].items()) + " |" for e in results["edges"]]
     lines += ["", "## Toolkit", "", "| task | learners | feeders | params | bytes | connections |"
               " test loss |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['learners']} | {v['feeders']} | {v['params']:,} | {v['bytes']:,} | "

@@ -132,18 +132,29 @@ class Trainer:
                                jax.random.key(0))
 
 
-def test_loss(model: BAIM | EdgeModel, data: Split, batch: int = 500) -> float:
-    """Mean posterior-mean negative ELBO (nats per image) of ``data``.
+def image_losses(model: BAIM | EdgeModel, data: Split, batch: int = 500) -> np.ndarray:
+    """Posterior-mean negative ELBO of every image of ``data`` ``[n]`` (nats).
 
     A BAIM routes by the data's task ids; a task model and an edge model take every image as
     their own task.
     """
-    total = 0.0
+    out = []
     for i in range(0, len(data.images), batch):
         x = data.images[i:i + batch]
         if isinstance(model, EdgeModel):
-            out = model.evaluate(x)
+            res = model.evaluate(x)
         else:
-            out = model.evaluate(x, data.tasks[i:i + batch] if len(model.tasks) > 1 else 0)
-        total += float(np.sum(np.asarray(out["nelbo"])))
-    return total / len(data.images)
+            res = model.evaluate(x, data.tasks[i:i + batch] if len(model.tasks) > 1 else 0)
+        out.append(np.asarray(res["nelbo"], np.float64))
+    return np.concatenate(out)
+
+
+def test_loss(model: BAIM | EdgeModel, data: Split) -> float:
+    """Mean posterior-mean negative ELBO (nats per image) of ``data``."""
+    return float(image_losses(model, data).mean())
+
+
+def per_class(losses: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean loss per class label (DESIGN.md Sec. 8: with non-IID edges one rare class can
+    dominate a task's score, so the classes are reported too)."""
+    return {str(int(c)): float(losses[labels == c].mean()) for c in np.unique(labels)}

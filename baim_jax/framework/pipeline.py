@@ -40,7 +40,8 @@ from baim_jax.core.partition import partition
 from baim_jax.evaluation.data import Split
 from baim_jax.evaluation.fid import fid
 from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
-from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches, test_loss
+from baim_jax.framework.cloud import (Pruning, Trainer, aggregate, epoch_batches, image_losses,
+                                      per_class, test_loss)
 from baim_jax.framework.plan import Plan, validate
 from baim_jax.framework.storage import PhaseCheckpoint, claim, write_json
 
@@ -101,9 +102,11 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
         model = EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], params=params)
         model.save(workdir / "edges" / eid / "initial")
         real = plan.task_test(plan.edge_tasks[e])
+        losses = image_losses(model, real)
         records.append({"id": eid, "task": model.task, "params": L.count_params(plan.specs[e]),
                         "data_size": len(plan.data.edges[e].images),
-                        "test_loss_initial": test_loss(model, real),
+                        "test_loss_initial": float(losses.mean()),
+                        "test_loss_initial_per_class": per_class(losses, real.labels),
                         "fid_initial": measures.model_fid(model, real, extract,
                                                           plan.config.seed)})
     flops = {}
@@ -211,8 +214,11 @@ def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
                 bar.update(cfg.epochs * steps[e])
             model = checkpoint.load(path)
             real = plan.task_test(plan.edge_tasks[e])
+            losses = image_losses(model, real)
             records.append({"id": eid, "params": model.spec["params"]["total"],
-                            "test_loss_personalized": test_loss(model, real),
+                            "test_loss_personalized": float(losses.mean()),
+                            "test_loss_personalized_per_class": per_class(losses,
+                                                                          real.labels),
                             "fid_personalized": measures.model_fid(model, real, extract,
                                                                    plan.config.seed)})
     return {"edges": records, "wall_seconds": time.perf_counter() - start}
@@ -334,6 +340,8 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
     approaches["fl"].update(fid=fl["fid_curve"][-1], fid_curve=fl["fid_curve"])
     edges = [{**r, "test_loss_personalized": personal[r["id"]]["test_loss_personalized"],
               "fid_personalized": personal[r["id"]]["fid_personalized"],
+              "test_loss_personalized_per_class":
+                  personal[r["id"]]["test_loss_personalized_per_class"],
               "personalized_params": personal[r["id"]]["params"],
               "path": str(workdir / "edges" / r["id"])} for r in edge_recs]
     return {

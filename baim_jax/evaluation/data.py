@@ -118,18 +118,6 @@ def task_ids(labels: np.ndarray, tasks: Sequence[Sequence[int]]) -> np.ndarray:
     return np.array([lookup[int(v)] for v in labels], np.int32)
 
 
-def train_test(images: np.ndarray, labels: np.ndarray, tasks: Sequence[Sequence[int]],
-               test_size: int, seed: int) -> tuple[Split, Split]:
-    """A deterministic shuffled split into training and held-out test images."""
-    if not 0 < test_size < len(images):
-        raise ValueError(f"test_size: must be in 1..{len(images) - 1}, got {test_size}")
-    order = np.random.default_rng(seed).permutation(len(images))
-    ids = task_ids(labels, tasks)
-    test, train = order[:test_size], order[test_size:]
-    return (Split(images[train], labels[train], ids[train]),
-            Split(images[test], labels[test], ids[test]))
-
-
 class Partition(NamedTuple):
     """Where every image goes: held-out test, the cloud's common data, and each edge's shard."""
 

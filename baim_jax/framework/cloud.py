@@ -113,16 +113,18 @@ class Trainer:
         """One epoch over ``data``; returns the epoch's mean training metrics."""
         batches = epoch_batches(len(data.images), self.batch_size, self.seed, epoch)
         key = jax.random.fold_in(jax.random.key(self.seed), epoch)
-        sums: dict[str, float] = {}
+        steps = []  # read back once, after the epoch: no host sync per step
         for s, idx in enumerate(batches):
-            metrics = self.step(jnp.asarray(data.images[idx]), jnp.asarray(data.tasks[idx]),
-                                jax.random.fold_in(key, s))
+            steps.append(self.step(jnp.asarray(data.images[idx]), jnp.asarray(data.tasks[idx]),
+                                   jax.random.fold_in(key, s)))
             if self.pruning is not None:
                 self.pruning.after_step(self.model, epoch * len(batches) + s + 1)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
             if on_step is not None:
                 on_step()
+        sums: dict[str, float] = {}
+        for metrics in jax.device_get(steps):
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
         return {k: v / len(batches) for k, v in sums.items()}
 
     def lower(self, data: Split):

@@ -171,14 +171,17 @@ class EdgeTrainer:
         """One local epoch of every edge. Returns the per-edge mean training loss ``[E]``."""
         idx, mask, active = epoch_plan(self.sizes, self.batch_size, self.seed, epoch)
         key = jax.random.fold_in(jax.random.key(self.seed), epoch)
-        total = np.zeros(len(self.sizes))
+        losses = []  # read back once, after the epoch: no host sync per step
         for s in range(len(idx)):
             self.state, loss = self._step(self.state, self.images,
                                           *self._place((idx[s], mask[s], active[s])),
                                           jax.random.fold_in(key, s))
-            total += np.asarray(loss) * active[s]
+            losses.append(loss)
             if on_step is not None:
                 on_step()
+        total = np.zeros(len(self.sizes))
+        for loss, act in zip(jax.device_get(losses), active):
+            total += loss * act
         return total / np.maximum(active.sum(axis=0), 1)
 
     def params(self) -> list[L.Params]:

@@ -109,13 +109,9 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
                         "test_loss_initial_per_class": per_class(losses, real.labels),
                         "fid_initial": measures.model_fid(model, real, extract,
                                                           plan.config.seed)})
-    flops = {}
-    for e, spec in enumerate(plan.specs):
-        if spec not in flops:
-            flops[spec] = edges_lib.step_flops(spec, cfg.batch_size, cfg.learning_rate)
-    for e, rec in enumerate(records):
-        rec["flops_per_epoch"] = flops[plan.specs[e]] * math.ceil(rec["data_size"]
-                                                                  / cfg.batch_size)
+    for spec, rec in zip(plan.specs, records):  # step_flops compiles once per distinct spec
+        rec["flops_per_epoch"] = (edges_lib.step_flops(spec, cfg.batch_size, cfg.learning_rate)
+                                  * math.ceil(rec["data_size"] / cfg.batch_size))
     ckpt.remove()
     return {"edges": records, "train_loss": meta["train_loss"],
             "wall_seconds": time.perf_counter() - start}
@@ -203,16 +199,16 @@ def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
             path = workdir / "edges" / eid / "personalized"
             shard = plan.data.edges[e]
             local = Split(shard.images, shard.labels, np.zeros_like(shard.tasks))
-            if not (path / "spec.json").exists():
+            if (path / "spec.json").exists():  # personalised before an interruption
+                model = checkpoint.load(path)
+                bar.update(cfg.epochs * steps[e])
+            else:
                 model = checkpoint.load(workdir / "toolkit" / plan.tasks[plan.edge_tasks[e]])
                 trainer = Trainer(model, "finetune", learning_rate=cfg.learning_rate,
                                   batch_size=cfg.batch_size, seed=plan.config.seed + 10 + e)
                 for epoch in range(cfg.epochs):
                     trainer.run_epoch(local, epoch, bar.update)
                 model.save(path)
-            else:
-                bar.update(cfg.epochs * steps[e])
-            model = checkpoint.load(path)
             real = plan.task_test(plan.edge_tasks[e])
             losses = image_losses(model, real)
             records.append({"id": eid, "params": model.spec["params"]["total"],

@@ -25,9 +25,10 @@ from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import TaskModel
 from baim_jax.core.pool import Member, PoolLayout
+from baim_jax.core.router import TaskRouter
 
 FORMAT, VERSION = "baim_jax", 1
-KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel}
+KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel, "router": TaskRouter}
 
 
 class CheckpointError(ValueError):
@@ -57,7 +58,7 @@ def _as_list(d, n: int, where: str) -> list:
     return [d.get(str(i)) for i in range(n)]
 
 
-def save(model: BAIM | EdgeModel, path) -> None:
+def save(model: BAIM | EdgeModel | TaskRouter, path) -> None:
     """Writes ``model`` to the directory ``path`` (replaced atomically if it exists)."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,18 +104,14 @@ def read_spec(path) -> dict:
     return spec
 
 
-def load(path) -> BAIM | EdgeModel:
-    """Opens a saved BAIM, TaskModel or EdgeModel from its directory."""
+def load(path) -> BAIM | EdgeModel | TaskRouter:
+    """Opens a saved BAIM, TaskModel, EdgeModel or TaskRouter from its directory.
+
+    Every file is checked against the SHA-256 digests in ``spec.json`` before anything is
+    restored; a model is returned whole or not at all (``CheckpointError``).
+    """
     path = Path(path).absolute()
     spec = read_spec(path)
-    try:
-        config = None if spec["kind"] == "edge" else BAIMConfig(**spec["config"])
-        members = [Member.from_json(m) for m in spec["learners"]]
-        conns = [C.Connection(*c[:5]) for c in spec["connections"]["list"]]
-        kept = [bool(c[5]) for c in spec["connections"]["list"]]
-        tasks = spec["tasks"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/spec.json: malformed ({type(e).__name__}: {e})") from None
     if not (path / "state").is_dir():
         raise CheckpointError(f"{path}: the checkpoint directory 'state' is missing")
     files = spec.get("files")
@@ -133,32 +130,47 @@ def load(path) -> BAIM | EdgeModel:
         tree = ocp.StandardCheckpointer().restore(path / "state")
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(f"{path}/state: cannot be restored ({type(e).__name__})") from None
+    try:
+        if spec["kind"] == "router":
+            return TaskRouter(spec["tasks"], tree.get("gate"))
+        return _build(spec, tree)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/spec.json: malformed ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _build(spec: dict, tree: dict) -> BAIM | EdgeModel:
+    """A BAIM, TaskModel or EdgeModel from its spec and restored tree (ValueError if they
+    disagree)."""
+    config = None if spec["kind"] == "edge" else BAIMConfig(**spec["config"])
+    members = [Member.from_json(m) for m in spec["learners"]]
+    conns = [C.Connection(*c[:5]) for c in spec["connections"]["list"]]
+    kept = [bool(c[5]) for c in spec["connections"]["list"]]
+    tasks = spec["tasks"]
     learners = _as_list(tree.get("learners"), len(members), "learners")
     params = []
     for n, p in enumerate(learners):
         if not isinstance(p, dict):
-            raise CheckpointError(f"learner {n}: missing from the checkpoint")
+            raise ValueError(f"learner {n}: missing from the checkpoint")
         towers = {t: [v for v in _as_list(p.get(t), len(L.stages(members[n].spec)[t]),
                                           f"learner {n} {t}") if v is not None]
                   for t in L.TOWERS}
         params.append({**towers, **({"log_scale": p["log_scale"]} if "log_scale" in p else {})})
     kernels = _as_list(tree.get("connections"), len(conns), "connections")
     cls = KINDS[spec["kind"]]
-    try:
-        if cls is EdgeModel:
-            if len(members) != 1 or conns:
-                raise ValueError("an edge model has exactly one learner and no connections")
-            return EdgeModel(members[0].spec, tasks[0], params=params[0])
-        probe = C.ConnectionSet(PoolLayout(members), conns)
-        for c, k in zip(conns, kernels):
-            if k is None or tuple(np.shape(k)) != probe.real_kernel_shape(c):
-                raise ValueError(f"connection {c.to_json()}: kernel shape "
-                                 f"{None if k is None else np.shape(k)}, expected "
-                                 f"{probe.real_kernel_shape(c)}")
-            if not np.isfinite(k).all():
-                raise ValueError(f"connection {c.to_json()}: non-finite values")
-        return cls(members, tasks, config, rngs=nnx.Rngs(0), learner_params=params,
-                   connections=conns, connection_kernels=kernels, kept=kept,
-                   gate_params=tree.get("gate"), prior=tree.get("prior"))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    if cls is EdgeModel:
+        if len(members) != 1 or conns:
+            raise ValueError("an edge model has exactly one learner and no connections")
+        return EdgeModel(members[0].spec, tasks[0], params=params[0])
+    probe = C.ConnectionSet(PoolLayout(members), conns)
+    for c, k in zip(conns, kernels):
+        if k is None or tuple(np.shape(k)) != probe.real_kernel_shape(c):
+            raise ValueError(f"connection {c.to_json()}: kernel shape "
+                             f"{None if k is None else np.shape(k)}, expected "
+                             f"{probe.real_kernel_shape(c)}")
+        if not np.isfinite(k).all():
+            raise ValueError(f"connection {c.to_json()}: non-finite values")
+    return cls(members, tasks, config, rngs=nnx.Rngs(0), learner_params=params,
+               connections=conns, connection_kernels=kernels, kept=kept,
+               gate_params=tree.get("gate"), prior=tree.get("prior"))

@@ -1,8 +1,11 @@
-"""Command line: ``baim-jax run|inspect``.
+"""Command line: ``baim-jax run|export|generate|inspect``.
 
 ``baim-jax run --config configs/<name>.py --workdir DIR [--config.key=value ...]`` runs (or
-resumes) the edge-cloud pipeline; ``baim-jax inspect PATH`` prints a saved model's spec. A bad
-input gets one error line (no traceback) and exit status 2, before any work starts.
+resumes) the edge-cloud pipeline; ``baim-jax export --workdir DIR --store STORE`` publishes its
+toolkit to a model store; ``baim-jax generate --store STORE [--toolbox DIR] --task T --out
+grid.png`` serves a request as an edge would; ``baim-jax inspect PATH`` prints a saved model's
+spec or a store's contents. A bad input gets one error line (no traceback) and exit status 2,
+before any work starts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 
 class UsageError(ValueError):
@@ -77,16 +81,115 @@ def _run(args, overrides) -> None:
     print(f"wrote {args.workdir}/results.json, report.md, edges/, baim/, toolkit/ and fl/")
 
 
-def _inspect(args, overrides) -> None:
+def _no_overrides(command: str, overrides: list[str]) -> None:
     if overrides:
-        raise UsageError(f"inspect: unexpected arguments {overrides}")
+        raise UsageError(f"{command}: unexpected arguments {overrides}")
+
+
+def _export(args, overrides) -> None:
+    _no_overrides("export", overrides)
+    from baim_jax.service.store import ROUTER, ModelStore
+
+    store = ModelStore(args.store, create=True)
+    for e in store.export_run(args.workdir):
+        name = "router (TSGate)" if e["task"] == ROUTER else f"task {e['task']}"
+        print(f"published {name}, revision {e['revision']}: {e['params']:,} params, "
+              f"{e['bytes']:,} bytes")
+    print(f"store {store.root} holds tasks {store.tasks()}")
+
+
+def read_images(path: str, shape: list[int]) -> np.ndarray:
+    """Request images from ``.npy`` (``[B, H, W, C]`` or ``[H, W, C]``, floats in [0, 1] or
+    uint8) or a PNG (one image, converted to C channels and resized to H x W)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--input: no such file {path!r}")
+    h, w, c = shape
+    if file.suffix.lower() == ".npy":
+        try:
+            x = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--input: {path} is not a readable .npy array ({e})") from None
+        if x.ndim == 3:
+            x = x[None]
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255.0
+        if not np.issubdtype(x.dtype, np.floating):
+            raise UsageError(f"--input: {path} holds {x.dtype} values, expected floats in "
+                             f"[0, 1] or uint8")
+        return x.astype(np.float32)
+    if file.suffix.lower() == ".png":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(file) as img:
+                img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                x = np.asarray(img, np.float32) / 255.0
+        except (OSError, UnidentifiedImageError) as e:
+            raise UsageError(f"--input: {path} is not a readable PNG ({e})") from None
+        return x.reshape(1, h, w, c)
+    raise UsageError(f"--input: {path} is neither .npy nor .png")
+
+
+def _generate(args, overrides) -> None:
+    _no_overrides("generate", overrides)
+    from baim_jax.evaluation.report import save_grid
+    from baim_jax.service import edge as edge_lib
+    from baim_jax.service.store import ROUTER, ModelStore
+    from baim_jax.service.toolbox import Toolbox, parse_bytes
+
+    store = ModelStore(args.store)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out: {args.out!r} must end in .png")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: no such directory {str(out.parent)!r}")
+    capacity = None if args.capacity is None else parse_bytes(args.capacity)
+    if capacity is not None and args.toolbox is None:
+        raise UsageError("--capacity: needs --toolbox")
+    images = None
+    if args.input is not None:
+        images = read_images(args.input, store.entry(args.task or ROUTER)["image_shape"])
+    request = edge_lib.Request(task=args.task, images=images, num=args.num,
+                               sensitive=args.sensitive, seed=args.seed)
+    edge_lib.check_request(store, request)
+    toolbox = None if args.toolbox is None else Toolbox(args.toolbox, capacity)
+    response = edge_lib.Edge(store, toolbox).serve(request)
+    grid = response.images
+    cols = 8 if images is None else grid.shape[1]
+    save_grid(grid.reshape((-1,) + grid.shape[-3:]), out, cols=cols)
+    record = {"out": str(out), "tasks": response.tasks, "sources": response.sources,
+              "bytes_downloaded": response.bytes_downloaded, "seconds": response.seconds,
+              "notes": response.notes, "num": args.num, "seed": args.seed,
+              "input": args.input, "sensitive": args.sensitive}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    what = (f"{args.num} samples of task {args.task}" if images is None else
+            f"{len(images)} image(s) of task(s) {sorted(set(response.tasks))}: input, "
+            f"reconstruction and {args.num} variations each")
+    sources = ", ".join(f"{k} from {v}" for k, v in response.sources.items())
+    print(f"wrote {out}: {what} in {response.seconds['total']:.2f} s (models: {sources}; "
+          f"{response.bytes_downloaded:,} bytes downloaded)")
+    for note in response.notes:
+        print(f"note: {note}")
+
+
+def _inspect(args, overrides) -> None:
+    _no_overrides("inspect", overrides)
     from baim_jax import checkpoint
 
-    spec = checkpoint.read_spec(args.path)
+    path = Path(args.path)
+    if (path / "manifest.json").is_file():
+        _inspect_store(path, args.json)
+        return
+    spec = checkpoint.read_spec(path)
     if args.json:
         print(json.dumps(spec, indent=1))
         return
-    size = sum(f.stat().st_size for f in Path(args.path).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if spec["kind"] == "router":
+        print(f"router model (the TSGate), tasks {spec['tasks']}, images "
+              f"{spec['image_shape']}: {spec['params']['total']:,} params; {size:,} bytes on disk")
+        return
     gate = spec["config"]["gate"] if spec["config"] else "none"
     print(f"{spec['kind']} model, tasks {spec['tasks']}, K={spec['k']}, h={spec['h']}, "
           f"gate {gate}")
@@ -101,18 +204,55 @@ def _inspect(args, overrides) -> None:
           f"connections {p['connections']:,}); {size:,} bytes on disk")
 
 
+def _inspect_store(path: Path, as_json: bool) -> None:
+    from baim_jax.service.store import ROUTER, ModelStore
+
+    manifest = ModelStore(path).manifest()
+    if as_json:
+        print(json.dumps(manifest, indent=1))
+        return
+    models = manifest["models"]
+    print(f"model store {path}: {len(models)} model(s)")
+    for key in sorted(models):
+        e = models[key]
+        name = "router (TSGate)" if key == ROUTER else f"task {key}"
+        parts = [f"revision {e['revision']}", f"{e['params']:,} params", f"{e['bytes']:,} bytes",
+                 f"{len(e['files'])} files"]
+        if e["kind"] == "task":
+            parts.insert(1, f"{e['learners']} learners + {e['feeders']} feeders, K={e['k']}, "
+                            f"{e['connections_kept']} connections")
+        print(f"  {name}: {', '.join(parts)}; published {e['published']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="baim-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run or resume the edge-cloud pipeline")
     run.add_argument("--config", required=True, help="a configs/*.py file")
     run.add_argument("--workdir", required=True, help="where results, models and checkpoints go")
-    inspect = sub.add_parser("inspect", help="print a saved model's spec")
+    export = sub.add_parser("export", help="publish a finished run's toolkit to a model store")
+    export.add_argument("--workdir", required=True, help="a finished run directory")
+    export.add_argument("--store", required=True, help="the model store (made if missing)")
+    gen = sub.add_parser("generate", help="serve a request at an edge: samples, or "
+                                          "reconstructions and variations of given images")
+    gen.add_argument("--store", required=True, help="the cloud's model store")
+    gen.add_argument("--toolbox", help="the edge's toolbox directory (none: no caching)")
+    gen.add_argument("--capacity", help="toolbox capacity, e.g. 64MB (default: as recorded)")
+    gen.add_argument("--task", help="the task; without it the router picks each image's task")
+    gen.add_argument("--num", type=int, default=64,
+                     help="samples, or variations per input image (default 64)")
+    gen.add_argument("--input", help="images to reconstruct and vary: .npy or .png")
+    gen.add_argument("--out", required=True, help="the PNG grid to write (a .json goes beside)")
+    gen.add_argument("--sensitive", action="store_true",
+                     help="take the model straight from the store; cache nothing at the edge")
+    gen.add_argument("--seed", type=int, default=0)
+    inspect = sub.add_parser("inspect", help="print a saved model's spec or a store's contents")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="the whole spec as JSON")
     args, overrides = parser.parse_known_args(argv)
     try:
-        {"run": _run, "inspect": _inspect}[args.command](args, overrides)
+        {"run": _run, "export": _export, "generate": _generate,
+         "inspect": _inspect}[args.command](args, overrides)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"baim-jax: error: {e}", file=sys.stderr)
         return 2

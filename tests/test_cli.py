@@ -7,6 +7,7 @@ The session's smoke run (``conftest.smoke_run``) is shared by the tests of its o
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from baim_jax.cli import main
@@ -175,3 +176,98 @@ def test_run_refuses_workdir_that_is_a_file(tmp_path, capsys):
     code = main(run_args(workdir))
     _assert_usage_error(code, capsys, "workdir")
     assert workdir.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------- export, generate (service)
+
+
+@pytest.fixture(scope="module")
+def store(run, tmp_path_factory):
+    """The smoke run's toolkit and router, published by ``baim-jax export``."""
+    path = tmp_path_factory.mktemp("service") / "store"
+    code = main(["export", "--workdir", str(run["workdir"]), "--store", str(path)])
+    return {"path": path, "code": code}
+
+
+def test_export_publishes_the_toolkit_and_router(store, run, capsys):
+    assert store["code"] == 0
+    manifest = json.loads((store["path"] / "manifest.json").read_text())
+    assert sorted(manifest["models"]) == ["_router", *TASKS]
+    results = json.loads((run["workdir"] / "results.json").read_text())
+    for task in TASKS:
+        assert manifest["models"][task]["params"] == results["toolkit"][task]["params"]
+    assert main(["inspect", str(store["path"])]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("model store") and "router (TSGate)" in out
+    for task in TASKS:
+        assert f"task {task}: revision 1" in out
+
+
+def test_generate_downloads_then_serves_from_the_toolbox(store, tmp_path, capsys):
+    args = ["generate", "--store", str(store["path"]), "--toolbox", str(tmp_path / "box"),
+            "--task", TASKS[0], "--num", "16", "--out", str(tmp_path / "grid.png")]
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    assert f"16 samples of task {TASKS[0]}" in out and f"{TASKS[0]} from store;" in out
+    record = json.loads((tmp_path / "grid.json").read_text())
+    assert record["sources"] == {TASKS[0]: "store"} and record["bytes_downloaded"] > 0
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    assert f"{TASKS[0]} from toolbox; 0 bytes downloaded" in out
+
+
+def test_generate_varies_given_images_routed_by_the_tsgate(store, tmp_path, capsys):
+    from baim_jax.evaluation.data import embedded_digits
+
+    images, _ = embedded_digits()
+    np.save(tmp_path / "in.npy", np.asarray(images[:3]))
+    code = main(["generate", "--store", str(store["path"]), "--input", str(tmp_path / "in.npy"),
+                 "--num", "2", "--out", str(tmp_path / "grid.png"), "--sensitive"])
+    assert code == 0, capsys.readouterr()
+    out, _ = capsys.readouterr()
+    assert "3 image(s)" in out and "_router from store, sensitive" in out
+    record = json.loads((tmp_path / "grid.json").read_text())
+    assert len(record["tasks"]) == 3 and set(record["tasks"]) <= set(TASKS)
+
+
+BAD_GENERATE = {
+    "unknown task": (["--task", "nope"], ["'nope' is not in the store"]),
+    "path traversal": (["--task", "../../etc"], ["not a safe task name"]),
+    "absolute task": (["--task", "/etc/passwd"], ["not a safe task name"]),
+    "not png": (["--task", TASKS[0], "--out", "{tmp}/grid.jpg"], ["--out", ".png"]),
+    "capacity without toolbox": (["--task", TASKS[0], "--capacity", "1MB"], ["--capacity"]),
+    "bad capacity": (["--task", TASKS[0], "--toolbox", "{tmp}/box", "--capacity", "lots"],
+                     ["capacity", "lots"]),
+    "no task nor input": ([], ["name a task or give images"]),
+    "zero samples": (["--task", TASKS[0], "--num", "0"], ["num"]),
+    "missing input": (["--input", "{tmp}/none.npy"], ["--input", "no such file"]),
+    "input of the wrong shape": (["--input", "{tmp}/small.npy"], ["images", "does not fit"]),
+    "input not an image": (["--input", "{tmp}/text.png"], ["--input", "not a readable PNG"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE), ids=list(BAD_GENERATE))
+def test_generate_refuses_bad_input(case, store, tmp_path, capsys):
+    np.save(tmp_path / "small.npy", np.zeros((2, 8, 8, 1), np.float32))
+    (tmp_path / "text.png").write_text("not a png")
+    before = (store["path"] / "manifest.json").read_text()
+    extra, words = BAD_GENERATE[case]
+    args = ["generate", "--store", str(store["path"]), "--out", str(tmp_path / "grid.png")]
+    code = main(args + [a.format(tmp=tmp_path) for a in extra])
+    _assert_usage_error(code, capsys, *words)
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "box").exists()
+    assert (store["path"] / "manifest.json").read_text() == before
+
+
+def test_generate_refuses_missing_store(tmp_path, capsys):
+    code = main(["generate", "--store", str(tmp_path / "nostore"), "--task", TASKS[0],
+                 "--out", str(tmp_path / "grid.png")])
+    _assert_usage_error(code, capsys, "not a model store")
+    assert not (tmp_path / "nostore").exists()
+
+
+def test_export_refuses_unfinished_run(tmp_path, capsys):
+    code = main(["export", "--workdir", str(tmp_path), "--store", str(tmp_path / "store")])
+    _assert_usage_error(code, capsys, "no finished baim-jax run")
+    assert not (tmp_path / "store").exists()

@@ -13,14 +13,15 @@ import numpy as np  # noqa: E402
 
 
 def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
-    """Tiles ``[n, H, W, 1]`` images into one ``[rows*H, cols*W]`` array (1-pixel gaps)."""
-    n, h, w = images.shape[:3]
+    """Tiles ``[n, H, W, C]`` images into one ``[rows*H, cols*W]`` array (C = 1) or
+    ``[rows*H, cols*W, C]`` (colour), with 1-pixel gaps."""
+    n, h, w, ch = images.shape
     rows = -(-n // cols)
-    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1), np.float32)
+    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, ch), np.float32)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = images[i, ..., 0]
-    return grid
+        grid[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = images[i]
+    return grid[..., 0] if ch == 1 else grid
 
 
 def save_grid(images: np.ndarray, path: Path, cols: int = 8, title: str | None = None) -> None:

@@ -8,7 +8,8 @@ Phases, in order; each leaves ``phases/<name>.json`` in the workdir when it is f
   ``edges/<id>/initial/``.
 * ``cloud_<strategy>``: aggregation of the uploads into a BAIM and its training on the cloud's
   common data with the strategy, pruning connections; ``baim/<strategy>/``.
-* ``toolkit``: the toolkit strategy's BAIM cut into one task model per task; ``toolkit/<task>/``.
+* ``toolkit``: the toolkit strategy's BAIM cut into one task model per task; ``toolkit/<task>/``,
+  and its TSGate alone, ``router/`` (serves requests that carry images but no task).
 * ``personalize``: every edge downloads its task's model and fine-tunes it on its shard;
   ``edges/<id>/personalized/``.
 * ``fl``: the FedAvg baseline; ``fl/``.
@@ -37,6 +38,7 @@ from baim_jax.core import learners as L
 from baim_jax.core import strategies
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
+from baim_jax.core.router import TaskRouter
 from baim_jax.evaluation.data import Split
 from baim_jax.evaluation.fid import fid
 from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
@@ -184,6 +186,7 @@ def phase_toolkit(plan: Plan, workdir: Path, show: bool) -> dict:
             "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
             "connections_kept": spec["connections"]["kept"],
             "test_loss": test_loss(model, plan.task_test(t)), "path": str(path)}
+    TaskRouter.from_baim(baim).save(workdir / "router")
     return {"toolkit": toolkit, "wall_seconds": time.perf_counter() - start}
 
 

@@ -16,6 +16,7 @@ from baim_jax.core import strategies
 from baim_jax.core.baim import BAIMConfig
 from baim_jax.evaluation import data as data_lib
 from baim_jax.evaluation.data import Split
+from baim_jax.names import check_task_name
 
 EDGE_FIELDS = {"task", "encoder", "latent", "decoder", "share"}
 SECTIONS = {
@@ -102,6 +103,8 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
                          f"task_classes")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"task_names: duplicate names in {tasks}")
+    for name in tasks:
+        check_task_name(name, "task_names")
     if not config.edges:
         raise ValueError("edges: no edge")
     specs, edge_tasks, shares = [], [], []

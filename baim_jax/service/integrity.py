@@ -1,0 +1,165 @@
+"""What the store and the toolbox share: digests, verified copies, safe paths, locks and atomic
+records. Every model directory is trusted only after each of its files matches its SHA-256."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from baim_jax.names import check_task_name
+
+_CHUNK = 1 << 20
+
+
+class IntegrityError(ValueError):
+    """A stored model that is damaged, incomplete, unsafe or not what its record says."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> dict[str, Path]:
+    """Every entry under ``root`` by relative path; refuses links and anything not a plain
+    file or directory (a symlink could point anywhere)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            raise IntegrityError(f"{root}/{rel}: a symbolic link, refused")
+        if p.is_file():
+            out[rel] = p
+        elif not p.is_dir():
+            raise IntegrityError(f"{root}/{rel}: not a plain file, refused")
+    return out
+
+
+def digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, keyed by relative path."""
+    return {rel: sha256(p) for rel, p in _files(root).items()}
+
+
+def size(root: Path) -> int:
+    """Bytes of every file under ``root``."""
+    return sum(p.stat().st_size for p in _files(root).values())
+
+
+def verify(root: Path, files: dict[str, str]) -> None:
+    """Checks that ``root`` holds exactly ``files`` (relative path -> SHA-256)."""
+    if not root.is_dir() or root.is_symlink():
+        raise IntegrityError(f"{root}: missing")
+    found = _files(root)
+    for rel, digest in files.items():
+        if rel not in found:
+            raise IntegrityError(f"{root}/{rel}: missing")
+        if sha256(found[rel]) != digest:
+            raise IntegrityError(f"{root}/{rel}: damaged (SHA-256 differs from the manifest)")
+    extra = sorted(set(found) - set(files))
+    if extra:
+        raise IntegrityError(f"{root}/{extra[0]}: not part of the published model")
+
+
+def copy_verified(src: Path, files: dict[str, str], dst: Path) -> int:
+    """Copies the files of ``src`` to the new directory ``dst``, checking each digest on the
+    copy. Returns the bytes copied; on any failure ``dst`` is removed."""
+    verify_safe_dir(src)
+    try:
+        found = _files(src)
+        extra = sorted(set(found) - set(files))
+        if extra:
+            raise IntegrityError(f"{src}/{extra[0]}: not part of the published model")
+        copied = 0
+        for rel, digest in files.items():
+            if rel not in found:
+                raise IntegrityError(f"{src}/{rel}: missing")
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found[rel], target)
+            if sha256(target) != digest:
+                raise IntegrityError(f"{src}/{rel}: damaged (SHA-256 differs from the manifest)")
+            copied += target.stat().st_size
+        return copied
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+
+
+def verify_safe_dir(path: Path) -> None:
+    """Refuses a model directory that is a link (it could lead outside its root)."""
+    if path.is_symlink():
+        raise IntegrityError(f"{path}: a symbolic link, refused")
+
+
+def model_dir(root: Path, sub: str, name: str) -> Path:
+    """``root/sub/name`` for a safe task ``name``, checked to stay inside ``root``."""
+    check_task_name(name)
+    path = root / sub / name
+    real_root = root.resolve()
+    if path.is_symlink() or not path.resolve().is_relative_to(real_root):
+        raise IntegrityError(f"task {name!r}: its directory leads outside {root}, refused")
+    return path
+
+
+def temporary_dir(root: Path, prefix: str) -> Path:
+    """A fresh private directory under ``root/.incoming`` (same file system: renames are
+    atomic)."""
+    incoming = root / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=incoming))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Puts the directory ``tmp`` at ``final`` atomically (the old one, if any, is removed
+    after the rename, so ``final`` is never missing or half-written)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes JSON atomically through a temporary file of its own (safe between processes)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: missing; not a {what}") from None
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{path}: not a {what} record")
+    return obj
+
+
+@contextlib.contextmanager
+def locked(root: Path, exclusive: bool = True):
+    """An advisory lock on ``root/.lock`` shared by every process using ``root``."""
+    with open(root / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,203 @@
+"""The cloud's model store (paper Sec. III, step 7): published task models and the TSGate
+router, with a manifest that records each model's summary and the SHA-256 of every file.
+
+Layout::
+
+    STORE/manifest.json       {"format", "version", "models": {task: entry, "_router": entry}}
+    STORE/models/<task>/      a task model directory (spec.json, state/)
+    STORE/router/             the TaskRouter
+
+A model is copied into ``.incoming/`` and renamed into place under an exclusive lock, then the
+manifest is rewritten atomically; readers hold a shared lock. Nothing is read back unless every
+file matches the manifest and its spec is the model the manifest names.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from pathlib import Path
+
+from baim_jax import checkpoint
+from baim_jax.names import check_task_name
+from baim_jax.service import integrity as I
+
+FORMAT, VERSION = "baim_jax-store", 1
+ROUTER = "_router"  # the router's key: not a valid task name, so no task can take it
+
+
+class StoreError(ValueError):
+    """A store, or a request to it, that cannot be served."""
+
+
+def _summary(spec: dict) -> dict:
+    """What the manifest says about a model besides its files."""
+    if spec["kind"] == "router":
+        return {"kind": "router", "tasks": spec["tasks"], "image_shape": spec["image_shape"],
+                "params": spec["params"]["total"]}
+    gated = [m for m in spec["learners"] if m["squad"] is not None]
+    return {"kind": spec["kind"], "tasks": spec["tasks"], "params": spec["params"]["total"],
+            "learners": len(gated), "feeders": len(spec["learners"]) - len(gated),
+            "k": spec["k"], "h": spec["h"], "connections_kept": spec["connections"]["kept"],
+            "image_shape": gated[0]["spec"]["image_shape"]}
+
+
+class ModelStore:
+    """A directory of published models.
+
+    Args:
+      root: the store directory.
+      create: make an empty store if ``root`` holds none (else a missing store is refused).
+    """
+
+    def __init__(self, root, *, create: bool = False):
+        self.root = Path(root).absolute()
+        self._new = False
+        if not (self.root / "manifest.json").is_file():
+            if not create:
+                raise StoreError(f"store: {self.root} is not a model store (no manifest.json)")
+            if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+                raise StoreError(f"store: {self.root} exists and is not a model store")
+            self._new = True  # made by the first publish
+        self.manifest()
+
+    # ------------------------------------------------------------------------------ reading
+
+    def manifest(self) -> dict:
+        """The manifest, checked for format and version."""
+        if self._new and not (self.root / "manifest.json").exists():
+            return {"format": FORMAT, "version": VERSION, "models": {}}
+        m = I.read_json(self.root / "manifest.json", "model store")
+        if m.get("format") != FORMAT:
+            raise StoreError(f"store: {self.root}/manifest.json is not a {FORMAT} manifest")
+        if m.get("version") != VERSION:
+            raise StoreError(f"store: {self.root}/manifest.json has format version "
+                             f"{m.get('version')!r}; this baim_jax reads version {VERSION}")
+        if not isinstance(m.get("models"), dict):
+            raise StoreError(f"store: {self.root}/manifest.json lists no models")
+        return m
+
+    def tasks(self) -> list[str]:
+        """The published task names."""
+        return sorted(k for k in self.manifest()["models"] if k != ROUTER)
+
+    def entry(self, key: str) -> dict:
+        """The manifest entry of a task (or of ``ROUTER``)."""
+        if key != ROUTER:
+            check_task_name(key)
+        models = self.manifest()["models"]
+        if key not in models:
+            if key == ROUTER:
+                raise StoreError("store: no router is published; requests must name a task")
+            raise StoreError(f"task: {key!r} is not in the store; it holds {self.tasks()}")
+        entry = models[key]
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+            raise StoreError(f"store: the manifest entry of {key!r} is malformed")
+        return entry
+
+    def path(self, key: str) -> Path:
+        """Where a model lives in the store (checked to stay inside it)."""
+        if key == ROUTER:
+            path = self.root / "router"
+            I.verify_safe_dir(path)
+            return path
+        return I.model_dir(self.root, "models", key)
+
+    def fetch(self, key: str, dest: Path) -> tuple[dict, int]:
+        """Downloads a model to the new directory ``dest``, every file checked on arrival.
+
+        Returns:
+          ``(entry, bytes copied)``.
+        """
+        with I.locked(self.root, exclusive=False):
+            entry = self.entry(key)
+            copied = I.copy_verified(self.path(key), entry["files"], dest)
+        _check_spec(dest, key, entry)
+        return entry, copied
+
+    def load(self, key: str):
+        """Opens a model in place (no copy): the sensitive path. Checked like ``fetch``."""
+        with I.locked(self.root, exclusive=False):
+            entry = self.entry(key)
+            path = self.path(key)
+            I.verify(path, entry["files"])
+            _check_spec(path, key, entry)
+            return entry, checkpoint.load(path)
+
+    # ----------------------------------------------------------------------------- publishing
+
+    def publish(self, sources: dict[str, Path], *, origin: str = "") -> list[dict]:
+        """Publishes model directories: ``{task: dir}``, and ``{ROUTER: dir}`` for a router.
+
+        Every source is loaded and checked first; only then is anything published, so a bad
+        source leaves the store as it was. A task already in the store gets a new revision.
+        """
+        checked = {}
+        for key, src in sources.items():
+            if key != ROUTER:
+                check_task_name(key)
+            checked[key] = Path(src).absolute()
+            _check_loadable(checked[key], key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        staged = []
+        try:
+            for key, src in checked.items():
+                files = I.digests(src)
+                tmp = I.temporary_dir(self.root, ".publish-")
+                staged.append((key, tmp, files, checkpoint.read_spec(src)))
+                I.copy_verified(src, files, tmp / "model")
+            entries = []
+            with I.locked(self.root):
+                manifest = self.manifest()
+                now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                for key, tmp, files, spec in staged:
+                    final = self.path(key)
+                    I.replace_dir(tmp / "model", final)
+                    old = manifest["models"].get(key) or {}
+                    manifest["models"][key] = {
+                        **_summary(spec), "dir": str(final.relative_to(self.root)),
+                        "revision": int(old.get("revision", 0)) + 1, "files": files,
+                        "bytes": I.size(final), "published": now, "origin": origin}
+                    entries.append({"task": key, **manifest["models"][key]})
+                I.write_json(self.root / "manifest.json", manifest)
+            return entries
+        finally:
+            for _, tmp, _, _ in staged:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def export_run(self, workdir) -> list[dict]:
+        """Publishes a finished run's toolkit (``toolkit/<task>/``) and router (``router/``)."""
+        workdir = Path(workdir).absolute()
+        results = workdir / "results.json"
+        if not results.is_file():
+            raise StoreError(f"--workdir: {workdir} holds no finished baim-jax run "
+                             f"(no results.json)")
+        try:
+            toolkit = I.read_json(results, "results").get("toolkit")
+        except I.IntegrityError as e:
+            raise StoreError(f"--workdir: {e}") from None
+        if not isinstance(toolkit, dict) or not toolkit:
+            raise StoreError(f"--workdir: {results} lists no toolkit")
+        sources = {name: workdir / "toolkit" / check_task_name(name) for name in toolkit}
+        sources[ROUTER] = workdir / "router"
+        return self.publish(sources, origin=str(workdir))
+
+
+def _check_loadable(src: Path, key: str) -> None:
+    """Refuses a source that does not load whole or is not the model its key names."""
+    try:
+        checkpoint.load(src)
+    except checkpoint.CheckpointError as e:
+        raise StoreError(f"publish {key}: {e}") from None
+    _check_spec(src, key, None)
+
+
+def _check_spec(path: Path, key: str, entry: dict | None) -> None:
+    """The spec at ``path`` must be the model that ``key`` (and the manifest ``entry``) name."""
+    spec = checkpoint.read_spec(path)
+    want = "router" if key == ROUTER else "task"
+    if spec["kind"] != want or (key != ROUTER and spec["tasks"] != [key]):
+        raise StoreError(f"{path}: holds a {spec['kind']} model of {spec['tasks']}, not the "
+                         f"{want} model of {key!r}")
+    if entry is not None and _summary(spec) != {k: entry.get(k) for k in _summary(spec)}:
+        raise StoreError(f"{path}: does not match its manifest entry")

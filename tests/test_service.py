@@ -1,0 +1,407 @@
+"""The service (DESIGN.md Sec. 1, step 7): store, toolbox, request lifecycle, integrity.
+
+A tiny BAIM of three tasks (8x8 images) is partitioned, and its toolkit and router are published
+to a store once per module; each test works on its own copy of that store.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import mlp
+
+from baim_jax import BAIM, BAIMConfig, checkpoint, partition
+from baim_jax.core.router import TaskRouter
+from baim_jax.service import integrity as I
+from baim_jax.service.edge import Edge, Request
+from baim_jax.service.store import ROUTER, ModelStore, StoreError
+from baim_jax.service.toolbox import Toolbox, parse_bytes
+
+TASKS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A store holding three task models and the router, and the BAIM they came from."""
+    root = tmp_path_factory.mktemp("published")
+    specs = [mlp([16], 4, [16]), mlp([12], 3, [8]), mlp([10], 2, [10]), mlp([14], 4, [12]),
+             mlp([8], 3, [8]), mlp([16], 2, [12])]
+    baim = BAIM.assemble(specs, [0, 0, 1, 1, 2, 2], TASKS, BAIMConfig(k=1, h=1), seed=3)
+    # Non-zero connections and gates, so that task models differ from their learners alone.
+    rng = np.random.default_rng(0)
+    for var in baim.connections:
+        var[...] = 0.1 * rng.standard_normal(var[...].shape).astype(np.float32)
+    baim.gate["ts"]["kernel"][...] = 10 * rng.standard_normal(
+        baim.gate["ts"]["kernel"][...].shape).astype(np.float32)
+    sources = {}
+    for t in TASKS:
+        sources[t] = root / "toolkit" / t
+        partition(baim, t).save(sources[t])
+    sources[ROUTER] = root / "router"
+    TaskRouter.from_baim(baim).save(sources[ROUTER])
+    ModelStore(root / "store", create=True).publish(sources)
+    return {"store": root / "store", "sources": sources, "baim": baim}
+
+
+@pytest.fixture
+def store(published, tmp_path):
+    shutil.copytree(published["store"], tmp_path / "store")
+    return ModelStore(tmp_path / "store")
+
+
+def model_bytes(store, task):
+    return store.entry(task)["bytes"]
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+def test_miss_download_then_hit(store, tmp_path):
+    edge = Edge(store, Toolbox(tmp_path / "toolbox"))
+    first = edge.serve(Request(task="a", num=4))
+    assert first.sources == {"a": "store"}
+    assert first.bytes_downloaded == model_bytes(store, "a")
+    second = edge.serve(Request(task="a", num=4))
+    assert second.sources == {"a": "toolbox"} and second.bytes_downloaded == 0
+    chex.assert_shape(second.images, (4, 8, 8, 1))
+    # A second edge process on the same toolbox finds the model there too.
+    third = Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=4))
+    assert third.sources == {"a": "toolbox"}
+    chex.assert_trees_all_close(first.images, second.images, third.images)
+
+
+def test_served_samples_and_variations_are_the_task_models(store, published, tmp_path):
+    edge = Edge(store, Toolbox(tmp_path / "toolbox"))
+    model = checkpoint.load(published["sources"]["b"])
+    got = edge.serve(Request(task="b", num=5, seed=7))
+    chex.assert_trees_all_close(got.images,
+                                np.asarray(model.sample(5, task="b", rng=jax.random.key(7))))
+    x = np.asarray(jax.random.uniform(jax.random.key(1), (3, 8, 8, 1)))
+    got = edge.serve(Request(task="b", images=x, num=2, seed=7))
+    chex.assert_shape(got.images, (3, 4, 8, 8, 1))
+    chex.assert_trees_all_close(got.images[:, 0], x)
+    chex.assert_trees_all_close(got.images[:, 1], model.reconstruct(x, task="b")["mean"])
+    keys = jax.random.split(jax.random.key(7), 2)
+    chex.assert_trees_all_close(
+        got.images[:, 3], model.reconstruct(x, task="b", rng=keys[1])["mean"])
+
+
+def test_router_routes_like_the_baims_tsgate(store, published, tmp_path):
+    # Each image lights one 2x2 block, so that their features (and tasks) differ.
+    x = np.zeros((16, 8, 8, 1), np.float32)
+    for i in range(16):
+        r, c = divmod(i, 4)
+        x[i, 2 * r:2 * r + 2, 2 * c:2 * c + 2] = 1.0
+    expected = np.asarray(published["baim"].reconstruct(x)["task"])
+    assert len(set(expected.tolist())) > 1  # the images really go to different tasks
+    edge = Edge(store, Toolbox(tmp_path / "toolbox"))
+    got = edge.serve(Request(images=x, num=1))
+    assert got.tasks == [TASKS[t] for t in expected]
+    assert set(got.sources) == {ROUTER} | {TASKS[t] for t in expected}
+    for t in set(expected.tolist()):
+        rows = np.flatnonzero(expected == t)
+        model = checkpoint.load(published["sources"][TASKS[t]])
+        chex.assert_trees_all_close(got.images[rows, 1],
+                                    model.reconstruct(x[rows], task=TASKS[t])["mean"])
+
+
+def test_least_recently_used_is_evicted(store, tmp_path):
+    # Room for the two largest task models, not three: a, b, then a again (a is now the most
+    # recent), then c must evict b, the least recently used, and keep a.
+    sizes = sorted(model_bytes(store, t) for t in TASKS)
+    toolbox = Toolbox(tmp_path / "toolbox", capacity=sizes[-1] + sizes[-2])
+    edge = Edge(store, toolbox)
+    for task in ("a", "b", "a"):
+        edge.serve(Request(task=task, num=1))
+    got = edge.serve(Request(task="c", num=1))
+    assert got.sources == {"c": "store"}
+    assert set(toolbox.contents()) == {"a", "c"}
+    assert toolbox.used() <= toolbox.capacity
+    assert not (toolbox.root / "models" / "b").exists()
+    assert edge.serve(Request(task="a", num=1)).sources == {"a": "toolbox"}
+    assert edge.serve(Request(task="b", num=1)).sources == {"b": "store"}
+
+
+def test_sensitive_request_leaves_nothing_at_the_edge(store, tmp_path):
+    toolbox = Toolbox(tmp_path / "toolbox")
+    edge = Edge(store, toolbox)
+    got = edge.serve(Request(task="a", num=2, sensitive=True))
+    assert got.sources == {"a": "store, sensitive"}
+    assert got.bytes_downloaded == model_bytes(store, "a")
+    assert toolbox.contents() == {}
+    assert not (toolbox.root / "models" / "a").exists()
+    assert edge.serve(Request(task="a", num=2)).sources == {"a": "store"}
+
+
+def test_model_larger_than_the_toolbox_is_served_uncached(store, tmp_path):
+    toolbox = Toolbox(tmp_path / "toolbox", capacity=1000)
+    got = Edge(store, toolbox).serve(Request(task="a", num=2))
+    assert got.sources == {"a": "store, larger than the toolbox"}
+    assert toolbox.contents() == {}
+
+
+def test_damaged_cached_copy_is_fetched_again(store, tmp_path):
+    toolbox = Toolbox(tmp_path / "toolbox")
+    first = Edge(store, toolbox).serve(Request(task="a", num=3))
+    target = next(p for p in sorted((toolbox.root / "models" / "a" / "state").rglob("*"))
+                  if p.is_file() and p.stat().st_size > 100)
+    data = bytearray(target.read_bytes())
+    data[50] ^= 0xFF
+    target.write_bytes(bytes(data))
+    got = Edge(store, toolbox).serve(Request(task="a", num=3))  # a fresh process's view
+    assert got.sources == {"a": "store"}
+    assert "cached copy dropped" in got.notes[0] and "damaged" in got.notes[0]
+    chex.assert_trees_all_close(got.images, first.images)
+
+
+def test_new_revision_replaces_the_cached_one(store, published, tmp_path):
+    toolbox = Toolbox(tmp_path / "toolbox")
+    edge = Edge(store, toolbox)
+    edge.serve(Request(task="a", num=1))
+    store.publish({"a": published["sources"]["a"]})
+    assert store.entry("a")["revision"] == 2
+    assert edge.serve(Request(task="a", num=1)).sources == {"a": "toolbox"}  # stays local
+    Toolbox(tmp_path / "toolbox2")  # a toolbox made after the update gets revision 2
+    fresh = Edge(store, Toolbox(tmp_path / "toolbox2"))
+    fresh.serve(Request(task="a", num=1))
+    assert Toolbox(tmp_path / "toolbox2").contents()["a"]["revision"] == 2
+
+
+# ---------------------------------------------------------------------- damaged checkpoints
+
+
+def _state_file(store, task):
+    return next(p for p in sorted((store.path(task) / "state").rglob("*"))
+                if p.is_file() and p.stat().st_size > 100)
+
+
+def _truncate(store):
+    f = _state_file(store, "a")
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(store):
+    f = _state_file(store, "a")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def _remove(store):
+    _state_file(store, "a").unlink()
+
+
+def _other_manifest(store):
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["models"]["a"] = {**manifest["models"]["b"], "dir": "models/a"}
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _other_model(store):
+    # Model b's directory and manifest entry under a's name: every digest matches, the spec
+    # does not name task a.
+    shutil.rmtree(store.path("a"))
+    shutil.copytree(store.path("b"), store.path("a"))
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["models"]["a"] = {**manifest["models"]["b"], "dir": "models/a"}
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _extra_file(store):
+    (store.path("a") / "state" / "extra.bin").write_bytes(b"\0" * 64)
+
+
+def _future_spec(store):
+    spec_path = store.path("a") / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["version"] = 2
+    spec_path.write_text(json.dumps(spec))
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["models"]["a"]["files"]["spec.json"] = I.sha256(spec_path)
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _future_store(store):
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["version"] = 2
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+
+
+DAMAGE = {"truncated file": (_truncate, "damaged"), "flipped byte": (_flip, "damaged"),
+          "missing file": (_remove, "missing"), "manifest of another model":
+              (_other_manifest, "damaged"), "another model's files": (_other_model, "not the"),
+          "file not in the manifest": (_extra_file, "not part of"),
+          "checkpoint of a newer version": (_future_spec, "version 2"),
+          "store of a newer version": (_future_store, "version 2")}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE), ids=list(DAMAGE))
+@pytest.mark.parametrize("sensitive", [False, True], ids=["toolbox", "sensitive"])
+def test_damaged_model_is_refused_and_never_cached(case, sensitive, store, tmp_path):
+    damage, words = DAMAGE[case]
+    damage(store)
+    toolbox = Toolbox(tmp_path / "toolbox")
+    with pytest.raises(ValueError, match=words) as err:
+        Edge(ModelStore(store.root), toolbox).serve(Request(task="a", num=2,
+                                                            sensitive=sensitive))
+    assert "\n" not in str(err.value)
+    assert toolbox.contents() == {}
+    assert not (toolbox.root / "models" / "a").exists()
+    assert not any((toolbox.root / ".incoming").glob("*"))
+
+
+def test_publish_refuses_a_damaged_source_and_keeps_the_store(store, published, tmp_path):
+    src = tmp_path / "bad"
+    shutil.copytree(published["sources"]["a"], src)
+    f = next(p for p in sorted((src / "state").rglob("*")) if p.is_file()
+             and p.stat().st_size > 100)
+    f.write_bytes(f.read_bytes()[:10])
+    before = (store.root / "manifest.json").read_text()
+    with pytest.raises(StoreError, match="publish a: .*damaged"):
+        store.publish({"b": published["sources"]["b"], "a": src})
+    assert (store.root / "manifest.json").read_text() == before
+    with pytest.raises(StoreError, match="not the task model of 'b'"):
+        store.publish({"b": published["sources"]["a"]})
+    Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
+
+
+# ---------------------------------------------------------------------------- path safety
+
+BAD_NAMES = ["../a", "/etc/passwd", "a/b", "..", ".", ".hidden", "", "a\x00", "a" * 65,
+             "a b", "a..b"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n) for n in BAD_NAMES])
+def test_unsafe_task_names_are_refused(name, store, published, tmp_path):
+    with pytest.raises(ValueError, match="not a safe task name"):
+        Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task=name, num=1))
+    with pytest.raises(ValueError, match="not a safe task name"):
+        store.publish({name: published["sources"]["a"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "toolbox"]
+    assert sorted(p.name for p in (store.root / "models").iterdir()) == TASKS
+
+
+def test_symlink_escapes_are_refused(store, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(store.path("a"), outside)
+    shutil.rmtree(store.root / "models" / "a")
+    os.symlink(outside, store.root / "models" / "a")
+    with pytest.raises(ValueError, match="outside"):
+        Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
+    # A link inside a model directory is refused too.
+    state = store.path("b") / "state"
+    f = next(p for p in sorted(state.rglob("*")) if p.is_file())
+    shutil.copy(f, tmp_path / "stolen")
+    f.unlink()
+    os.symlink(tmp_path / "stolen", f)
+    with pytest.raises(ValueError, match="symbolic link"):
+        Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="b", num=1))
+    assert Toolbox(tmp_path / "toolbox").contents() == {}
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+WRITER = """
+import sys, time
+from baim_jax.service import integrity as I
+from baim_jax.service.store import ModelStore
+from baim_jax.service.toolbox import Toolbox
+store, toolbox = ModelStore(sys.argv[1]), Toolbox(sys.argv[2])
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.01)
+for i in range(int(sys.argv[4])):
+    task = "abc"[(i + int(sys.argv[5])) % 3]
+    with toolbox.checkout(task, store) as got:
+        I.verify(got.path, store.entry(task)["files"])
+print("ok")
+"""
+
+
+def test_concurrent_writers_never_leave_a_broken_model(store, tmp_path):
+    # Room for two of the three models: every fill evicts, and both processes fill at once.
+    sizes = sorted(model_bytes(store, t) for t in TASKS)
+    Toolbox(tmp_path / "toolbox", capacity=sizes[-1] + sizes[-2])
+    go = tmp_path / "go"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.root),
+                               str(tmp_path / "toolbox"), str(go), "150", str(offset)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for offset in (0, 1)]
+    go.touch()
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    toolbox = Toolbox(tmp_path / "toolbox")
+    contents = toolbox.contents()
+    assert 1 <= len(contents) <= 2 and toolbox.used() <= toolbox.capacity
+    for task in contents:
+        I.verify(toolbox.root / "models" / task, store.entry(task)["files"])
+    assert sorted(p.name for p in (toolbox.root / "models").iterdir()) == sorted(contents)
+    assert not any((toolbox.root / ".incoming").iterdir())
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+@pytest.mark.parametrize("request_kwargs, words", [
+    ({}, "name a task or give images"),
+    ({"task": "zzz"}, "'zzz' is not in the store"),
+    ({"task": ROUTER}, "not a safe task name"),
+    ({"task": "a", "num": 0}, "num"),
+    ({"task": "a", "num": True}, "num"),
+    ({"task": "a", "images": np.zeros((2, 9, 9, 1), np.float32)}, "does not fit"),
+    ({"task": "a", "images": np.full((2, 8, 8, 1), 2.0, np.float32)}, r"\[0, 1\]"),
+    ({"task": "a", "images": np.full((2, 8, 8, 1), np.nan, np.float32)}, "finite"),
+    ({"task": "a", "images": np.zeros((8, 8, 1), np.float32)}, "H, W, C"),
+], ids=["nothing", "unknown task", "the router's key", "num zero", "num bool", "wrong shape", "out of range",
+        "nan", "three axes"])
+def test_bad_requests_are_refused_before_any_download(request_kwargs, words, store, tmp_path):
+    toolbox = Toolbox(tmp_path / "toolbox")
+    with pytest.raises(ValueError, match=words):
+        Edge(store, toolbox).serve(Request(**request_kwargs))
+    assert toolbox.contents() == {}
+
+
+def test_store_without_router_needs_a_task(published, tmp_path):
+    store = ModelStore(tmp_path / "store", create=True)
+    assert not store.root.exists()  # made by the first publish, not before
+    store.publish({"a": published["sources"]["a"]})
+    with pytest.raises(StoreError, match="no router"):
+        Edge(store).serve(Request(images=np.zeros((1, 8, 8, 1), np.float32)))
+    assert Edge(store).serve(Request(task="a", num=1)).sources == {"a": "store, no toolbox"}
+
+
+@pytest.mark.parametrize("text, expected", [("200000", 200000), ("64MB", 64 * 10**6),
+                                            ("1.5GiB", int(1.5 * 2**30)), ("10kb", 10**4)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "-5MB", "0", "ten", "5XB", "nan"])
+def test_parse_bytes_refuses(text):
+    with pytest.raises(ValueError, match="capacity"):
+        parse_bytes(text)
+
+
+def test_toolbox_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "box").mkdir()
+    (tmp_path / "box" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no toolbox"):
+        Toolbox(tmp_path / "box")
+    assert (tmp_path / "box" / "notes.txt").read_text() == "mine"
+
+
+def test_store_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "x").write_text("x")
+    with pytest.raises(StoreError, match="not a model store"):
+        ModelStore(tmp_path / "s", create=True)
+    with pytest.raises(StoreError, match="not a model store"):
+        ModelStore(tmp_path / "missing")

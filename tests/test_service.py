@@ -310,6 +310,7 @@ def test_symlink_escapes_are_refused(store, tmp_path):
 
 WRITER = """
 import sys, time
+from pathlib import Path
 from baim_jax.service import integrity as I
 from baim_jax.service.store import ModelStore
 from baim_jax.service.toolbox import Toolbox

@@ -124,6 +124,8 @@ BAD_CONFIGS = {
     "edge model above the upload limit": (
         ["--config.cloud.max_upload_params=1000"], ["edges[0]", "max_upload_params"]),
     "unknown dataset": (["--config.data.dataset=imagenet"], ["data.dataset", "imagenet"]),
+    "unsafe task name": (["--config.task_names=['../up','digits_5_9']"],
+                         ["task_names", "'../up'", "not a safe task name"]),
 }
 
 

@@ -174,6 +174,28 @@ def test_new_revision_replaces_the_cached_one(store, published, tmp_path):
     assert Toolbox(tmp_path / "toolbox2").contents()["a"]["revision"] == 2
 
 
+def test_router_round_trip_and_spec(published, tmp_path):
+    router = TaskRouter.from_baim(published["baim"])
+    router.save(tmp_path / "router")
+    again = checkpoint.load(tmp_path / "router")
+    x = np.asarray(jax.random.uniform(jax.random.key(5), (4, 8, 8, 1)))
+    chex.assert_trees_all_close(again.route(x)["probs"], router.route(x)["probs"])
+    chex.assert_shape(again.route(x)["probs"], (4, 3))
+    spec = again.spec
+    assert spec["kind"] == "router" and spec["tasks"] == TASKS
+    # phi: 8*8*1*F + F; ts: F*3 + 3.
+    f = spec["feature_dim"]
+    assert spec["params"]["total"] == 64 * f + f + 3 * f + 3
+    with pytest.raises(ValueError, match="does not fit"):
+        again.route(np.zeros((2, 9, 9, 1), np.float32))
+
+
+def test_router_refuses_gate_of_another_shape(published):
+    gate = TaskRouter.from_baim(published["baim"]).export_tree()["gate"]
+    with pytest.raises(ValueError, match="do not fit 2 tasks"):
+        TaskRouter(["a", "b"], gate)
+
+
 # ---------------------------------------------------------------------- damaged checkpoints
 
 

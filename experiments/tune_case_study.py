@@ -11,6 +11,11 @@ validation negative ELBO (nats/image, posterior mean, routing by task id):
    architecture then serves all three strategies);
 4. FedAvg's learning rate.
 
+Each search walks a ladder of values (learning rates 1e-4 to 3e-2 in steps of about 3, K 1 to
+5, rho 0.25 / 0.5 / 1, h 0 to 2): it tries a few neighbouring rungs, then keeps stepping past
+whichever end of the tried range is best, so that no choice sits at the edge of its grid
+unless the ladder ends there. One seed: differences of a few nats are within its noise.
+
 Prints one JSON object (every trial and the choices) and writes it to ``--out``.
 
     python experiments/tune_case_study.py [--out docs/case_study/tuning.json]
@@ -38,7 +43,8 @@ from baim_jax.framework import fedavg, plan as plan_lib
 from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches, test_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "case_study.py"
-RATES = [1e-3, 3e-3, 1e-2]
+LADDERS = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "k": [1, 2, 3, 4, 5],
+           "rho": [0.25, 0.5, 1.0], "h": [0, 1, 2]}
 
 
 def take(split: Split, idx: np.ndarray) -> Split:
@@ -108,46 +114,62 @@ def main() -> None:
     cloud, val = cut_validation(plan.data.cloud, args.val_fraction, config.seed)
     trials, chosen = [], {}
     start = time.perf_counter()
-    bar = tqdm(total=2 + 3 * len(RATES) + 3 * 3 + len(RATES), desc="tuning", unit="trial")
+    bar = tqdm(total=2 + 4 * 3 + 3 * 2, desc="tuning", unit="trial")
 
-    def record(stage: str, setting: dict, loss: float) -> float:
-        trials.append({"stage": stage, **setting, "val_loss": loss})
-        bar.set_postfix(last=f"{stage} {setting} {loss:.1f}")
-        bar.update()
-        return loss
+    def search(stage: str, name: str, first: list, evaluate, known: dict | None = None):
+        """Tries ``first`` (neighbouring rungs of ``LADDERS[name]``), then the next rung beyond
+        whichever end of the tried range is best, until the best is inside it or the ladder
+        ends. Returns the value with the lowest validation loss."""
+        ladder, tried = LADDERS[name], dict(known or {})
+        for value, loss in tried.items():  # measured by the previous stage
+            trials.append({"stage": stage, name: value, "val_loss": loss, "reused": True})
 
-    def best(stage: str, key: str):
-        rows = [t for t in trials if t["stage"] == stage]
-        return min(rows, key=lambda t: t["val_loss"])[key]
+        def trial(value):
+            tried[value] = evaluate(value)
+            trials.append({"stage": stage, name: value, "val_loss": tried[value]})
+            bar.set_postfix(last=f"{stage} {name}={value} {tried[value]:.1f}")
+            bar.update()
 
-    uploads_by_lr = {}
-    for lr in RATES[:2]:
-        uploads = train_edges(plan, lr)
-        uploads_by_lr[lr] = uploads
-        losses = [test_loss(m, take(val, np.flatnonzero(val.tasks == plan.edge_tasks[e])))
-                  for e, m in enumerate(uploads)]
-        record("edges", {"learning_rate": lr}, float(np.mean(losses)))
-    chosen["edge.learning_rate"] = best("edges", "learning_rate")
-    uploads = uploads_by_lr[chosen["edge.learning_rate"]]
+        for value in first:
+            if value not in tried:
+                trial(value)
+        while True:
+            best = min(tried, key=tried.get)
+            rungs = sorted(ladder.index(v) for v in tried)
+            if ladder.index(best) == rungs[0] and rungs[0] > 0:
+                nxt = ladder[rungs[0] - 1]
+            elif ladder.index(best) == rungs[-1] and rungs[-1] < len(ladder) - 1:
+                nxt = ladder[rungs[-1] + 1]
+            else:
+                return best, tried[best]
+            bar.total += 1
+            trial(nxt)
+
+    uploads = {}
+
+    def edges_loss(lr):
+        uploads[lr] = train_edges(plan, lr)
+        return float(np.mean([
+            test_loss(m, take(val, np.flatnonzero(val.tasks == plan.edge_tasks[e])))
+            for e, m in enumerate(uploads[lr])]))
+
+    chosen["edge.learning_rate"], _ = search("edges", "learning_rate", [1e-3, 3e-3], edges_loss)
+    best_uploads = uploads[chosen["edge.learning_rate"]]
     for strategy in config.strategies:
-        for lr in RATES:
-            model = train_cloud(plan, uploads, cloud, strategy, lr)
-            record(f"cloud_{strategy}", {"learning_rate": lr}, test_loss(model, val))
-        chosen[f"cloud.learning_rate[{strategy}]"] = best(f"cloud_{strategy}", "learning_rate")
+        chosen[f"cloud.learning_rate[{strategy}]"], _ = search(
+            f"cloud_{strategy}", "learning_rate", [1e-3, 3e-3, 1e-2],
+            lambda lr: test_loss(train_cloud(plan, best_uploads, cloud, strategy, lr), val))
     ft_lr = chosen["cloud.learning_rate[finetune]"]
     arch = {"k": config.baim.k, "rho": config.cloud.rho, "h": config.baim.h}
     base = min(t["val_loss"] for t in trials if t["stage"] == "cloud_finetune")
-    for name, values in (("k", [1, 3]), ("rho", [0.25, 1.0]), ("h", [0, 2])):
-        record(name, {name: arch[name]}, base)  # the current setting, already measured
-        for v in values:
-            model = train_cloud(plan, uploads, cloud, "finetune", ft_lr, **{**arch, name: v})
-            record(name, {name: v}, test_loss(model, val))
-        arch[name] = best(name, name)
-        base = min(t["val_loss"] for t in trials if t["stage"] == name)
+    for name, first in (("k", [1, 3]), ("rho", [0.25, 1.0]), ("h", [0, 2])):
+        arch[name], base = search(name, name, first, lambda v: test_loss(train_cloud(
+            plan, best_uploads, cloud, "finetune", ft_lr, **{**arch, name: v}), val),
+            known={arch[name]: base})
     chosen.update({"baim.k": arch["k"], "cloud.rho": arch["rho"], "baim.h": arch["h"]})
-    for lr in RATES:
-        record("fl", {"learning_rate": lr}, test_loss(train_fl(plan, cloud, lr), val))
-    chosen["fl.learning_rate"] = best("fl", "learning_rate")
+    chosen["fl.learning_rate"], _ = search(
+        "fl", "learning_rate", [1e-3, 3e-3, 1e-2],
+        lambda lr: test_loss(train_fl(plan, cloud, lr), val))
     bar.close()
     out = {"protocol": __doc__.split("\n\n")[1].replace("\n", " "),
            "validation_images": len(val.images), "cloud_train_images": len(cloud.images),

@@ -24,3 +24,19 @@ def test_step_scaling_prints_its_json():
     # m+1, whose 128 rows are the other half of the batch, so the busiest learner needs all 256.
     assert load["active_learners_per_example"] == 2 and load["capacity"] == 256
     assert load["kept_connections"] == 4
+
+
+def test_serve_prints_its_json(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--tasks", "2", "--requests",
+         "6", "--num", "2"], capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(out.stdout)
+    latency = result["latency_seconds"]
+    # Two tasks, room for one: the first request misses, so does every change of task.
+    assert latency["miss"]["count"] >= 1
+    assert latency["hit"]["count"] + latency["miss"]["count"] == 6
+    assert result["hit_ratio"] == latency["hit"]["count"] / 6
+    assert result["bytes_downloaded"] >= latency["miss"]["count"] * (
+        result["toolkit_bytes"] // 2 // 2)
+    assert result["toolbox_capacity_bytes"] < result["toolkit_bytes"]
+    assert result["requests_per_second"] > 0 and sum(result["requests_per_task"]) == 6

@@ -125,9 +125,12 @@ def main() -> None:
             trials.append({"stage": stage, name: value, "val_loss": loss, "reused": True})
 
         def trial(value):
-            tried[value] = evaluate(value)
-            trials.append({"stage": stage, name: value, "val_loss": tried[value]})
-            bar.set_postfix(last=f"{stage} {name}={value} {tried[value]:.1f}")
+            loss = evaluate(value)
+            finite = bool(np.isfinite(loss))
+            tried[value] = loss if finite else float("inf")  # diverged: worst of all
+            trials.append({"stage": stage, name: value, "val_loss": loss if finite else None,
+                           "diverged": not finite})
+            bar.set_postfix(last=f"{stage} {name}={value} {loss:.1f}")
             bar.update()
 
         for value in first:

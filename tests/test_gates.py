@@ -416,3 +416,33 @@ def test_prior_route_hand_case():
     sel, w = gates.prior_route(prior, seg, 0, 2)
     np.testing.assert_array_equal(np.asarray(sel), [1, 0, 0, 0, 1, 0])
     np.testing.assert_allclose(np.asarray(w), [0.5 / 1.1, 0, 0, 0, 0.6 / 1.1, 0], atol=1e-6)
+
+
+def test_top_k_in_segment_ranks_diverged_logits():
+    # segment [T, T, T, F, F, F] in every row (task 0 of squads [0,0,0,1,1,1]), K = 2.
+    # NaN ranks lowest, then -inf, then finite values, +inf highest; out of the segment
+    # nothing is chosen however large:
+    #   row 0: (nan, nan, nan | 9, 8, 7)   -> all tied at the bottom: lowest indices {0, 1}
+    #   row 1: (nan, -inf, inf | 9, 8, 7)  -> inf at 2, then -inf at 1 above NaN: {1, 2}
+    #   row 2: (3, nan, 0 | 7, 5, 6)       -> finite 3 and 0 above NaN: {0, 2}
+    # Before, top-K over NaN could pick no learner of the segment and the loss scored 0.
+    raw = jnp.array([[np.nan, np.nan, np.nan, 9.0, 8.0, 7.0],
+                     [np.nan, -np.inf, np.inf, 9.0, 8.0, 7.0],
+                     [3.0, np.nan, 0.0, 7.0, 5.0, 6.0]], jnp.float32)
+    seg = gates.segment_mask(jnp.array([0, 0, 0, 1, 1, 1]), jnp.zeros((3,), jnp.int32))
+    got = np.asarray(gates.top_k_in_segment(raw, seg, 2))
+    np.testing.assert_array_equal(got, [[True, True, False, False, False, False],
+                                        [False, True, True, False, False, False],
+                                        [True, False, True, False, False, False]])
+
+
+def test_diverged_gate_still_selects_k_in_the_segment_and_scores_nan():
+    # Every gate parameter NaN: the TSGate's argmax falls on task 0, its squad (learners
+    # 0..2) gives its two lowest indices, and the weights are NaN, never an empty selection.
+    nan = {k: {n: jnp.full_like(v, jnp.nan) for n, v in p.items()}
+           for k, p in gate_params().items()}
+    seg = jnp.array([0, 0, 0, 1, 1, 1], jnp.int32)
+    out = hier_gate(nan, X, segment_of=seg, k=2, gate="topk_softmax")
+    np.testing.assert_array_equal(np.asarray(out.selected),
+                                  [[True, True, False, False, False, False]] * 3)
+    assert np.isnan(np.asarray(out.weights)[:, :2]).all()

@@ -98,6 +98,21 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(idx, logits.shape[-1], dtype=jnp.int32), axis=1) > 0
 
 
+def top_k_in_segment(raw: jax.Array, seg: jax.Array, k: int,
+                     noise: jax.Array | None = None) -> jax.Array:
+    """``[B, N]`` bool: the k largest of ``raw + noise`` among each row's segment ``seg``.
+
+    Ranked on finite stand-ins (NaN lowest, then -inf; +inf highest), so that a diverged gate
+    still selects exactly k learners of the task's squad; its NaN weights then make the loss
+    NaN instead of an empty selection that scores 0.
+    """
+    big = jnp.finfo(raw.dtype).max
+    rank = jnp.nan_to_num(raw, nan=-big, posinf=big, neginf=-big / 2)
+    if noise is not None:
+        rank = rank + noise
+    return top_k_mask(jnp.where(seg, rank, -jnp.inf), k) & seg
+
+
 def features(params: dict, x: jax.Array) -> jax.Array:
     """``phi(x)``: ``[B, H, W, C] -> [B, F]``, one ReLU dense layer."""
     return jax.nn.relu(jnp.tensordot(x, params["kernel"], axes=3) + params["bias"])
@@ -126,12 +141,13 @@ def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate
     if task is None:
         task = jnp.argmax(task_logits, axis=-1)
     seg = segment_mask(segment_of, task)
-    logits = jnp.where(seg, phi @ params["ls"]["kernel"] + params["ls"]["bias"], -jnp.inf)
+    raw = phi @ params["ls"]["kernel"] + params["ls"]["bias"]
+    logits = jnp.where(seg, raw, -jnp.inf)
     if selected is None:
-        choose = logits
+        noise = None
         if noise_std > 0.0 and rng is not None:
-            choose = logits + noise_std * jax.random.normal(rng, logits.shape)
-        selected = top_k_mask(choose, k) & seg
+            noise = noise_std * jax.random.normal(rng, logits.shape)
+        selected = top_k_in_segment(raw, seg, k, noise)
     weights = get_gate(gate)(logits, selected)
     return GateOutput(weights, selected, task, logits, task_logits)
 

@@ -62,7 +62,8 @@ def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if value is not None and old is not None and type(value) is not type(old) and not (
-                isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))):
+                isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))) and not (
+                isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict)):
             raise UsageError(f"--config.{key}: expected {type(old).__name__}, got "
                              f"{type(value).__name__} {raw!r}")
         with parent.unlocked():

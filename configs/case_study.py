@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
         "load_balance_weight": 0.01, "z_loss_weight": 0.001, "task_loss_weight": 1.0,
         "prior_momentum": 0.99})
     c.cloud = ml_collections.ConfigDict({
-        "epochs": 8, "batch_size": 64, "learning_rate": 1e-3, "rho": 0.5, "prune_start": 0.2,
+        "epochs": 8, "batch_size": 64, "learning_rate": 1e-3, "learning_rates": {}, "rho": 0.5,
+        "prune_start": 0.2,
         "prune_end": 0.7, "prune_every": 5, "max_upload_params": 20_000_000})
     c.strategies = ["finetune", "freeze", "scratch"]
     c.toolkit_strategy = "finetune"

@@ -158,13 +158,14 @@ def main() -> None:
 
     chosen["edge.learning_rate"], _ = search("edges", "learning_rate", [1e-3, 3e-3], edges_loss)
     best_uploads = uploads[chosen["edge.learning_rate"]]
+    best_loss = {}
     for strategy in config.strategies:
-        chosen[f"cloud.learning_rate[{strategy}]"], _ = search(
+        chosen[f"cloud.learning_rate[{strategy}]"], best_loss[strategy] = search(
             f"cloud_{strategy}", "learning_rate", [1e-3, 3e-3, 1e-2],
             lambda lr: test_loss(train_cloud(plan, best_uploads, cloud, strategy, lr), val))
     ft_lr = chosen["cloud.learning_rate[finetune]"]
     arch = {"k": config.baim.k, "rho": config.cloud.rho, "h": config.baim.h}
-    base = min(t["val_loss"] for t in trials if t["stage"] == "cloud_finetune")
+    base = best_loss["finetune"]
     for name, first in (("k", [1, 3]), ("rho", [0.25, 1.0]), ("h", [0, 2])):
         arch[name], base = search(name, name, first, lambda v: test_loss(train_cloud(
             plan, best_uploads, cloud, "finetune", ft_lr, **{**arch, name: v}), val),

@@ -124,6 +124,10 @@ BAD_CONFIGS = {
     "edge model above the upload limit": (
         ["--config.cloud.max_upload_params=1000"], ["edges[0]", "max_upload_params"]),
     "unknown dataset": (["--config.data.dataset=imagenet"], ["data.dataset", "imagenet"]),
+    "rate of a strategy not run": (["--config.cloud.learning_rates={'melt': 1e-3}"],
+                                   ["cloud.learning_rates", "'melt'"]),
+    "negative strategy rate": (["--config.cloud.learning_rates={'freeze': -1.0}"],
+                               ["cloud.learning_rates['freeze']", "> 0"]),
     "unsafe task name": (["--config.task_names=['../up','digits_5_9']"],
                          ["task_names", "'../up'", "not a safe task name"]),
 }

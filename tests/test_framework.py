@@ -472,3 +472,15 @@ def test_cloud_trainer_resume_is_exact_with_pruning(mlp_specs):
     resumed.load_state(saved)
     resumed.run_epoch(data, 1)
     chex.assert_trees_all_equal(resumed.state_leaves(), trainer.state_leaves())
+
+
+def test_cloud_learning_rate_per_strategy():
+    from conftest import SMOKE
+
+    from baim_jax.cli import load_config
+    from baim_jax.framework import plan
+
+    config = load_config(SMOKE, ["--config.cloud.learning_rates={'freeze': 3e-4}"])
+    p = plan.validate(config)
+    assert p.cloud_learning_rate("freeze") == 3e-4
+    assert p.cloud_learning_rate("finetune") == config.cloud.learning_rate == 1e-3

@@ -134,7 +134,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     total = cfg.epochs * steps
     pruning = Pruning(cfg.rho, int(cfg.prune_start * total), max(int(cfg.prune_end * total), 1),
                       cfg.prune_every)
-    trainer = Trainer(model, strategy, learning_rate=cfg.learning_rate,
+    trainer = Trainer(model, strategy, learning_rate=plan.cloud_learning_rate(strategy),
                       batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning)
     ckpt = PhaseCheckpoint(workdir / "ckpt" / f"cloud_{strategy}")
     meta = {"epoch": 0, "elapsed": 0.0, "curve": [], "fid": [], "train": []}

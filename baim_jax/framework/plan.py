@@ -23,7 +23,8 @@ SECTIONS = {
     "data": {"dataset": str, "size": int, "test_size": int, "cloud_fraction": float,
              "alpha": (float, None), "data_dir": (str, ""), "image_size": int, "label": str},
     "edge": {"epochs": int, "batch_size": int, "learning_rate": float},
-    "cloud": {"epochs": int, "batch_size": int, "learning_rate": float, "rho": float,
+    "cloud": {"epochs": int, "batch_size": int, "learning_rate": float,
+              "learning_rates": object, "rho": float,
               "prune_start": float, "prune_end": float, "prune_every": int,
               "max_upload_params": int},
     "personalize": {"epochs": int, "batch_size": int, "learning_rate": float},
@@ -42,6 +43,11 @@ class Plan:
     edge_tasks: list[int]
     baim: BAIMConfig
     data: data_lib.Partition
+
+    def cloud_learning_rate(self, strategy: str) -> float:
+        """The strategy's own rate (``cloud.learning_rates``), else ``cloud.learning_rate``."""
+        return float(dict(self.config.cloud.learning_rates).get(
+            strategy, self.config.cloud.learning_rate))
 
     @property
     def edge_ids(self) -> list[str]:
@@ -146,6 +152,15 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         raise ValueError(f"strategies: need distinct names from {strategies.STRATEGIES}")
     for s in chosen:
         strategies.trainable(s)
+    rates = config.cloud.learning_rates
+    if not isinstance(rates, (dict, ml_collections.ConfigDict)):
+        raise ValueError(f"cloud.learning_rates: expected a dict {{strategy: rate}}, got "
+                         f"{rates!r}")
+    for s, lr in dict(rates).items():
+        if s not in chosen:
+            raise ValueError(f"cloud.learning_rates: {s!r} is not in strategies {chosen}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"cloud.learning_rates[{s!r}]: must be a number > 0, got {lr!r}")
     if config.toolkit_strategy not in chosen:
         raise ValueError(f"toolkit_strategy: {config.toolkit_strategy!r} is not in "
                          f"strategies {chosen}")

@@ -40,6 +40,7 @@ from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
 from baim_jax.framework import edges as edges_lib
 from baim_jax.framework import fedavg, plan as plan_lib
+from baim_jax.framework.pipeline import fl_spec
 from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches, test_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "case_study.py"
@@ -82,8 +83,7 @@ def train_cloud(plan, uploads, cloud: Split, strategy: str, lr: float, **baim_ch
     strategies.prepare(model, strategy, seed + 1)
     steps = len(epoch_batches(len(cloud.images), cfg.batch_size, 0, 0))
     total = cfg.epochs * steps
-    pruning = Pruning(rho, int(cfg.prune_start * total), max(int(cfg.prune_end * total), 1),
-                      cfg.prune_every)
+    pruning = Pruning.over(total, rho, cfg.prune_start, cfg.prune_end, cfg.prune_every)
     trainer = Trainer(model, strategy, learning_rate=lr, batch_size=cfg.batch_size,
                       seed=seed + 2, pruning=pruning)
     for epoch in range(cfg.epochs):
@@ -93,7 +93,7 @@ def train_cloud(plan, uploads, cloud: Split, strategy: str, lr: float, **baim_ch
 
 def train_fl(plan, cloud: Split, lr: float) -> EdgeModel:
     cfg, seed = plan.config.fl, plan.config.seed
-    spec = max(plan.specs, key=L.count_params)
+    spec = fl_spec(plan)
     shards = [s.images for s in plan.data.edges]
     kw = dict(batch_size=cfg.batch_size, learning_rate=lr)
     edge_trainer = edges_lib.EdgeTrainer([spec] * len(shards), shards, seed=seed + 4, **kw)

@@ -62,6 +62,12 @@ class Pruning:
     end: int
     every: int
 
+    @classmethod
+    def over(cls, total_steps: int, rho: float, start: float, end: float,
+             every: int) -> "Pruning":
+        """The schedule of a run of ``total_steps``, its start and end given as fractions."""
+        return cls(rho, int(start * total_steps), max(int(end * total_steps), 1), every)
+
     def after_step(self, model: BAIM, step: int) -> None:
         if step >= self.start and step % self.every == 0:
             model.prune_connections(C.kept_fraction(step, self.rho, self.start, self.end))

@@ -132,8 +132,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     cloud = plan.data.cloud
     steps = len(epoch_batches(len(cloud.images), cfg.batch_size, 0, 0))
     total = cfg.epochs * steps
-    pruning = Pruning(cfg.rho, int(cfg.prune_start * total), max(int(cfg.prune_end * total), 1),
-                      cfg.prune_every)
+    pruning = Pruning.over(total, cfg.rho, cfg.prune_start, cfg.prune_end, cfg.prune_every)
     trainer = Trainer(model, strategy, learning_rate=plan.cloud_learning_rate(strategy),
                       batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning)
     ckpt = PhaseCheckpoint(workdir / "ckpt" / f"cloud_{strategy}")

@@ -18,6 +18,9 @@ from baim_jax.names import check_task_name
 _CHUNK = 1 << 20
 
 
+ROUTER = "_router"  # the router's key: not a valid task name, so no task can take it
+
+
 class IntegrityError(ValueError):
     """A stored model that is damaged, incomplete, unsafe or not what its record says."""
 
@@ -55,59 +58,61 @@ def size(root: Path) -> int:
     return sum(p.stat().st_size for p in _files(root).values())
 
 
+def _compare(where: Path, found: dict[str, Path], files: dict[str, str], digest_of) -> None:
+    """Checks ``found`` (relative path -> file) against ``files`` (relative path -> SHA-256):
+    nothing extra, nothing missing, every ``digest_of(rel)`` as recorded."""
+    extra = sorted(set(found) - set(files))
+    if extra:
+        raise IntegrityError(f"{where}/{extra[0]}: not part of the published model")
+    for rel, digest in files.items():
+        if rel not in found:
+            raise IntegrityError(f"{where}/{rel}: missing")
+        if digest_of(rel) != digest:
+            raise IntegrityError(f"{where}/{rel}: damaged (SHA-256 differs from the manifest)")
+
+
 def verify(root: Path, files: dict[str, str]) -> None:
     """Checks that ``root`` holds exactly ``files`` (relative path -> SHA-256)."""
     if not root.is_dir() or root.is_symlink():
         raise IntegrityError(f"{root}: missing")
     found = _files(root)
-    for rel, digest in files.items():
-        if rel not in found:
-            raise IntegrityError(f"{root}/{rel}: missing")
-        if sha256(found[rel]) != digest:
-            raise IntegrityError(f"{root}/{rel}: damaged (SHA-256 differs from the manifest)")
-    extra = sorted(set(found) - set(files))
-    if extra:
-        raise IntegrityError(f"{root}/{extra[0]}: not part of the published model")
+    _compare(root, found, files, lambda rel: sha256(found[rel]))
 
 
 def copy_verified(src: Path, files: dict[str, str], dst: Path) -> int:
     """Copies the files of ``src`` to the new directory ``dst``, checking each digest on the
     copy. Returns the bytes copied; on any failure ``dst`` is removed."""
-    verify_safe_dir(src)
+    if src.is_symlink():
+        raise IntegrityError(f"{src}: a symbolic link, refused")
+    copied = 0
+
+    def copy(rel: str) -> str:
+        nonlocal copied
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, target)
+        copied += target.stat().st_size
+        return sha256(target)
+
     try:
-        found = _files(src)
-        extra = sorted(set(found) - set(files))
-        if extra:
-            raise IntegrityError(f"{src}/{extra[0]}: not part of the published model")
-        copied = 0
-        for rel, digest in files.items():
-            if rel not in found:
-                raise IntegrityError(f"{src}/{rel}: missing")
-            target = dst / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(found[rel], target)
-            if sha256(target) != digest:
-                raise IntegrityError(f"{src}/{rel}: damaged (SHA-256 differs from the manifest)")
-            copied += target.stat().st_size
+        _compare(src, _files(src), files, copy)
         return copied
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
         raise
 
 
-def verify_safe_dir(path: Path) -> None:
-    """Refuses a model directory that is a link (it could lead outside its root)."""
-    if path.is_symlink():
-        raise IntegrityError(f"{path}: a symbolic link, refused")
+def check_key(key: str) -> str:
+    """A model's key in a store or toolbox: ``ROUTER`` or a safe task name."""
+    return key if key == ROUTER else check_task_name(key)
 
 
-def model_dir(root: Path, sub: str, name: str) -> Path:
-    """``root/sub/name`` for a safe task ``name``, checked to stay inside ``root``."""
-    check_task_name(name)
-    path = root / sub / name
-    real_root = root.resolve()
-    if path.is_symlink() or not path.resolve().is_relative_to(real_root):
-        raise IntegrityError(f"task {name!r}: its directory leads outside {root}, refused")
+def model_dir(root: Path, key: str) -> Path:
+    """Where the model ``key`` lives under ``root`` (``models/<task>`` or ``router``), checked
+    to stay inside ``root`` (no links, no escapes)."""
+    path = root / "router" if check_key(key) == ROUTER else root / "models" / key
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise IntegrityError(f"{key!r}: its directory leads outside {root}, refused")
     return path
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from baim_jax import checkpoint
 from baim_jax.names import check_task_name
 from baim_jax.service import integrity as I
+from baim_jax.service.integrity import ROUTER
 
 FORMAT, VERSION = "baim_jax-store", 1
-ROUTER = "_router"  # the router's key: not a valid task name, so no task can take it
 
 
 class StoreError(ValueError):
@@ -83,8 +83,7 @@ class ModelStore:
 
     def entry(self, key: str) -> dict:
         """The manifest entry of a task (or of ``ROUTER``)."""
-        if key != ROUTER:
-            check_task_name(key)
+        I.check_key(key)
         models = self.manifest()["models"]
         if key not in models:
             if key == ROUTER:
@@ -97,11 +96,7 @@ class ModelStore:
 
     def path(self, key: str) -> Path:
         """Where a model lives in the store (checked to stay inside it)."""
-        if key == ROUTER:
-            path = self.root / "router"
-            I.verify_safe_dir(path)
-            return path
-        return I.model_dir(self.root, "models", key)
+        return I.model_dir(self.root, key)
 
     def fetch(self, key: str, dest: Path) -> tuple[dict, int]:
         """Downloads a model to the new directory ``dest``, every file checked on arrival.
@@ -134,9 +129,7 @@ class ModelStore:
         """
         checked = {}
         for key, src in sources.items():
-            if key != ROUTER:
-                check_task_name(key)
-            checked[key] = Path(src).absolute()
+            checked[I.check_key(key)] = Path(src).absolute()
             _check_loadable(checked[key], key)
         self.root.mkdir(parents=True, exist_ok=True)
         staged = []
@@ -199,5 +192,6 @@ def _check_spec(path: Path, key: str, entry: dict | None) -> None:
     if spec["kind"] != want or (key != ROUTER and spec["tasks"] != [key]):
         raise StoreError(f"{path}: holds a {spec['kind']} model of {spec['tasks']}, not the "
                          f"{want} model of {key!r}")
-    if entry is not None and _summary(spec) != {k: entry.get(k) for k in _summary(spec)}:
+    summary = _summary(spec)
+    if entry is not None and summary != {k: entry.get(k) for k in summary}:
         raise StoreError(f"{path}: does not match its manifest entry")

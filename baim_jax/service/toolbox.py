@@ -4,8 +4,9 @@ store, with a byte capacity and least-recently-used eviction.
 Layout::
 
     TOOLBOX/toolbox.json   {"format", "version", "capacity", "clock",
-                            "entries": {task: {"revision", "files", "bytes", "last_used"}}}
-    TOOLBOX/models/<task>/ a cached model (``_router`` for the router)
+                            "entries": {key: {"revision", "files", "bytes", "last_used"}}}
+    TOOLBOX/models/<task>/ a cached task model
+    TOOLBOX/router/        the cached router (key ``_router``)
 
 Every change happens under an exclusive lock on ``TOOLBOX/.lock``: a download lands in
 ``.incoming/`` first and is renamed into place, so processes filling the same toolbox at once
@@ -20,9 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
-from baim_jax.names import check_task_name
 from baim_jax.service import integrity as I
-from baim_jax.service.store import ROUTER, ModelStore
+from baim_jax.service.store import ModelStore
 
 FORMAT, VERSION = "baim_jax-toolbox", 1
 
@@ -104,10 +104,7 @@ class Toolbox:
         return index
 
     def _dir(self, key: str) -> Path:
-        if key == ROUTER:
-            I.verify_safe_dir(self.root / "router")
-            return self.root / "router"
-        return I.model_dir(self.root, "models", key)
+        return I.model_dir(self.root, key)
 
     @property
     def capacity(self) -> int | None:
@@ -132,8 +129,7 @@ class Toolbox:
         again. ``loaded``: the revision the caller already holds in memory; a hit of that
         revision is not hashed again (nothing is read from disk).
         """
-        if key != ROUTER:
-            check_task_name(key)
+        I.check_key(key)
         note = ""
         with I.locked(self.root):
             index = self._index()

@@ -15,7 +15,8 @@ feeds), so nothing is dropped.
 Prints one JSON object: ``seconds_per_grad`` and ``seconds_per_train_step`` keyed by N (fast
 capacity path), ``ratio_32_over_4``, ``grad_flops_per_s`` (useful work of the K active
 learners at N = 4), ``matmul_flops_per_s``, ``fraction_of_matmul``, and for comparison the dense
-reference path and the pool without connections.
+reference path and the pool without connections, ``fraction_of_matmul_no_connections`` and
+``fraction_of_matmul_executed`` (every row run counted, the feeders' stages included).
 
     python benchmarks/step_scaling.py [--sizes 4 8 16 32] [--repeats 20]
 """
@@ -36,7 +37,7 @@ from flax import nnx
 from baim_jax.core import connections as C
 from baim_jax.core import dispatch as D
 from baim_jax.core.baim import BAIM, BAIMConfig
-from baim_jax.core.learners import LearnerSpec, learner_flops
+from baim_jax.core.learners import LearnerSpec, learner_flops, stage_flops, stages
 from baim_jax.core.pool import Member, PoolLayout
 
 SPEC = LearnerSpec("mlp", (28, 28, 1), (256,), 32, (256,))
@@ -68,16 +69,21 @@ def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
     selected = balanced_selection(BATCH, n, K)
     model = BAIM(members, ["all"], BAIMConfig(k=K, h=H, dispatch=dispatch),
                  rngs=nnx.Rngs(seed), connections=chosen, connection_kernels=kernels)
-    need = np.asarray(D.needed(jnp.asarray(selected), model.conns.flat_arrays(),
-                               jnp.ones(len(chosen), bool),
-                               (len(model.layout.stages["enc"]), len(model.layout.stages["dec"]))))
-    load = need.sum(0)
+    depths = (len(model.layout.stages["enc"]), len(model.layout.stages["dec"]))
+    depth = np.asarray(D.chained_depth(D.needed_prefixes(
+        jnp.asarray(selected), model.conns.flat_arrays(), jnp.ones(len(chosen), bool), depths)))
+    loads = [int((depth > q).sum(0).max()) for q in range(sum(depths))]
     model.config = BAIMConfig(k=K, h=H, dispatch=dispatch,
-                              capacity_factor=float(load.max()) * n / (BATCH * K))
+                              capacity_factor=tuple(c * n / (BATCH * K) for c in loads))
+    chain = [st for tower in ("enc", "dec") for st in stages(SPEC)[tower]]
+    executed = 3 * n * sum(c * stage_flops(st) for c, st in zip(loads, chain))
     info = {"potential_connections": len(potential), "kept_connections": count,
-            "capacity": int(load.max()), "active_learners_per_example": K,
-            "needed_learners_per_example": float(need.sum(1).mean()),
-            "largest_share_of_rows": float(load.max() / BATCH)}
+            "capacity": loads[0], "capacity_per_position": loads,
+            "active_learners_per_example": K,
+            "needed_learners_per_example": float((depth > 0).sum(1).mean()),
+            "largest_share_of_rows": float(loads[0] / BATCH),
+            "executed_flops_per_grad": executed,
+            "executed_over_useful": executed / (3 * K * BATCH * learner_flops(SPEC))}
     return model, jnp.asarray(selected), info
 
 
@@ -165,6 +171,11 @@ def main() -> None:
     out["grad_flops_per_s"] = useful / out["seconds_per_grad"][first]
     out["matmul_flops_per_s"] = matmul_flops_per_s(args.repeats)
     out["fraction_of_matmul"] = out["grad_flops_per_s"] / out["matmul_flops_per_s"]
+    out["fraction_of_matmul_executed"] = (out["load"][first]["executed_flops_per_grad"]
+                                          / out["seconds_per_grad"][first]
+                                          / out["matmul_flops_per_s"])
+    out["fraction_of_matmul_no_connections"] = (useful / out["seconds_per_grad_no_connections"]
+                                                [first] / out["matmul_flops_per_s"])
     out["loadavg_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     print(json.dumps(out, indent=1))
 

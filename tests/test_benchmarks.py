@@ -23,6 +23,10 @@ def test_step_scaling_prints_its_json():
     # Balanced routing: every learner gets B K / N = 128 rows of its own; learner m also feeds
     # m+1, whose 128 rows are the other half of the batch, so the busiest learner needs all 256.
     assert load["active_learners_per_example"] == 2 and load["capacity"] == 256
+    # A feeder runs only the stages before the input its connection leaves from, never the
+    # output stage: only the learner's own 128 rows run that.
+    assert load["capacity_per_position"][-1] == 128
+    assert 1.0 < load["executed_over_useful"] < 2.0 and 0 < result["fraction_of_matmul_executed"]
     assert load["kept_connections"] == 4
 
 

@@ -128,6 +128,10 @@ BAD_CONFIGS = {
                                    ["cloud.learning_rates", "'melt'"]),
     "negative strategy rate": (["--config.cloud.learning_rates={'freeze': -1.0}"],
                                ["cloud.learning_rates['freeze']", "> 0"]),
+    "capacity factors not one per stage position": (
+        ["--config.baim.capacity_factor=[1.0, 1.0]"],
+        ["capacity_factor", "2 factors given", "6 stage positions"]),
+    "capacity factor zero": (["--config.baim.capacity_factor=0.0"], ["capacity_factor", "> 0"]),
     "unsafe task name": (["--config.task_names=['../up','digits_5_9']"],
                          ["task_names", "'../up'", "not a safe task name"]),
 }

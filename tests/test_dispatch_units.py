@@ -60,10 +60,12 @@ SLOT_OF = np.array([[0, 2, 0],
                     [2, 2, 1],
                     [2, 0, 2],
                     [2, 2, 2]])
+# One stage position: an example's depth is 1 where the learner is needed.
+DEPTH1 = jnp.asarray(NEED.astype(np.int32))
 
 
 def test_capacity_layout_hand_case():
-    lay = capacity_layout(jnp.asarray(NEED), 2)
+    lay = capacity_layout(DEPTH1, (2,))
     chex.assert_shape(lay.rows_of, (3, 2))
     chex.assert_shape(lay.slot_of, (5, 3))
     np.testing.assert_array_equal(np.asarray(lay.rows_of), ROWS_OF)
@@ -73,24 +75,88 @@ def test_capacity_layout_hand_case():
 
 def test_capacity_layout_enough_room_drops_nothing():
     # cap 3: l0 takes 0, 1, 2; l1 takes 3 (+2 empty); l2 takes 0, 2, 3.
-    lay = capacity_layout(jnp.asarray(NEED), 3)
+    lay = capacity_layout(DEPTH1, (3,))
     np.testing.assert_array_equal(np.asarray(lay.rows_of), [[0, 1, 2], [3, 4, 4], [0, 2, 3]])
     np.testing.assert_array_equal(np.asarray(lay.slot_of),
                                   [[0, 3, 0], [1, 3, 3], [2, 3, 1], [3, 0, 2], [3, 3, 3]])
     assert int(lay.dropped) == 0
 
 
+# 5 examples, 2 learners, a chain of 4 positions (say 2 encoder, 2 decoder); depth = how
+# many positions each example needs at each learner:
+#            l0 l1
+#   ex 0     2  4      l0 feeds from its encoder only (positions 0, 1); l1 is picked
+#   ex 1     4  0      l0 picked; l1 not needed
+#   ex 2     0  3      l1 feeds through its first decoder position
+#   ex 3     4  1      l0 picked; l1 feeds from its first position only
+#   ex 4     3  4
+# Sorted deepest first, ties in batch order: l0: 1, 3 (depth 4), 4 (3), 0 (2);
+# l1: 0, 4 (4), 2 (3), 3 (1).
+DEPTH = jnp.asarray(np.array([[2, 4], [4, 0], [0, 3], [4, 1], [3, 4]], np.int32))
+
+
+def test_capacity_layout_sorts_by_depth_and_caps_each_position():
+    # caps (4, 3, 3, 2): the first 4 slots run position 0, 3 slots positions 1 and 2, 2 slots
+    # the last position.
+    #   l0: slots 1, 3, 4, 0. Ex 0 (depth 2) needs positions 0, 1 but sits in slot 3 >= 3,
+    #       the cap of position 1: dropped. Ex 4 (depth 3, slot 2): fits positions 0..2.
+    #   l1: slots 0, 4, 2, 3. Ex 2 (depth 3, slot 2 < 3) fits; ex 3 (depth 1, slot 3 < 4) fits.
+    lay = capacity_layout(DEPTH, (4, 3, 3, 2))
+    assert lay.caps == (4, 3, 3, 2)
+    np.testing.assert_array_equal(np.asarray(lay.rows_of), [[1, 3, 4, 0], [0, 4, 2, 3]])
+    # slot_of: ex 2 has no slot at l0 (4 = R), ex 1 none at l1; the last row is all R.
+    np.testing.assert_array_equal(np.asarray(lay.slot_of),
+                                  [[3, 0], [0, 4], [4, 2], [1, 3], [2, 1], [4, 4]])
+    assert int(lay.dropped) == 1
+    # Three slots: ex 0 at l0 and ex 3 at l1 lose their slot (slot 3); caps above the
+    # buffer are cut to it by ``capacities``, not here.
+    lay = capacity_layout(DEPTH, (3, 3, 2, 2))
+    np.testing.assert_array_equal(np.asarray(lay.rows_of), [[1, 3, 4], [0, 4, 2]])
+    # l0: ex 0 (no slot), ex 4 (slot 2, depth 3: position 2 has cap 2): 2 drops;
+    # l1: ex 3 (no slot), ex 2 (slot 2, depth 3): 2 drops.
+    assert int(lay.dropped) == 4
+
+
+def test_capacities():
+    # B = 8, K = 2, N = 4: B K / N = 4 rows per factor.
+    assert D.capacities(8, 2, 4, None, 3) == (8, 8, 8)
+    assert D.capacities(8, 2, 4, 1.0, 3) == (4, 4, 4)
+    # One factor per position, made nonincreasing: (2 -> 8, 1 -> 4, 1.5 -> 6 cut to 4).
+    assert D.capacities(8, 2, 4, (2.0, 1.0, 1.5), 3) == (8, 4, 4)
+    with pytest.raises(ValueError, match="capacity_factor: 2 factors given, the pool has 3"):
+        D.capacities(8, 2, 4, (1.0, 1.0), 3)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        D.capacities(8, 2, 4, (1.0, 0.0, 1.0), 3)
+
+
+def test_combine_reads_only_the_rows_a_position_ran():
+    # Values of the last position (cap 2) of the layout above: l0 slots hold ex 1, 3;
+    # l1 slots hold ex 0, 4. Weights 1 everywhere: ex 0 gets l1's slot 0 (20), ex 1 l0's
+    # slot 0 (1), ex 3 l0's slot 1 (2), ex 4 l1's slot 1 (40); ex 2 ran no last position: 0.
+    lay = capacity_layout(DEPTH, (4, 3, 3, 2))
+    values = jnp.array([[1.0, 2.0], [20.0, 40.0]], jnp.float32)
+    got = combine(values, jnp.ones((5, 2), jnp.float32), lay)
+    np.testing.assert_allclose(np.asarray(got), [20.0, 1.0, 0.0, 2.0, 40.0])
+
+
+def test_chained_depth():
+    # Prefixes (encoder, decoder) of 3 positions + 2: a decoder prefix comes after the whole
+    # encoder, so they add up.
+    prefixes = jnp.asarray(np.array([[[3, 2], [3, 0], [1, 0], [0, 0]]], np.int32))
+    np.testing.assert_array_equal(np.asarray(D.chained_depth(prefixes)), [[5, 3, 1, 0]])
+
+
 def test_dense_layout():
-    lay = D.dense_layout(3, 2)
+    lay = D.dense_layout(3, 2, 4)
     np.testing.assert_array_equal(np.asarray(lay.rows_of), [[0, 1, 2], [0, 1, 2]])
     np.testing.assert_array_equal(np.asarray(lay.slot_of), [[0, 0], [1, 1], [2, 2], [3, 3]])
-    assert int(lay.dropped) == 0
+    assert int(lay.dropped) == 0 and lay.caps == (3, 3, 3, 3)
 
 
 def test_gather_rows():
     # Buffers of the hand layout; the empty slot (example 4) reads zeros.
     x = jnp.array([10.0, 11.0, 12.0, 13.0], jnp.float32)
-    lay = capacity_layout(jnp.asarray(NEED), 2)
+    lay = capacity_layout(DEPTH1, (2,))
     got = D.gather_rows(x, lay.rows_of)
     np.testing.assert_array_equal(np.asarray(got), [[10, 11], [13, 0], [10, 12]])
 
@@ -106,7 +172,7 @@ def test_combine_hand_case():
     values = jnp.array([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]], jnp.float32)
     weights = jnp.array([[0.5, 0, 0.5], [1.0, 0, 0], [0.25, 0, 0.75], [0, 0.4, 0.6]],
                         jnp.float32)
-    lay = capacity_layout(jnp.asarray(NEED), 2)
+    lay = capacity_layout(DEPTH1, (2,))
     got = combine(values, weights, lay)
     chex.assert_shape(got, (4,))
     np.testing.assert_allclose(np.asarray(got), [50.5, 2.0, 150.0, 4.0], rtol=1e-6)
@@ -121,7 +187,7 @@ def test_combine_dense_is_weighted_sum():
     # Dense layout: out[b] = sum_n w[b, n] * values[n, b].
     values = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)  # l0: 0 1 2, l1: 3 4 5
     weights = jnp.array([[1.0, 0.0], [0.5, 0.5], [0.0, 2.0]], jnp.float32)
-    got = combine(values, weights, D.dense_layout(3, 2))
+    got = combine(values, weights, D.dense_layout(3, 2, 1))
     # ex 0: 1*0 = 0; ex 1: 0.5*1 + 0.5*4 = 2.5; ex 2: 2*5 = 10
     np.testing.assert_allclose(np.asarray(got), [0.0, 2.5, 10.0], rtol=1e-6)
 

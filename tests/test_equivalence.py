@@ -15,6 +15,7 @@ from baim_jax.core import learners as L
 from baim_jax.core import losses
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.partition import partition
+from conftest import mlp
 from reference import randomize_connections, reference_forward
 
 SQUADS = [0, 1, 0, 1]
@@ -105,6 +106,38 @@ def test_capacity_path_with_enough_capacity_equals_dense(mlp_specs, images):
     chex.assert_trees_all_close(fast["nelbo"], dense["nelbo"], rtol=1e-6)
 
 
+def test_feeders_run_only_the_positions_they_feed_from(mlp_specs, images):
+    """Per-position capacities, each the largest load at that position: the deeper positions
+    run fewer rows than the first (a feeder stops where its connections leave), nothing is
+    dropped, and the loss and its gradients equal the dense reference's."""
+    batch = 48
+    x = jax.random.uniform(jax.random.key(1), (batch, *images.shape[1:]))
+    task = jnp.arange(batch) % 2
+    model = _connected(mlp_specs, 2, prune=0.3, config=BAIMConfig(k=1, h=2))
+    dense = _forward(model, x, task, dispatch="dense")
+    depths = (len(model.layout.stages["enc"]), len(model.layout.stages["dec"]))
+    depth = D.chained_depth(D.needed_prefixes(dense["gate"].selected, model.conns.flat_arrays(),
+                                              model.kept_by_group(), depths))
+    loads = [int(jnp.max(jnp.sum(depth > q, axis=0))) for q in range(sum(depths))]
+    assert loads[-1] < loads[0] < batch  # some feeder stops early; some learner is idle
+    model.config = dataclasses.replace(
+        model.config, capacity_factor=tuple(c * 4 / batch for c in loads))
+    fast = _forward(model, x, task, dispatch="capacity")
+    assert int(fast["dropped"]) == 0
+    chex.assert_trees_all_close(fast["recon"], dense["recon"], atol=1e-6)
+    chex.assert_trees_all_close(fast["nelbo"], dense["nelbo"], rtol=1e-6)
+
+    @nnx.jit(static_argnames=("dispatch",))
+    def grads(model, dispatch):
+        return nnx.grad(lambda m: jnp.mean(m.forward(x, task, dispatch=dispatch)["nelbo"]))(model)
+
+    chex.assert_trees_all_close(grads(model, "capacity"), grads(model, "dense"), atol=1e-5)
+    # One row fewer at the last position than its load: that row is dropped.
+    model.config = dataclasses.replace(
+        model.config, capacity_factor=tuple(c * 4 / batch for c in loads[:-1] + [loads[-1] - 1]))
+    assert int(_forward(model, x, task, dispatch="capacity")["dropped"]) >= 1
+
+
 def test_capacity_path_counts_drops(mlp_specs):
     """All 16 rows routed to learner 0 with capacity ceil(0.5 * 16 * 1 / 4) = 2.
 
@@ -164,6 +197,21 @@ def test_partition_without_connections_keeps_only_the_squad(mlp_specs, images):
     model.prune_connections(1e-9)
     task_model = partition(model, "a")
     assert len(task_model.layout.members) >= 2
+
+
+def test_partition_carries_capacity_factors_per_position_only_to_the_same_pool():
+    # Squad a: a learner of 2 hidden encoder stages + head and 3 hidden decoder stages +
+    # output (7 positions, the BAIM's); squad b: one hidden stage per tower (2 + 2). Without
+    # connections, task a's pool has the BAIM's 7 positions and keeps the factors; task b's
+    # has 4, so the largest factor (2.0) stands for all of them.
+    specs = [mlp([12, 10], 3, [6, 9, 7]), mlp([16], 4, [16]), mlp([16], 4, [16]),
+             mlp([8], 4, [8])]
+    factors = (2.0, 2.0, 2.0, 1.5, 1.5, 1.5, 1.0)
+    model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=0, capacity_factor=factors))
+    model.prune_connections(1e-9)
+    model.prune_connections(1e-9)
+    assert partition(model, "a").config.capacity_factor == factors
+    assert partition(model, "b").config.capacity_factor == 2.0
 
 
 def test_forward_sharded_over_four_devices_equals_one_device(mlp_specs):

@@ -64,7 +64,8 @@ class BAIMConfig:
       feature_dim: width of the gate's feature map phi.
       combine: ``"mixture"`` (gated mixture bound) or ``"blend"``.
       dispatch: ``"capacity"`` (fast path) or ``"dense"`` (reference).
-      capacity_factor: rows per learner = factor * B * K / N; None: B (never drops).
+      capacity_factor: rows per learner = factor * B * K / N; one factor, or one per stage
+        position (encoder then decoder; ``dispatch.capacities``); None: B (never drops).
       load_balance_weight, z_loss_weight, task_loss_weight: auxiliary loss weights.
       prior_momentum: momentum of the prior gate's running mean.
     """
@@ -76,11 +77,15 @@ class BAIMConfig:
     feature_dim: int = 64
     combine: str = "mixture"
     dispatch: str = "capacity"
-    capacity_factor: float | None = None
+    capacity_factor: float | tuple[float, ...] | None = None
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     task_loss_weight: float = 1.0
     prior_momentum: float = 0.99
+
+    def __post_init__(self):
+        if isinstance(self.capacity_factor, list):  # from JSON or a config file
+            object.__setattr__(self, "capacity_factor", tuple(self.capacity_factor))
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -92,8 +97,12 @@ class BAIMConfig:
             raise ValueError(f"combine: {self.combine!r} is not one of {losses.COMBINES}")
         if self.dispatch not in ("capacity", "dense"):
             raise ValueError(f"dispatch: {self.dispatch!r} is not 'capacity' or 'dense'")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor: must be > 0 or None, got {self.capacity_factor}")
+        factors = (self.capacity_factor if isinstance(self.capacity_factor, tuple)
+                   else (self.capacity_factor,))
+        if self.capacity_factor is not None and not all(
+                isinstance(f, (int, float)) and f > 0 for f in factors):
+            raise ValueError("capacity_factor: must be None, a number > 0 or a list of them, "
+                             f"got {self.capacity_factor!r}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std: must be >= 0, got {self.noise_std}")
         if self.feature_dim < 1:
@@ -194,6 +203,9 @@ class BAIM(nnx.Module):
         self.config = config
         self.tasks = tuple(tasks)
         self.layout = PoolLayout(list(members))
+        if isinstance(config.capacity_factor, tuple):
+            D.capacities(1, 1, 1, config.capacity_factor,
+                         len(self.layout.stages["enc"]) + len(self.layout.stages["dec"]))
         squads = [m.squad for m in self.layout.members]
         for t, name in enumerate(self.tasks):
             size = squads.count(t)
@@ -289,10 +301,11 @@ class BAIM(nnx.Module):
             if g.tower != tower or g.j != j:
                 continue
             src = inputs[g.i]
+            rows = src.shape[1]
             src = jnp.concatenate([src, jnp.zeros_like(src[:, :1])], axis=1)
-            examples = layout.rows_of[g.tgt]
+            examples = layout.rows_of[g.tgt, :a.shape[1]]
             slots = layout.slot_of[examples, g.src[:, None]]
-            feat = src[g.src[:, None], slots]
+            feat = src[g.src[:, None], jnp.minimum(slots, rows)]
             kept = self.kept[g_idx][...].astype(a.dtype)
             kernel = (self.connections[g_idx][...] * self.conn_masks[g_idx][...].astype(a.dtype)
                       * kept.reshape((-1,) + (1,) * len(g.kernel_shape)))
@@ -301,8 +314,9 @@ class BAIM(nnx.Module):
         return a
 
     def _tower(self, tower: str, a: jax.Array, layout: D.Layout):
+        caps = layout.caps[len(self.layout.stages["enc"]):] if tower == "dec" else layout.caps
         return run_tower(self.layout, values(self.learners), tower, a,
-                         lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout))
+                         lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout), caps)
 
     def _latent_mask(self) -> jax.Array:
         return jnp.asarray(self.layout.latent_mask())
@@ -311,19 +325,18 @@ class BAIM(nnx.Module):
         """Runs every learner on its buffer rows. Returns ``[N, R, ...]`` arrays and losses."""
         return run_pool(self.layout, values(self.learners), D.gather_rows(x, layout.rows_of),
                         D.gather_rows(eps, layout.rows_of),
-                        lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout))
+                        lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout), layout.caps)
 
     def _layout(self, selected: jax.Array, dispatch: str, dropless: bool) -> D.Layout:
         batch, num = selected.shape
-        if dispatch == "dense":
-            return D.dense_layout(batch, num)
-        kept = self.kept_by_group()
-        conn = self.conns.flat_arrays()
         depths = (len(self.layout.stages["enc"]), len(self.layout.stages["dec"]))
-        need = D.needed(selected, conn, kept, depths)
-        cap = D.capacity(batch, self.config.k, num,
-                         None if dropless else self.config.capacity_factor)
-        return D.capacity_layout(need, cap)
+        if dispatch == "dense":
+            return D.dense_layout(batch, num, sum(depths))
+        prefixes = D.needed_prefixes(selected, self.conns.flat_arrays(), self.kept_by_group(),
+                                     depths)
+        caps = D.capacities(batch, self.config.k, num,
+                            None if dropless else self.config.capacity_factor, sum(depths))
+        return D.capacity_layout(D.chained_depth(prefixes), caps)
 
     def route(self, x: jax.Array, task=None, *, rng=None, train=False,
               selected=None) -> G.GateOutput:
@@ -613,7 +626,8 @@ def _sample(model: BAIM, n: int, task: int, rng, mode: str):
     eps = shared_noise(rng_eps, n, model.layout.latent)
     z = jnp.broadcast_to(eps, (model.layout.size, n, model.layout.latent))
     z = jnp.where(model._latent_mask()[:, None, :], z, 0.0)
-    layout = D.dense_layout(n, model.layout.size)
+    depths = len(model.layout.stages["enc"]) + len(model.layout.stages["dec"])
+    layout = D.dense_layout(n, model.layout.size, depths)
     out = losses.pixel_mean(model._tower("dec", z, layout), model.layout.likelihood)
     if mode == "blend":
         w = jnp.broadcast_to(weights, (n, model.layout.size))

@@ -1,49 +1,90 @@
 """Which learner runs on which example, and where its rows sit (DESIGN.md Sec. 2, Fig. 4).
 
 For one input, what runs is its top-K learners plus the stages that feed them through kept
-connections, transitively (``needed``). Each learner then works on a buffer of ``R`` rows:
+connections, transitively: a learner it does not pick may have to run only a prefix of its
+stages (``needed_prefixes``). The stage positions of a learner, encoder then decoder, form one
+chain; an example's *depth* at a learner is how many positions of that chain must run
+(``chained_depth``: 0 when the learner is not needed, all of them when it is picked).
 
-* dense layout (the reference): ``R = B``, every learner runs on every example;
-* capacity layout (the fast path, as vmoe): ``R = C = ceil(capacity_factor * B * K / N)``
-  rows per learner, filled in batch order with the examples that need it; an example that
-  does not fit is *dropped* for that learner (counted), which changes the output. With
-  ``capacity_factor=None`` the capacity is B and nothing is ever dropped.
+Each learner works on a buffer of ``R`` rows sorted by depth, deepest first, and position ``q``
+of the chain runs on the first ``caps[q]`` rows only (``caps`` nonincreasing):
 
-Compute on the buffers is ``N * C`` rows per stage, i.e. grows with K, not N.
+* dense layout (the reference): ``caps[q] = B``, every learner runs every position on every
+  example, in batch order;
+* capacity layout (the fast path, as vmoe): ``caps[q] = ceil(factor_q * B * K / N)``, one
+  factor for every position or one per position, so that a feeder's rows stop at the stages it
+  feeds from; a row that does not fit at a position it needs is *dropped* for that learner
+  (counted), which changes the output. With no factor (``None``) every cap is B and nothing is
+  ever dropped.
+
+Compute at position ``q`` is ``N * caps[q]`` rows, i.e. grows with K (and the feeders' real
+needs), not N.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-class Layout(NamedTuple):
-    """Rows of each learner's buffer.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Rows of each learner's buffer (a pytree; ``caps`` is static).
 
     Attributes:
-      rows_of: ``[N, R]`` int, the example in each slot (``B`` marks an empty slot).
+      rows_of: ``[N, R]`` int, the example in each slot, deepest first (``B`` marks an empty
+        slot).
       slot_of: ``[B + 1, N]`` int, the slot of each example in each learner's buffer (``R``
         where it has none; the last row, for the empty example, is all ``R``).
-      dropped: scalar int, (example, learner) pairs that were needed but did not fit.
+      dropped: scalar int, (example, learner) pairs that needed a position they did not fit.
+      caps: rows run at each chained position (encoder positions, then decoder positions),
+        nonincreasing, ``caps[0] == R``.
     """
 
     rows_of: jax.Array
     slot_of: jax.Array
     dropped: jax.Array
+    caps: tuple[int, ...]
+
+
+jax.tree_util.register_dataclass(Layout, data_fields=["rows_of", "slot_of", "dropped"],
+                                 meta_fields=["caps"])
 
 
 def capacity(batch: int, k: int, num_learners: int, factor: float | None) -> int:
     """Rows per learner buffer; ``B`` when ``factor`` is None (dropless)."""
     if factor is None:
         return batch
-    if factor <= 0:
+    if not factor > 0:
         raise ValueError(f"capacity_factor: must be > 0 or None, got {factor}")
     return int(min(batch, max(1, math.ceil(factor * batch * k / num_learners))))
+
+
+def capacities(batch: int, k: int, num_learners: int,
+               factor: float | Sequence[float] | None, positions: int) -> tuple[int, ...]:
+    """Rows run at each of ``positions`` chained positions (see ``capacity``).
+
+    Args:
+      factor: None (B everywhere), one factor for every position, or one per position.
+
+    Returns:
+      ``positions`` caps, made nonincreasing (a deeper position never needs more rows than a
+      shallower one: its rows are a subset).
+    """
+    if factor is None or isinstance(factor, (int, float)):
+        factors = [factor] * positions
+    else:
+        factors = list(factor)
+        if len(factors) != positions:
+            raise ValueError(f"capacity_factor: {len(factors)} factors given, the pool has "
+                             f"{positions} stage positions")
+    caps = [capacity(batch, k, num_learners, f) for f in factors]
+    return tuple(int(c) for c in np.minimum.accumulate(caps))
 
 
 def needed_prefixes(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
@@ -86,30 +127,44 @@ def needed(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
     return needed_prefixes(active, conn, kept, depths)[..., 0] > 0
 
 
-def dense_layout(batch: int, num_learners: int) -> Layout:
-    """Every learner on every example (the reference)."""
+def chained_depth(prefixes: jax.Array) -> jax.Array:
+    """``[B, N, 2] -> [B, N]``: positions of the encoder-then-decoder chain to run (a learner
+    runs decoder positions only after its whole encoder, so the prefixes add up)."""
+    return prefixes[..., 0] + prefixes[..., 1]
+
+
+def dense_layout(batch: int, num_learners: int, positions: int) -> Layout:
+    """Every learner at every position on every example, in batch order (the reference)."""
     rows = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32), (num_learners, batch))
     slots = jnp.broadcast_to(jnp.arange(batch + 1, dtype=jnp.int32)[:, None],
                              (batch + 1, num_learners))
-    return Layout(rows, slots, jnp.zeros((), jnp.int32))
+    return Layout(rows, slots, jnp.zeros((), jnp.int32), (batch,) * positions)
 
 
-def capacity_layout(need: jax.Array, cap: int) -> Layout:
-    """Fills each learner's ``cap`` slots in batch order with the examples that need it.
+def capacity_layout(depth: jax.Array, caps: Sequence[int]) -> Layout:
+    """Sorts each learner's examples by depth, deepest first (ties in batch order), and keeps
+    ``caps[0]`` of them; position ``q`` then runs on the first ``caps[q]`` slots.
 
     Args:
-      need: ``[B, N]`` bool.
-      cap: slots per learner.
+      depth: ``[B, N]`` int, chained positions to run (0: not needed).
+      caps: rows run at each chained position, nonincreasing.
     """
-    batch, num = need.shape
-    pos = jnp.cumsum(need, axis=0, dtype=jnp.int32) - 1
-    placed = need & (pos < cap)
-    slot = jnp.where(placed, pos, cap)
+    batch, num = depth.shape
+    caps = tuple(int(c) for c in caps)
+    positions, cap = len(caps), caps[0]
+    example = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    key = jnp.where(depth > 0, positions - depth, positions + 1) * batch + example
+    order = jnp.argsort(key, axis=0).astype(jnp.int32)                     # [B, N]
     learner = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), (batch, num))
-    example = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, num))
-    rows = jnp.full((num, cap + 1), batch, jnp.int32).at[learner, slot].set(example)[:, :cap]
+    rank = jnp.zeros((batch, num), jnp.int32).at[order, learner].set(
+        jnp.broadcast_to(example, (batch, num)))
+    first = order[:cap]
+    rows = jnp.where(jnp.take_along_axis(depth, first, axis=0) > 0, first, batch).T
+    slot = jnp.where((depth > 0) & (rank < cap), rank, cap)
     slot_of = jnp.concatenate([slot, jnp.full((1, num), cap, jnp.int32)], axis=0)
-    return Layout(rows, slot_of, jnp.sum(need & ~placed).astype(jnp.int32))
+    deepest_cap = jnp.asarray(caps, jnp.int32)[jnp.clip(depth - 1, 0, positions - 1)]
+    dropped = jnp.sum((depth > 0) & (rank >= deepest_cap)).astype(jnp.int32)
+    return Layout(rows, slot_of, dropped, caps)
 
 
 def gather_rows(x: jax.Array, rows_of: jax.Array) -> jax.Array:
@@ -122,7 +177,8 @@ def combine(values: jax.Array, weights: jax.Array, layout: Layout) -> jax.Array:
     """``sum_n weights[b, n] * values[n, slot_of[b, n]]`` by scattering from the buffers.
 
     Args:
-      values: ``[N, R, ...]`` per-learner results.
+      values: ``[N, R', ...]`` per-learner results on the first ``R' <= R`` slots (a position
+        with a smaller cap); an example beyond them contributes nothing.
       weights: ``[B, N]``.
       layout: the layout the buffers follow.
 
@@ -130,9 +186,10 @@ def combine(values: jax.Array, weights: jax.Array, layout: Layout) -> jax.Array:
       ``[B, ...]``.
     """
     batch = weights.shape[0]
+    rows_of = layout.rows_of[:, :values.shape[1]]
     w = jnp.concatenate([weights, jnp.zeros((1, weights.shape[1]), weights.dtype)], axis=0)
-    w_buf = w[layout.rows_of, jnp.arange(weights.shape[1])[:, None]]
+    w_buf = w[rows_of, jnp.arange(weights.shape[1])[:, None]]
     contrib = values * w_buf.reshape(w_buf.shape + (1,) * (values.ndim - 2))
     flat = contrib.reshape(-1, *values.shape[2:])
-    out = jax.ops.segment_sum(flat, layout.rows_of.reshape(-1), num_segments=batch + 1)
+    out = jax.ops.segment_sum(flat, rows_of.reshape(-1), num_segments=batch + 1)
     return out[:batch]

@@ -8,6 +8,8 @@ exactly what the BAIM computes for that task (DESIGN.md Sec. 5).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -15,8 +17,8 @@ from flax import nnx
 from baim_jax.core import connections as C
 from baim_jax.core import dispatch as D
 from baim_jax.core import learners as L
-from baim_jax.core.baim import BAIM
-from baim_jax.core.pool import Member
+from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.pool import Member, PoolLayout
 
 
 class TaskModel(BAIM):
@@ -45,6 +47,18 @@ def kept_stages(model: BAIM, active: list[int]) -> np.ndarray:
     return np.array([[sum(layout.stage_index[t][q][n] is not None
                           for q in range(positions[n, ti]))
                       for ti, t in enumerate(L.TOWERS)] for n in range(layout.size)])
+
+
+def _task_config(config: BAIMConfig, members: list[Member]) -> BAIMConfig:
+    """The BAIM's config for a task model. Capacity factors given per stage position describe
+    the BAIM's pool; where the task model's pool has other positions, its largest factor
+    stands for all of them."""
+    factors = config.capacity_factor
+    if isinstance(factors, tuple):
+        pool = PoolLayout(members)
+        if len(factors) != len(pool.stages["enc"]) + len(pool.stages["dec"]):
+            return dataclasses.replace(config, capacity_factor=max(factors))
+    return config
 
 
 def partition(model: BAIM, task) -> TaskModel:
@@ -84,7 +98,8 @@ def partition(model: BAIM, task) -> TaskModel:
                    "ts": {"kernel": gate["ts"]["kernel"][:, t:t + 1],
                           "bias": gate["ts"]["bias"][t:t + 1]}}
     prior = np.where(seg[cols] == t, old["prior"][cols], 0.0)
-    return TaskModel(members, [model.tasks[t]], model.config, rngs=nnx.Rngs(0),
+    return TaskModel(members, [model.tasks[t]], _task_config(model.config, members),
+                     rngs=nnx.Rngs(0),
                      learner_params=params, connections=[conns[i] for i in order],
                      connection_kernels=[kernels[i] for i in order], gate_params=gate_params,
                      prior=prior)

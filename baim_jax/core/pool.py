@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -281,7 +281,7 @@ Mix = Callable[[str, int, jax.Array, list], jax.Array]
 
 
 def run_tower(layout: PoolLayout, params: dict, tower: str, a: jax.Array,
-              mix: Mix | None = None):
+              mix: Mix | None = None, caps: Sequence[int] | None = None):
     """Every learner through one tower on its own rows.
 
     Args:
@@ -290,14 +290,19 @@ def run_tower(layout: PoolLayout, params: dict, tower: str, a: jax.Array,
       tower: ``"enc"`` or ``"dec"``.
       a: ``[N, R, *in_shape]``, the input of position 0 per learner.
       mix: optional ``mix(tower, p, a, inputs) -> mixed`` that adds connection projections to
-        the input ``a`` of position ``p`` (``inputs``: the original inputs of positions 0..p).
+        the input ``a`` of position ``p`` (``inputs``: the original inputs of positions 0..p,
+        each on all the rows its producing position ran).
+      caps: rows each position runs on (the first ``caps[p]``, nonincreasing); None: all.
 
     Returns:
-      ``[N, R, *out_shape]`` (the encoder returns ``(mean, logvar)``).
+      ``[N, R', *out_shape]`` with ``R'`` the last position's rows (the encoder returns
+      ``(mean, logvar)``).
     """
     inputs = []
     for p, stage in enumerate(layout.stages[tower]):
         inputs.append(a)
+        if caps is not None:
+            a = a[:, :caps[p]]
         mixed = a if mix is None else mix(tower, p, a, inputs)
         fn = functools.partial(apply_pool_stage, stage)
         a = jax.vmap(fn)(params[tower][p], jnp.asarray(layout.status[tower][p]), mixed)
@@ -305,22 +310,27 @@ def run_tower(layout: PoolLayout, params: dict, tower: str, a: jax.Array,
 
 
 def run_pool(layout: PoolLayout, params: dict, x: jax.Array, eps: jax.Array,
-             mix: Mix | None = None) -> dict:
+             mix: Mix | None = None, caps: Sequence[int] | None = None) -> dict:
     """Every learner as a VAE on its own rows, with per-row losses.
 
     Args:
       x: ``[N, R, H, W, C]`` images per learner.
       eps: ``[N, R, latent]`` standard normal noise (zeros: posterior means).
       mix: see ``run_tower``.
+      caps: rows run at each chained position (encoder positions, then decoder positions;
+        see ``dispatch.Layout``); None: all ``R``.
 
     Returns:
-      dict of ``[N, R, ...]``: ``mean``, ``logvar``, ``z``, ``out`` (logits or means), and
-      ``rec`` (negative log-likelihood), ``kl``, each ``[N, R]`` in nats.
+      dict of ``[N, R', ...]``: ``mean``, ``logvar``, ``z`` and ``kl`` on the rows the latent
+      head ran, ``out`` (logits or means) and ``rec`` (negative log-likelihood) on the rows
+      the output stage ran; ``rec`` and ``kl`` are ``[N, R']`` in nats.
     """
-    mean, logvar = run_tower(layout, params, "enc", x, mix)
+    depth = len(layout.stages["enc"])
+    enc_caps, dec_caps = (None, None) if caps is None else (caps[:depth], caps[depth:])
+    mean, logvar = run_tower(layout, params, "enc", x, mix, enc_caps)
     real = jnp.asarray(layout.latent_mask())[:, None, :]
-    z = jnp.where(real, mean + jnp.exp(0.5 * logvar) * eps, 0.0)
-    out = run_tower(layout, params, "dec", z, mix)
-    rec = losses.nll(out, params["log_scale"][:, None], x, layout.likelihood)
+    z = jnp.where(real, mean + jnp.exp(0.5 * logvar) * eps[:, :mean.shape[1]], 0.0)
+    out = run_tower(layout, params, "dec", z, mix, dec_caps)
+    rec = losses.nll(out, params["log_scale"][:, None], x[:, :out.shape[1]], layout.likelihood)
     return {"mean": mean, "logvar": logvar, "z": z, "out": out, "rec": rec,
             "kl": losses.kl_standard_normal(mean, logvar, real)}

@@ -11,9 +11,11 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from baim_jax.core import dispatch as D
 from baim_jax.core import learners as L
 from baim_jax.core import strategies
 from baim_jax.core.baim import BAIMConfig
+from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.evaluation import data as data_lib
 from baim_jax.evaluation.data import Split
 from baim_jax.names import check_task_name
@@ -144,6 +146,10 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         baim.validate()
     except TypeError as err:
         raise ValueError(f"baim: {err}") from None
+    if isinstance(baim.capacity_factor, tuple):
+        pool = PoolLayout([Member(spec, t) for spec, t in zip(specs, edge_tasks)])
+        D.capacities(1, 1, 1, baim.capacity_factor,
+                     len(pool.stages["enc"]) + len(pool.stages["dec"]))
     smallest = min(edge_tasks.count(t) for t in range(len(tasks)))
     if baim.k > smallest:
         raise ValueError(f"baim.k: {baim.k} is larger than the smallest squad ({smallest} edges)")

@@ -6,9 +6,9 @@ store, task popularity Zipf(``--zipf``) (0: uniform), goes to one edge whose too
 no toolbox, so that compilation is not in the figures; the toolbox then starts empty.
 
 Without ``--store``, a store is made of a synthetic toolkit: ``--tasks`` squads of the case
-study's five MLP learner sizes on 28x28 images, K = 2, h = 1, half of the potential connections
-kept as in the case study (rho = 0.5; random weights: serving cost does not depend on
-training). With ``--store STORE`` (made by
+study's five MLP learner sizes (the first ``--learners`` of them) on 28x28 images, K = 2,
+h = 1, half of the potential connections kept as in the case study (rho = 0.5; random
+weights: serving cost does not depend on training). With ``--store STORE`` (made by
 ``baim-jax export``), its models are used.
 
 Prints one JSON object: ``requests_per_second``, ``hit_ratio``, ``bytes_downloaded``,
@@ -40,11 +40,13 @@ WIDTHS = [((32,), 8, (32,)), ((64,), 8, (64,)), ((128,), 16, (128,)),
           ((256, 64), 16, (64, 256)), ((512, 256), 32, (256, 512))]
 
 
-def synthetic_store(root: Path, tasks: int, seed: int) -> ModelStore:
-    """A store of ``tasks`` task models cut from one random BAIM."""
+def synthetic_store(root: Path, tasks: int, learners: int, seed: int) -> ModelStore:
+    """A store of ``tasks`` task models cut from one random BAIM, each squad of the first
+    ``learners`` sizes of ``WIDTHS``."""
+    widths = WIDTHS[:learners]
     specs = [LearnerSpec("mlp", (28, 28, 1), enc, lat, dec) for _ in range(tasks)
-             for enc, lat, dec in WIDTHS]
-    squads = [t for t in range(tasks) for _ in WIDTHS]
+             for enc, lat, dec in widths]
+    squads = [t for t in range(tasks) for _ in widths]
     names = [f"task{t}" for t in range(tasks)]
     baim = BAIM.assemble(specs, squads, names, BAIMConfig(k=2, h=1), seed=seed)
     rng = np.random.default_rng(seed)
@@ -82,15 +84,20 @@ def main() -> None:
                         help="toolbox capacity as a fraction of the toolkit's bytes")
     parser.add_argument("--zipf", type=float, default=1.0,
                         help="task popularity exponent (0: uniform)")
+    parser.add_argument("--learners", type=int, default=len(WIDTHS),
+                        help="learners per squad of the synthetic store: the first of the "
+                             f"case study's {len(WIDTHS)} sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.requests < 1 or args.num < 1 or not 0 < args.capacity < 1 or args.tasks < 2:
-        parser.error("--requests, --num >= 1; 0 < --capacity < 1; --tasks >= 2")
+    if (args.requests < 1 or args.num < 1 or not 0 < args.capacity < 1 or args.tasks < 2
+            or not 2 <= args.learners <= len(WIDTHS)):
+        parser.error("--requests, --num >= 1; 0 < --capacity < 1; --tasks >= 2; "
+                     f"2 <= --learners <= {len(WIDTHS)}")
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="baim_serve_") as tmp:
         tmp = Path(tmp)
         store = (ModelStore(args.store) if args.store
-                 else synthetic_store(tmp, args.tasks, args.seed))
+                 else synthetic_store(tmp, args.tasks, args.learners, args.seed))
         tasks = store.tasks()
         toolkit = sum(store.entry(t)["bytes"] for t in tasks)
         capacity = int(args.capacity * toolkit)

@@ -179,14 +179,17 @@ def _run_until(workdir: Path, marker: str, timeout: float = 300) -> None:
         proc.wait()
 
 
-def test_killed_runs_resume_to_the_same_results(smoke_run, results, tmp_path):
-    """Killed in the middle of the edges phase, then between phases; the third run resumes
-    and ends with the uninterrupted run's results."""
+def test_killed_run_resumes_to_the_same_results(smoke_run, results, tmp_path):
+    """Killed in the middle of the edges phase (the features phase done); the second run skips
+    the finished phase, resumes the edges from their checkpoint and ends with the
+    uninterrupted run's results."""
     workdir = tmp_path / "run"
     _run_until(workdir, "ckpt/edges/1")  # after 1 of 2 local epochs
+    assert (workdir / "phases" / "features.json").exists()
     assert not (workdir / "phases" / "edges.json").exists()
-    _run_until(workdir, "phases/edges.json")
+    features = (workdir / "phases" / "features.json").stat().st_mtime_ns
     assert main(["run", "--config", SMOKE, "--workdir", str(workdir)]) == 0
     resumed = json.loads((workdir / "results.json").read_text())
     assert _comparable(resumed, workdir) == _comparable(results, smoke_run["workdir"])
     assert not (workdir / "ckpt" / "edges").exists()
+    assert (workdir / "phases" / "features.json").stat().st_mtime_ns == features

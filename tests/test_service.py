@@ -77,6 +77,28 @@ def test_miss_download_then_hit(store, tmp_path):
     chex.assert_trees_all_close(first.images, second.images, third.images)
 
 
+def test_a_hit_needs_nothing_from_the_store(store, tmp_path):
+    """Paper step 7: an edge that holds the model serves it; only a miss goes to the cloud.
+    The store is moved away after the first requests: hits (by task, and by images through
+    the cached router) still serve; a miss fails: the store is not there."""
+    edge = Edge(store, Toolbox(tmp_path / "toolbox"))
+    x = np.asarray(jax.random.uniform(jax.random.key(2), (4, 8, 8, 1)))
+    first = edge.serve(Request(images=x, num=1))
+    edge.serve(Request(task="a", num=2))
+    cached = set(Toolbox(tmp_path / "toolbox").contents())
+    assert {ROUTER, "a"} <= cached
+    store.root.rename(tmp_path / "elsewhere")
+    again = Edge(store, Toolbox(tmp_path / "toolbox"))  # a new process: nothing in memory
+    got = again.serve(Request(task="a", num=2))
+    assert got.sources == {"a": "toolbox"}
+    routed = again.serve(Request(images=x, num=1))
+    assert set(routed.sources.values()) == {"toolbox"}
+    chex.assert_trees_all_close(routed.images, first.images)
+    missing = next(t for t in TASKS if t not in cached)
+    with pytest.raises(I.IntegrityError, match="not a model store"):
+        again.serve(Request(task=missing, num=2))
+
+
 def test_served_samples_and_variations_are_the_task_models(store, published, tmp_path):
     edge = Edge(store, Toolbox(tmp_path / "toolbox"))
     model = checkpoint.load(published["sources"]["b"])

@@ -83,11 +83,14 @@ class Response:
     notes: list[str]
 
 
-def check_request(store: ModelStore, request: Request) -> None:
-    """Refuses a request the store cannot serve (unknown task, no router, images of the wrong
-    shape) before anything is fetched."""
+def check_request(store: ModelStore, request: Request, toolbox: Toolbox | None = None) -> None:
+    """Refuses a request that cannot be served (unknown task, no router, images of the wrong
+    shape) before anything is fetched. A model the toolbox holds is checked against the
+    toolbox's entry (the store is not read); any other against the store's."""
     request.validate()
-    entry = store.entry(request.task or ROUTER)
+    key = request.task or ROUTER
+    held = None if toolbox is None or request.sensitive else toolbox.contents().get(key)
+    entry = held if held is not None and held["image_shape"] else store.entry(key)
     if request.images is not None and list(request.images.shape[1:]) != entry["image_shape"]:
         raise ValueError(f"images: shape {tuple(request.images.shape)} does not fit the models, "
                          f"which take [batch, {', '.join(map(str, entry['image_shape']))}]")
@@ -109,7 +112,8 @@ class Edge:
     def _model(self, key: str, sensitive: bool, out: dict):
         """Obtains a model and records where it came from in ``out``."""
         why = "sensitive" if sensitive else "no toolbox" if self.toolbox is None else None
-        if why is None and not self.toolbox.fits(self.store.entry(key)["bytes"]):
+        if (why is None and key not in self.toolbox.contents()
+                and not self.toolbox.fits(self.store.entry(key)["bytes"])):
             why = "larger than the toolbox"
         if why is not None:
             entry, model = self.store.load(key)
@@ -136,7 +140,7 @@ class Edge:
 
     def serve(self, request: Request) -> Response:
         """Serves one request (validated first; nothing is fetched for a bad one)."""
-        check_request(self.store, request)
+        check_request(self.store, request, self.toolbox)
         start = time.perf_counter()
         out = {"sources": {}, "bytes": 0, "notes": []}
         if request.task is not None:

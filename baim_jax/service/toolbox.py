@@ -4,13 +4,15 @@ store, with a byte capacity and least-recently-used eviction.
 Layout::
 
     TOOLBOX/toolbox.json   {"format", "version", "capacity", "clock",
-                            "entries": {key: {"revision", "files", "bytes", "last_used"}}}
+                            "entries": {key: {"revision", "files", "bytes", "image_shape",
+                                              "last_used"}}}
     TOOLBOX/models/<task>/ a cached task model
     TOOLBOX/router/        the cached router (key ``_router``)
 
 Every change happens under an exclusive lock on ``TOOLBOX/.lock``: a download lands in
 ``.incoming/`` first and is renamed into place, so processes filling the same toolbox at once
-never leave (or read) a broken model.
+never leave (or read) a broken model. A hit needs nothing from the store: the entry keeps what
+a request is checked against.
 """
 
 from __future__ import annotations
@@ -111,9 +113,10 @@ class Toolbox:
         return self._index()["capacity"]
 
     def contents(self) -> dict[str, dict]:
-        """``{task: {"revision", "bytes", "last_used"}}`` of what the toolbox holds."""
+        """``{task: {"revision", "bytes", "image_shape", "last_used"}}`` of what the toolbox
+        holds (``image_shape`` None for a model cached before it was recorded)."""
         with I.locked(self.root, exclusive=False):
-            return {k: {f: e[f] for f in ("revision", "bytes", "last_used")}
+            return {k: {f: e.get(f) for f in ("revision", "bytes", "image_shape", "last_used")}
                     for k, e in self._index()["entries"].items()}
 
     def used(self) -> int:
@@ -179,7 +182,8 @@ class Toolbox:
                                       key=lambda k: index["entries"][k]["last_used"]))
         I.replace_dir(tmp, self._dir(key))
         index["entries"][key] = {"revision": meta["revision"], "files": meta["files"],
-                                 "bytes": meta["bytes"], "last_used": 0}
+                                 "bytes": meta["bytes"], "image_shape": meta["image_shape"],
+                                 "last_used": 0}
 
     def fits(self, nbytes: int) -> bool:
         """Whether a model of ``nbytes`` can be cached at all."""

@@ -99,7 +99,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def time_grad_and_step(model: BAIM, selected, repeats: int, with_step: bool):
-    x = jax.random.uniform(jax.random.key(1), (BATCH, 28, 28, 1))
+    x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
     task = jnp.zeros((BATCH,), jnp.int32)
     rng = jax.random.key(2)
     graphdef, state = nnx.split(model)

@@ -377,7 +377,8 @@ class BAIM(nnx.Module):
         rec_n, kl_n = buf["rec"], buf["kl"]
         pix = losses.pixel_mean(buf["out"], self.layout.likelihood)
         recon = D.combine(pix, out.weights, layout)
-        kl = D.combine(kl_n, out.weights, layout)
+        # KL on the rows that also ran the output stage: a learner dropped there loses both terms.
+        kl = D.combine(kl_n[:, :rec_n.shape[1]], out.weights, layout)
         if self.config.combine == "mixture":
             rec = D.combine(rec_n, out.weights, layout)
         else:

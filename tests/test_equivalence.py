@@ -95,7 +95,7 @@ def test_capacity_path_with_enough_capacity_equals_dense(mlp_specs, images):
     model = _connected(mlp_specs, 1, prune=0.05, config=BAIMConfig(k=1, h=1))
     dense = _forward(model, x, task, dispatch="dense")
     kept = model.kept_by_group()
-    depths = (len(model.layout.stages["enc"]), len(model.layout.stages["dec"]))
+    depths = model.layout.depths
     need = D.needed(dense["gate"].selected, model.conns.flat_arrays(), kept, depths)
     max_load = int(jnp.max(jnp.sum(need, axis=0)))
     assert max_load < batch
@@ -115,7 +115,7 @@ def test_feeders_run_only_the_positions_they_feed_from(mlp_specs, images):
     task = jnp.arange(batch) % 2
     model = _connected(mlp_specs, 2, prune=0.3, config=BAIMConfig(k=1, h=2))
     dense = _forward(model, x, task, dispatch="dense")
-    depths = (len(model.layout.stages["enc"]), len(model.layout.stages["dec"]))
+    depths = model.layout.depths
     depth = D.chained_depth(D.needed_prefixes(dense["gate"].selected, model.conns.flat_arrays(),
                                               model.kept_by_group(), depths))
     loads = [int(jnp.max(jnp.sum(depth > q, axis=0))) for q in range(sum(depths))]

@@ -204,8 +204,7 @@ class BAIM(nnx.Module):
         self.tasks = tuple(tasks)
         self.layout = PoolLayout(list(members))
         if isinstance(config.capacity_factor, tuple):
-            D.capacities(1, 1, 1, config.capacity_factor,
-                         len(self.layout.stages["enc"]) + len(self.layout.stages["dec"]))
+            D.capacities(1, 1, 1, config.capacity_factor, sum(self.layout.depths))
         squads = [m.squad for m in self.layout.members]
         for t, name in enumerate(self.tasks):
             size = squads.count(t)
@@ -314,7 +313,7 @@ class BAIM(nnx.Module):
         return a
 
     def _tower(self, tower: str, a: jax.Array, layout: D.Layout):
-        caps = layout.caps[len(self.layout.stages["enc"]):] if tower == "dec" else layout.caps
+        caps = layout.caps[self.layout.depths[0]:] if tower == "dec" else layout.caps
         return run_tower(self.layout, values(self.learners), tower, a,
                          lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout), caps)
 
@@ -329,7 +328,7 @@ class BAIM(nnx.Module):
 
     def _layout(self, selected: jax.Array, dispatch: str, dropless: bool) -> D.Layout:
         batch, num = selected.shape
-        depths = (len(self.layout.stages["enc"]), len(self.layout.stages["dec"]))
+        depths = self.layout.depths
         if dispatch == "dense":
             return D.dense_layout(batch, num, sum(depths))
         prefixes = D.needed_prefixes(selected, self.conns.flat_arrays(), self.kept_by_group(),
@@ -627,8 +626,7 @@ def _sample(model: BAIM, n: int, task: int, rng, mode: str):
     eps = shared_noise(rng_eps, n, model.layout.latent)
     z = jnp.broadcast_to(eps, (model.layout.size, n, model.layout.latent))
     z = jnp.where(model._latent_mask()[:, None, :], z, 0.0)
-    depths = len(model.layout.stages["enc"]) + len(model.layout.stages["dec"])
-    layout = D.dense_layout(n, model.layout.size, depths)
+    layout = D.dense_layout(n, model.layout.size, sum(model.layout.depths))
     out = losses.pixel_mean(model._tower("dec", z, layout), model.layout.likelihood)
     if mode == "blend":
         w = jnp.broadcast_to(weights, (n, model.layout.size))

@@ -39,7 +39,7 @@ def kept_stages(model: BAIM, active: list[int]) -> np.ndarray:
       a learner that is not needed), from ``dispatch.needed_prefixes`` (pool positions).
     """
     layout = model.layout
-    depths = tuple(len(layout.stages[t]) for t in L.TOWERS)
+    depths = layout.depths
     selected = np.zeros((1, layout.size), bool)
     selected[0, active] = True
     positions = np.asarray(D.needed_prefixes(jnp.asarray(selected), model.conns.flat_arrays(),
@@ -56,7 +56,7 @@ def _task_config(config: BAIMConfig, members: list[Member]) -> BAIMConfig:
     factors = config.capacity_factor
     if isinstance(factors, tuple):
         pool = PoolLayout(members)
-        if len(factors) != len(pool.stages["enc"]) + len(pool.stages["dec"]):
+        if len(factors) != sum(pool.depths):
             return dataclasses.replace(config, capacity_factor=max(factors))
     return config
 

@@ -172,6 +172,12 @@ class PoolLayout:
     def size(self) -> int:
         return len(self.members)
 
+    @property
+    def depths(self) -> tuple[int, int]:
+        """Positions of the encoder and decoder towers (the chain of ``dispatch.Layout.caps``
+        is the encoder's, then the decoder's)."""
+        return len(self.stages["enc"]), len(self.stages["dec"])
+
     def position(self, tower: str, n: int, k: int) -> int:
         """Pool position of learner ``n``'s own stage ``k``."""
         return next(p for p, idx in enumerate(self.stage_index[tower]) if idx[n] == k)
@@ -325,7 +331,7 @@ def run_pool(layout: PoolLayout, params: dict, x: jax.Array, eps: jax.Array,
       head ran, ``out`` (logits or means) and ``rec`` (negative log-likelihood) on the rows
       the output stage ran; ``rec`` and ``kl`` are ``[N, R']`` in nats.
     """
-    depth = len(layout.stages["enc"])
+    depth = layout.depths[0]
     enc_caps, dec_caps = (None, None) if caps is None else (caps[:depth], caps[depth:])
     mean, logvar = run_tower(layout, params, "enc", x, mix, enc_caps)
     real = jnp.asarray(layout.latent_mask())[:, None, :]

@@ -10,7 +10,9 @@ import pytest
 from baim_jax.core import dispatch as D
 
 # One compile per shape instead of one per eager op.
-needed = jax.jit(D.needed, static_argnums=3)
+# Learners with any stage to run, per example: what the layouts are built from.
+needed = jax.jit(lambda active, conn, kept, depths: D.chained_depth(
+    D.needed_prefixes(active, conn, kept, depths)) > 0, static_argnums=3)
 capacity_layout = jax.jit(D.capacity_layout, static_argnums=1)
 combine = jax.jit(D.combine)
 
@@ -212,7 +214,7 @@ def run_needed(active, conn, kept, depths):
 
 def test_needed_no_connections_is_active():
     active = [[1, 0, 0], [0, 1, 1]]
-    got = D.needed(jnp.asarray(np.array(active, bool)), conns(), jnp.zeros((0,), bool), (3, 2))
+    got = needed(jnp.asarray(np.array(active, bool)), conns(), jnp.zeros((0,), bool), (3, 2))
     np.testing.assert_array_equal(np.asarray(got), np.array(active, bool))
 
 

@@ -96,7 +96,8 @@ def test_capacity_path_with_enough_capacity_equals_dense(mlp_specs, images):
     dense = _forward(model, x, task, dispatch="dense")
     kept = model.kept_by_group()
     depths = model.layout.depths
-    need = D.needed(dense["gate"].selected, model.conns.flat_arrays(), kept, depths)
+    need = D.chained_depth(D.needed_prefixes(dense["gate"].selected, model.conns.flat_arrays(),
+                                             kept, depths)) > 0
     max_load = int(jnp.max(jnp.sum(need, axis=0)))
     assert max_load < batch
     model.config = dataclasses.replace(model.config, capacity_factor=max_load * 4 / batch)

@@ -203,8 +203,7 @@ class BAIM(nnx.Module):
         self.config = config
         self.tasks = tuple(tasks)
         self.layout = PoolLayout(list(members))
-        if isinstance(config.capacity_factor, tuple):
-            D.capacities(1, 1, 1, config.capacity_factor, sum(self.layout.depths))
+        D.check_capacity_factor(config.capacity_factor, sum(self.layout.depths))
         squads = [m.squad for m in self.layout.members]
         for t, name in enumerate(self.tasks):
             size = squads.count(t)

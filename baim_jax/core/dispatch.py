@@ -65,6 +65,13 @@ def capacity(batch: int, k: int, num_learners: int, factor: float | None) -> int
     return int(min(batch, max(1, math.ceil(factor * batch * k / num_learners))))
 
 
+def check_capacity_factor(factor: float | Sequence[float] | None, positions: int) -> None:
+    """Refuses a list of capacity factors that is not one per stage position of the pool."""
+    if factor is not None and not isinstance(factor, (int, float)) and len(factor) != positions:
+        raise ValueError(f"capacity_factor: {len(factor)} factors given, the pool has "
+                         f"{positions} stage positions")
+
+
 def capacities(batch: int, k: int, num_learners: int,
                factor: float | Sequence[float] | None, positions: int) -> tuple[int, ...]:
     """Rows run at each of ``positions`` chained positions (see ``capacity``).
@@ -76,13 +83,9 @@ def capacities(batch: int, k: int, num_learners: int,
       ``positions`` caps, made nonincreasing (a deeper position never needs more rows than a
       shallower one: its rows are a subset).
     """
-    if factor is None or isinstance(factor, (int, float)):
-        factors = [factor] * positions
-    else:
-        factors = list(factor)
-        if len(factors) != positions:
-            raise ValueError(f"capacity_factor: {len(factors)} factors given, the pool has "
-                             f"{positions} stage positions")
+    check_capacity_factor(factor, positions)
+    single = factor is None or isinstance(factor, (int, float))
+    factors = [factor] * positions if single else factor
     caps = [capacity(batch, k, num_learners, f) for f in factors]
     return tuple(int(c) for c in np.minimum.accumulate(caps))
 
@@ -118,13 +121,6 @@ def needed_prefixes(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Ar
                          for r in (enc_req, dec_req)], -1)
         need = jnp.maximum(need, new)
     return need
-
-
-def needed(active: jax.Array, conn: dict[str, np.ndarray], kept: jax.Array,
-           depths: tuple[int, int]) -> jax.Array:
-    """``[B, N]`` bool: the learners with any stage to run for each example
-    (see ``needed_prefixes``)."""
-    return needed_prefixes(active, conn, kept, depths)[..., 0] > 0
 
 
 def chained_depth(prefixes: jax.Array) -> jax.Array:

@@ -146,9 +146,8 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         baim.validate()
     except TypeError as err:
         raise ValueError(f"baim: {err}") from None
-    if isinstance(baim.capacity_factor, tuple):
-        pool = PoolLayout([Member(spec, t) for spec, t in zip(specs, edge_tasks)])
-        D.capacities(1, 1, 1, baim.capacity_factor, sum(pool.depths))
+    pool = PoolLayout([Member(spec, t) for spec, t in zip(specs, edge_tasks)])
+    D.check_capacity_factor(baim.capacity_factor, sum(pool.depths))
     smallest = min(edge_tasks.count(t) for t in range(len(tasks)))
     if baim.k > smallest:
         raise ValueError(f"baim.k: {baim.k} is larger than the smallest squad ({smallest} edges)")

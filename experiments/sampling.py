@@ -26,13 +26,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 import baim_jax
 from baim_jax.evaluation.fid import fid
 from baim_jax.framework import measures
 from baim_jax.framework import plan as plan_lib
+from baim_jax.framework import storage
 
 
 def per_task(model, test, fn) -> np.ndarray:
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/case_study/sampling.json")
     args = parser.parse_args()
     run = Path(args.workdir)
-    config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+    config = storage.run_config(run)
     plan = plan_lib.validate(config)
     test = plan.data.test
     extract, _ = measures.feature_space(run / "feature_nets", config.data.dataset, plan.train,

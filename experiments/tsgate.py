@@ -28,13 +28,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 import baim_jax
 from baim_jax.core import gates as G
 from baim_jax.framework import plan as plan_lib
+from baim_jax.framework import storage
 from baim_jax.framework.cloud import epoch_batches
 
 
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/case_study/tsgate.json")
     args = parser.parse_args()
     run = Path(args.workdir)
-    config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+    config = storage.run_config(run)
     plan = plan_lib.validate(config)
     cloud, test, train_all = plan.data.cloud, plan.data.test, plan.train
     cfg, seed = config.cloud, config.seed

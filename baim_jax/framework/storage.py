@@ -50,6 +50,14 @@ class PhaseCheckpoint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def run_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The config a run directory was claimed for (``claim``)."""
+    record = Path(workdir) / "config.json"
+    if not record.is_file():
+        raise ValueError(f"workdir: {workdir} holds no baim-jax run (no config.json)")
+    return ml_collections.ConfigDict(json.loads(record.read_text()))
+
+
 def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """Makes ``workdir`` this config's run directory, or refuses one holding another run."""
     if workdir.exists() and not workdir.is_dir():

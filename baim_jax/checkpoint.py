@@ -8,7 +8,6 @@ directory and refuses anything inconsistent with one clear error (``CheckpointEr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import TaskModel
 from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.core.router import TaskRouter
+from baim_jax.service import integrity
 
 FORMAT, VERSION = "baim_jax", 1
 KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel, "router": TaskRouter}
@@ -33,12 +33,6 @@ KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel, "router": TaskRoute
 
 class CheckpointError(ValueError):
     """A model directory that cannot be loaded."""
-
-
-def _digests(state: Path) -> dict[str, str]:
-    """SHA-256 of every file under the checkpoint directory, keyed by relative path."""
-    return {str(f.relative_to(state)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(state.rglob("*")) if f.is_file()}
 
 
 def _to_dicts(tree):
@@ -70,7 +64,7 @@ def save(model: BAIM | EdgeModel | TaskRouter, path) -> None:
         ckpt.save(tmp / "state", _to_dicts(tree))
         ckpt.wait_until_finished()
         spec = model.spec
-        spec["files"] = _digests(tmp / "state")
+        spec["files"] = integrity.digests(tmp / "state")
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -117,15 +111,10 @@ def load(path) -> BAIM | EdgeModel | TaskRouter:
     files = spec.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path}/spec.json: no file digests ('files')")
-    found = _digests(path / "state")
-    for name, digest in files.items():
-        if name not in found:
-            raise CheckpointError(f"{path}/state/{name}: missing")
-        if found[name] != digest:
-            raise CheckpointError(f"{path}/state/{name}: damaged (SHA-256 differs from spec.json)")
-    extra = sorted(set(found) - set(files))
-    if extra:
-        raise CheckpointError(f"{path}/state/{extra[0]}: not part of the saved model")
+    try:
+        integrity.verify(path / "state", files)
+    except integrity.IntegrityError as e:
+        raise CheckpointError(str(e)) from None
     try:
         tree = ocp.StandardCheckpointer().restore(path / "state")
     except Exception as e:  # orbax raises many types for damaged files

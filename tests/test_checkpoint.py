@@ -266,6 +266,18 @@ def _garbled(path):
     f.write_bytes(bytes(b ^ 0xFF for b in f.read_bytes()))
 
 
+def _extra_file(path):
+    (path / "state" / "stray").write_bytes(b"x")
+
+
+def _linked_file(path):
+    f = _largest_state_file(path)
+    target = path.parent / "elsewhere"
+    target.write_bytes(f.read_bytes())
+    f.unlink()
+    f.symlink_to(target)
+
+
 def _learner_spec_edited(path):
     def edit(spec):
         spec["learners"][0]["spec"]["encoder"] = [17]
@@ -284,9 +296,11 @@ REFUSALS = {
     "wrong format": (_wrong_format, r"not a baim_jax spec"),
     "wrong version": (_wrong_version, r"version 99"),
     "state missing": (_no_state, r"'state' is missing"),
-    "truncated state file": (_truncated, r"state"),
-    "empty state file": (_emptied, r"state"),
-    "garbled state file": (_garbled, r"state"),
+    "truncated state file": (_truncated, r"state/.*damaged"),
+    "empty state file": (_emptied, r"state/.*damaged"),
+    "garbled state file": (_garbled, r"state/.*damaged"),
+    "extra state file": (_extra_file, r"state/stray: not part of the model"),
+    "linked state file": (_linked_file, r"state/.*symbolic link"),
     "learner spec edited": (_learner_spec_edited, r"shape"),
     "latent edited": (_latent_edited, r"shape"),
 }

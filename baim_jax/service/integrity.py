@@ -1,5 +1,7 @@
-"""What the store and the toolbox share: digests, verified copies, safe paths, locks and atomic
-records. Every model directory is trusted only after each of its files matches its SHA-256."""
+"""What saved models, the store and the toolbox share: digests, verified copies, safe paths,
+locks and atomic records. Every model directory is trusted only after each of its files matches
+its SHA-256 (``checkpoint.load`` checks a model's ``state/`` against ``spec.json`` the same
+way)."""
 
 from __future__ import annotations
 
@@ -63,12 +65,12 @@ def _compare(where: Path, found: dict[str, Path], files: dict[str, str], digest_
     nothing extra, nothing missing, every ``digest_of(rel)`` as recorded."""
     extra = sorted(set(found) - set(files))
     if extra:
-        raise IntegrityError(f"{where}/{extra[0]}: not part of the published model")
+        raise IntegrityError(f"{where}/{extra[0]}: not part of the model")
     for rel, digest in files.items():
         if rel not in found:
             raise IntegrityError(f"{where}/{rel}: missing")
         if digest_of(rel) != digest:
-            raise IntegrityError(f"{where}/{rel}: damaged (SHA-256 differs from the manifest)")
+            raise IntegrityError(f"{where}/{rel}: damaged (SHA-256 differs from the recorded one)")
 
 
 def verify(root: Path, files: dict[str, str]) -> None:

@@ -18,6 +18,15 @@ learners at N = 4), ``matmul_flops_per_s``, ``fraction_of_matmul``, and for comp
 reference path and the pool without connections, ``fraction_of_matmul_no_connections`` and
 ``fraction_of_matmul_executed`` (every row run counted, the feeders' stages included).
 
+``seconds_per_grad_pool_only`` times the learner pool alone (``pool.run_pool``) on the same
+buffers and per-position capacities, with no gate, no dispatch and no connections: the cost of
+the stacked per-learner weights on this machine, which no dispatch can go below.
+``grad_over_pool_only`` is what the BAIM adds to it.
+
+Every variant of every size is compiled first and then timed in turn, ``--repeats`` rounds
+(medians reported): on a shared machine a slow spell then slows all of them alike, and the
+ratios between sizes and variants compare times taken side by side.
+
     python benchmarks/step_scaling.py [--sizes 4 8 16 32] [--repeats 20]
 """
 
@@ -36,9 +45,9 @@ from flax import nnx
 
 from baim_jax.core import connections as C
 from baim_jax.core import dispatch as D
-from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.baim import BAIM, BAIMConfig, values
 from baim_jax.core.learners import LearnerSpec, learner_flops, stage_flops, stages
-from baim_jax.core.pool import Member, PoolLayout
+from baim_jax.core.pool import Member, PoolLayout, run_pool
 
 SPEC = LearnerSpec("mlp", (28, 28, 1), (256,), 32, (256,))
 BATCH, K, H = 256, 2, 1
@@ -53,7 +62,8 @@ def balanced_selection(batch: int, n: int, k: int) -> np.ndarray:
 
 
 def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
-    """A compacted pruned BAIM of n learners and its balanced routing; capacity fits exactly."""
+    """A compacted pruned BAIM of n learners, its balanced routing (``[B, N]``), the load
+    figures and the capacity layout; the capacity fits exactly."""
     members = [Member(SPEC, 0) for _ in range(n)]
     potential = C.potential_set(PoolLayout(members), H)
     rng = np.random.default_rng(seed)
@@ -84,21 +94,29 @@ def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
             "largest_share_of_rows": float(loads[0] / BATCH),
             "executed_flops_per_grad": executed,
             "executed_over_useful": executed / (3 * K * BATCH * learner_flops(SPEC))}
-    return model, jnp.asarray(selected), info
+    return model, jnp.asarray(selected), info, D.capacity_layout(depth, loads)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """Median seconds of each zero-argument call, after two warm-up calls each.
+
+    The calls are timed in turn, ``repeats`` rounds of all of them, so that a slow spell of a
+    shared machine slows every variant and size alike and their ratios stay comparable.
+    """
+    for fn in calls.values():
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        jax.block_until_ready(fn())
+    times = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[key].append(time.perf_counter() - t)
+    return {key: float(np.median(t)) for key, t in times.items()}
 
 
-def time_grad_and_step(model: BAIM, selected, repeats: int, with_step: bool):
+def grad_call(model: BAIM, selected):
+    """Loss and gradients of the BAIM's training objective (jitted)."""
     x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
     task = jnp.zeros((BATCH,), jnp.int32)
     rng = jax.random.key(2)
@@ -109,33 +127,59 @@ def time_grad_and_step(model: BAIM, selected, repeats: int, with_step: bool):
         m = nnx.merge(graphdef, state)
         return nnx.grad(lambda mm: mm.loss(x, task, rng, selected=selected)[0])(m)
 
-    t_grad = median_seconds(lambda: grad(state), repeats)
-    if not with_step:
-        return t_grad, None
+    return lambda: grad(state)
+
+
+def step_call(model: BAIM, selected):
+    """The full train step, optimizer update included (jitted; the state is carried on)."""
+    x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
+    task = jnp.zeros((BATCH,), jnp.int32)
+    rng = jax.random.key(2)
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-    graphdef2, state2 = nnx.split((model, optimizer))
+    graphdef, state = nnx.split((model, optimizer))
 
     @jax.jit
     def step(state):
-        m, opt = nnx.merge(graphdef2, state)
+        m, opt = nnx.merge(graphdef, state)
         grads = nnx.grad(lambda mm: mm.loss(x, task, rng, selected=selected)[0])(m)
         opt.update(m, grads)
         return nnx.state((m, opt))
 
-    box = {"s": state2}
+    box = {"s": state}
 
     def run():
         box["s"] = step(box["s"])
         return box["s"]
 
-    return t_grad, median_seconds(run, repeats)
+    return run
 
 
-def matmul_flops_per_s(repeats: int, size: int = 2048) -> float:
+def pool_only_call(model: BAIM, layout: D.Layout):
+    """Loss and gradients of the learner pool alone on the layout's buffers (see module doc)."""
+    x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
+    buffers = D.gather_rows(x, layout.rows_of)
+    eps = D.gather_rows(jax.random.normal(jax.random.key(2), (BATCH, model.layout.latent)),
+                        layout.rows_of)
+
+    @jax.jit
+    @jax.grad
+    def grad(params):
+        out = run_pool(model.layout, params, buffers, eps, caps=layout.caps)
+        return (jnp.sum(out["rec"]) + jnp.sum(out["kl"][:, :out["rec"].shape[1]])) / BATCH
+
+    params = values(model.learners)
+    return lambda: grad(params)
+
+
+def matmul_call(size: int = 2048):
     a = jax.random.normal(jax.random.key(0), (size, size))
     b = jax.random.normal(jax.random.key(1), (size, size))
     f = jax.jit(jnp.matmul)
-    return 2 * size**3 / median_seconds(lambda: f(a, b), repeats)
+    return lambda: f(a, b)
+
+
+VARIANTS = ("seconds_per_grad", "seconds_per_train_step", "seconds_per_grad_pool_only",
+            "seconds_per_grad_dense", "seconds_per_grad_no_connections")
 
 
 def main() -> None:
@@ -147,29 +191,35 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     out = {"device": str(jax.devices()[0].device_kind), "batch": BATCH, "k": K, "h": H,
            "learner": SPEC.to_json(), "kept_per_learner": args.kept_per_learner,
-           "repeats": args.repeats, "seconds_per_grad": {}, "seconds_per_train_step": {},
-           "seconds_per_grad_dense": {}, "seconds_per_grad_no_connections": {}, "load": {}}
+           "repeats": args.repeats, "timing": "medians, every variant and size timed in turn",
+           **{v: {} for v in VARIANTS}, "grad_over_pool_only": {}, "load": {}}
+    matmul_size = 2048
+    calls = {("matmul", 0): matmul_call(matmul_size)}
     for n in args.sizes:
-        model, selected, info = build(n, args.kept_per_learner, "capacity")
-        t_grad, t_step = time_grad_and_step(model, selected, args.repeats, True)
-        out["seconds_per_grad"][n], out["seconds_per_train_step"][n] = t_grad, t_step
-        out["load"][n] = info
-        dense, selected, _ = build(n, args.kept_per_learner, "dense")
-        out["seconds_per_grad_dense"][n] = time_grad_and_step(dense, selected, args.repeats,
-                                                              False)[0]
-        bare, selected, _ = build(n, 0, "capacity")
-        out["seconds_per_grad_no_connections"][n] = time_grad_and_step(
-            bare, selected, args.repeats, False)[0]
+        model, selected, out["load"][n], layout = build(n, args.kept_per_learner, "capacity")
+        calls["seconds_per_grad", n] = grad_call(model, selected)
+        calls["seconds_per_train_step", n] = step_call(model, selected)
+        calls["seconds_per_grad_pool_only", n] = pool_only_call(model, layout)
+        dense, selected, _, _ = build(n, args.kept_per_learner, "dense")
+        calls["seconds_per_grad_dense", n] = grad_call(dense, selected)
+        bare, selected, _, _ = build(n, 0, "capacity")
+        calls["seconds_per_grad_no_connections", n] = grad_call(bare, selected)
+    medians = interleaved_medians(calls, args.repeats)
+    for (variant, n), t in medians.items():
+        if variant != "matmul":
+            out[variant][n] = t
+    for n in args.sizes:
+        out["grad_over_pool_only"][n] = (out["seconds_per_grad"][n]
+                                         / out["seconds_per_grad_pool_only"][n])
     first, last = args.sizes[0], args.sizes[-1]
-    out[f"ratio_{last}_over_{first}"] = out["seconds_per_grad"][last] / out["seconds_per_grad"][first]
-    out[f"ratio_{last}_over_{first}_dense"] = (out["seconds_per_grad_dense"][last]
-                                              / out["seconds_per_grad_dense"][first])
-    out[f"ratio_{last}_over_{first}_no_connections"] = (
-        out["seconds_per_grad_no_connections"][last] / out["seconds_per_grad_no_connections"][first])
+    for variant, suffix in (("seconds_per_grad", ""), ("seconds_per_grad_dense", "_dense"),
+                            ("seconds_per_grad_no_connections", "_no_connections"),
+                            ("seconds_per_grad_pool_only", "_pool_only")):
+        out[f"ratio_{last}_over_{first}{suffix}"] = out[variant][last] / out[variant][first]
     useful = 3 * K * BATCH * learner_flops(SPEC)
     out["useful_flops_per_grad"] = useful
     out["grad_flops_per_s"] = useful / out["seconds_per_grad"][first]
-    out["matmul_flops_per_s"] = matmul_flops_per_s(args.repeats)
+    out["matmul_flops_per_s"] = 2 * matmul_size**3 / medians["matmul", 0]
     out["fraction_of_matmul"] = out["grad_flops_per_s"] / out["matmul_flops_per_s"]
     out["fraction_of_matmul_executed"] = (out["load"][first]["executed_flops_per_grad"]
                                           / out["seconds_per_grad"][first]

@@ -27,9 +27,11 @@ def test_step_scaling_prints_its_json(monkeypatch, capsys):
         step_scaling.main()
     result = json.loads(capsys.readouterr().out)
     for key in ("seconds_per_grad", "seconds_per_train_step", "seconds_per_grad_dense",
-                "seconds_per_grad_no_connections"):
+                "seconds_per_grad_no_connections", "seconds_per_grad_pool_only",
+                "grad_over_pool_only"):
         assert set(result[key]) == {"2", "4"} and all(v > 0 for v in result[key].values())
     assert result["ratio_4_over_2"] > 0 and 0 < result["fraction_of_matmul"]
+    assert result["ratio_4_over_2_pool_only"] > 0
     assert result["grad_flops_per_s"] > 0 and result["matmul_flops_per_s"] > 0
     load = result["load"]["4"]
     # Balanced routing: every learner gets B K / N = 128 rows of its own; learner m also feeds

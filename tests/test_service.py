@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -390,6 +391,50 @@ def test_concurrent_writers_never_leave_a_broken_model(store, tmp_path):
         I.verify(toolbox.root / "models" / task, store.entry(task)["files"])
     assert sorted(p.name for p in (toolbox.root / "models").iterdir()) == sorted(contents)
     assert not any((toolbox.root / ".incoming").iterdir())
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from baim_jax.service import integrity as I
+with I.incoming(Path(sys.argv[1]), ".fetch-") as tmp:
+    (tmp / "model").mkdir()
+    (tmp / "model" / "half").write_bytes(b"x" * 1000)
+    print("in", flush=True)
+    time.sleep(600)
+"""
+
+
+def _killed_download(root):
+    """What a process killed in the middle of a download leaves in ``root/.incoming``."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.stdout.readline().strip() == "in"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("where", ["toolbox", "store"])
+def test_what_killed_processes_leave_in_incoming_is_swept(where, store, tmp_path):
+    root = tmp_path / "toolbox" if where == "toolbox" else store.root
+    root.mkdir(exist_ok=True)
+    _killed_download(root)
+    (root / ".incoming" / ".fetch-older").mkdir()  # no lock at all: left by an older baim_jax
+    left = sorted(p.name for p in (root / ".incoming").iterdir())
+    assert len(left) == 3  # the killed one's directory and its lock, and the older one
+    with I.incoming(root, ".fetch-") as alive:  # a download still going on is kept
+        if where == "toolbox":
+            Toolbox(root)
+        else:
+            store.publish({"a": published_source(store, tmp_path)})
+        assert sorted((root / ".incoming").iterdir()) == [alive, Path(f"{alive}.lock")]
+    assert not any((root / ".incoming").iterdir())
+
+
+def published_source(store, tmp_path):
+    """A copy of the store's model ``a`` to publish again."""
+    shutil.copytree(store.path("a"), tmp_path / "again")
+    return tmp_path / "again"
 
 
 # ------------------------------------------------------------------------------ requests

@@ -118,12 +118,59 @@ def model_dir(root: Path, key: str) -> Path:
     return path
 
 
-def temporary_dir(root: Path, prefix: str) -> Path:
+@contextlib.contextmanager
+def incoming(root: Path, prefix: str):
     """A fresh private directory under ``root/.incoming`` (same file system: renames are
-    atomic)."""
-    incoming = root / ".incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=incoming))
+    atomic), removed on exit.
+
+    While it is open its owner holds a lock on ``<directory>.lock`` beside it; both are made
+    under a shared lock on ``root``. ``sweep_incoming``, under the exclusive lock, can then
+    tell a directory in use from one that a killed process left. Not to be entered while this
+    process holds the lock on ``root``.
+    """
+    folder = root / ".incoming"
+    with locked(root, exclusive=False):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=folder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp = Path(name[:-len(".lock")])
+        tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.unlink(name)
+        os.close(fd)
+
+
+def sweep_incoming(root: Path) -> int:
+    """Removes what killed processes left in ``root/.incoming``: directories whose lock is
+    free, and anything without a lock. Call under the exclusive lock on ``root``.
+
+    Returns:
+      The number of entries removed.
+    """
+    folder = root / ".incoming"
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for lock in sorted(folder.glob("*.lock")):
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive
+            shutil.rmtree(Path(str(lock)[:-len(".lock")]), ignore_errors=True)
+            lock.unlink()
+            removed += 1
+    for p in sorted(folder.iterdir()):
+        if not p.name.endswith(".lock") and not Path(f"{p}.lock").exists():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -8,14 +8,15 @@ Layout::
     STORE/router/             the TaskRouter
 
 A model is copied into ``.incoming/`` and renamed into place under an exclusive lock, then the
-manifest is rewritten atomically; readers hold a shared lock. Nothing is read back unless every
+manifest is rewritten atomically (what a killed publish left in ``.incoming/`` is swept then);
+readers hold a shared lock. Nothing is read back unless every
 file matches the manifest and its spec is the model the manifest names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import shutil
 from pathlib import Path
 
 from baim_jax import checkpoint
@@ -132,15 +133,16 @@ class ModelStore:
             checked[I.check_key(key)] = Path(src).absolute()
             _check_loadable(checked[key], key)
         self.root.mkdir(parents=True, exist_ok=True)
-        staged = []
-        try:
+        with contextlib.ExitStack() as temporaries:
+            staged = []
             for key, src in checked.items():
                 files = I.digests(src)
-                tmp = I.temporary_dir(self.root, ".publish-")
-                staged.append((key, tmp, files, checkpoint.read_spec(src)))
+                tmp = temporaries.enter_context(I.incoming(self.root, ".publish-"))
                 I.copy_verified(src, files, tmp / "model")
+                staged.append((key, tmp, files, checkpoint.read_spec(src)))
             entries = []
             with I.locked(self.root):
+                I.sweep_incoming(self.root)
                 manifest = self.manifest()
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 for key, tmp, files, spec in staged:
@@ -154,9 +156,6 @@ class ModelStore:
                     entries.append({"task": key, **manifest["models"][key]})
                 I.write_json(self.root / "manifest.json", manifest)
             return entries
-        finally:
-            for _, tmp, _, _ in staged:
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def export_run(self, workdir) -> list[dict]:
         """Publishes a finished run's toolkit (``toolkit/<task>/``) and router (``router/``)."""

@@ -11,7 +11,8 @@ Layout::
 
 Every change happens under an exclusive lock on ``TOOLBOX/.lock``: a download lands in
 ``.incoming/`` first and is renamed into place, so processes filling the same toolbox at once
-never leave (or read) a broken model. A hit needs nothing from the store: the entry keeps what
+never leave (or read) a broken model; what a killed download leaves there is swept when a
+toolbox is next opened. A hit needs nothing from the store: the entry keeps what
 a request is checked against.
 """
 
@@ -87,6 +88,7 @@ class Toolbox:
         self.root.mkdir(parents=True, exist_ok=True)
         with I.locked(self.root):
             index = self._index()
+            I.sweep_incoming(self.root)
             if capacity is not None and capacity != index["capacity"]:
                 index["capacity"] = capacity
                 I.write_json(self.root / "toolbox.json", index)
@@ -151,8 +153,7 @@ class Toolbox:
                     yield Checkout(path, entry["revision"], "toolbox")
                     return
         start = time.perf_counter()
-        tmp = I.temporary_dir(self.root, ".fetch-")
-        try:
+        with I.incoming(self.root, ".fetch-") as tmp:
             meta, copied = store.fetch(key, tmp / "model")
             seconds = time.perf_counter() - start
             with I.locked(self.root):
@@ -160,8 +161,6 @@ class Toolbox:
                 self._admit(index, key, meta, tmp / "model")
                 self._touch(index, key)
                 yield Checkout(self._dir(key), meta["revision"], "store", copied, seconds, note)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _admit(self, index: dict, key: str, meta: dict, tmp: Path) -> None:
         """Puts a verified download in place, evicting least recently used models first."""

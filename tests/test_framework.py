@@ -16,7 +16,7 @@ from baim_jax.core import learners as L
 from baim_jax.core.baim import BAIM, BAIMConfig, values
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
-from baim_jax.framework import accounting, cloud, edges, fedavg
+from baim_jax.framework import accounting, cloud, edges, fedavg, storage
 from conftest import mlp
 from reference import randomize_connections
 
@@ -441,6 +441,27 @@ def test_cloud_trainer_resume_from_state_leaves_is_exact(mlp_specs):
     chex.assert_trees_all_equal(resumed.state_leaves(), saved)
     resumed.run_epoch(data, 1)
     chex.assert_trees_all_equal(resumed.state_leaves(), a)
+
+
+def test_phase_checkpoint_restores_the_image_shaped_kernels_of_earlier_runs(mlp_specs,
+                                                                             tmp_path):
+    """Runs checkpointed before the pool's dense kernels were flattened stored them shaped
+    ``[N, *in, *out]`` (first layer ``[N, 8, 8, 1, 16]``); both layouts are row-major, so a
+    resume reshapes them. An array of another size is refused, naming the checkpoint."""
+    model = _tiny_baim(mlp_specs)
+    layout, learners = model.layout, values(model.learners)
+    flat = [learners["enc"][0]["kernel"], learners["dec"][-1]["bias"], learners["log_scale"]]
+    old = [flat[0].reshape(-1, *layout.param_shapes("enc", 0)["kernel"]),
+           flat[1].reshape(-1, *layout.param_shapes("dec", len(layout.stages["dec"]) - 1)
+                           ["bias"]), flat[2]]
+    assert old[0].shape[1:] == (8, 8, 1, 16) and old[1].shape[1:] == (8, 8, 1)
+    ckpt = storage.PhaseCheckpoint(tmp_path / "ckpt")
+    ckpt.save(3, old, {"epoch": 3})
+    leaves, meta = ckpt.latest(flat)
+    assert meta == {"epoch": 3}
+    chex.assert_trees_all_equal(leaves, [np.asarray(v) for v in flat])
+    with pytest.raises(ValueError, match=r"array 0 has shape .*remove .*ckpt"):
+        ckpt.latest([flat[0][:, :10]] + flat[1:])
 
 
 def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):

@@ -215,14 +215,14 @@ def count_params(spec: LearnerSpec, *, enc_stages: int | None = None,
     return total
 
 
-def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+           out_shape: tuple[int, ...]) -> jax.Array:
     """``[B, *in] @ [*in, *out] + [*out]`` as one 2-D matmul (reshapes are free; a
-    multi-axis contraction would make XLA copy the kernel into matmul layout every call)."""
-    n_out = bias.ndim
-    out_shape = kernel.shape[kernel.ndim - n_out:]
-    k2 = kernel.reshape(-1, math.prod(out_shape))
-    y = x.reshape(x.shape[0], -1) @ k2
-    return y.reshape(x.shape[0], *out_shape) + bias
+    multi-axis contraction would make XLA copy the kernel into matmul layout every call).
+    The kernel and bias may come shaped ``[*in, *out]`` and ``out`` or already flat."""
+    size = math.prod(out_shape)
+    y = x.reshape(x.shape[0], -1) @ kernel.reshape(-1, size)
+    return (y + bias.reshape(size)).reshape(x.shape[0], *out_shape)
 
 
 def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) -> jax.Array:
@@ -239,10 +239,10 @@ def upsample2(x: jax.Array) -> jax.Array:
 def apply_stage(stage: Stage, p: Params, x: jax.Array):
     """Runs one stage on ``x [B, *in_shape]``; a head returns ``(mean, logvar)``, each ``[B, L]``."""
     if stage.op == "head":
-        return (_dense(x, p["mean_kernel"], p["mean_bias"]),
-                _dense(x, p["logvar_kernel"], p["logvar_bias"]))
+        return (_dense(x, p["mean_kernel"], p["mean_bias"], stage.out_shape),
+                _dense(x, p["logvar_kernel"], p["logvar_bias"], stage.out_shape))
     if stage.op == "dense":
-        y = _dense(x, p["kernel"], p["bias"])
+        y = _dense(x, p["kernel"], p["bias"], stage.out_shape)
     elif stage.op == "conv":
         y = _conv(x, p["kernel"], p["bias"], stage.stride)
     elif stage.op == "upconv":

@@ -4,7 +4,8 @@ Every tower is laid out in *positions*: hidden stages sit at positions ``0..e_n-
 last stage (latent head / output) sits at the pool's last position, and the positions between
 (for learners shallower than the deepest) are identity stages. Each parameter leaf is stacked
 along a leading learner axis and zero-padded at the end of every axis to the pool's largest
-shape (``stack`` also returns a box mask per leaf). Padded entries stay exactly zero through
+shape, dense kernels then flattened to ``[in, out]`` (``pool_shapes``; ``stack`` also returns a
+box mask per leaf). Padded entries stay exactly zero through
 training without masking the weights in the forward (which would read every weight three
 times): padded units compute ReLU(0) = 0 with ReLU'(0) = 0, padded latent coordinates are
 masked, depth-padding stages are selected away, so every padded parameter gets an exactly zero
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -183,7 +185,24 @@ class PoolLayout:
         return next(p for p, idx in enumerate(self.stage_index[tower]) if idx[n] == k)
 
     def param_shapes(self, tower: str, p: int) -> dict[str, tuple[int, ...]]:
+        """Padded parameter shapes of a position, as a learner's (``[*in, *out]`` kernels)."""
         return L.stage_param_shapes(self.stages[tower][p])
+
+    def pool_shapes(self, tower: str, p: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of a position's leaves in the stacked tree (learner axis left out): dense and
+        head kernels flat ``[in, out]``, their biases ``[out]``, others as ``param_shapes``.
+
+        Flat, because a size-1 axis in a stacked kernel (one image channel) makes XLA copy the
+        whole gradient into the parameter's layout on every step (measured: 7 ms of a 60 ms
+        step at N = 32 on a 2-core CPU).
+        """
+        stage = self.stages[tower][p]
+        shapes = self.param_shapes(tower, p)
+        if stage.op not in ("dense", "head"):
+            return shapes
+        n_in = math.prod(stage.in_shape)
+        return {name: (n_in, math.prod(shape) // n_in) if name.endswith("kernel")
+                else (math.prod(shape),) for name, shape in shapes.items()}
 
     def latent_mask(self) -> np.ndarray:
         """``[N, latent]``: True on each learner's real latent coordinates (when its head runs)."""
@@ -199,26 +218,26 @@ class PoolLayout:
             missing or present; they are ignored).
 
         Returns:
-          ``(stacked, masks)``: ``{"enc": [per position {name: [N, *padded]}], "dec": [...],
+          ``(stacked, masks)``: ``{"enc": [per position {name: [N, *pool_shape]}], "dec": [...],
           "log_scale": [N]}`` and boolean masks of the same structure.
         """
         stacked, masks = {}, {}
         for tower in L.TOWERS:
             stacked[tower], masks[tower] = [], []
             for p in range(len(self.stages[tower])):
-                shapes = self.param_shapes(tower, p)
+                flat = self.pool_shapes(tower, p)
                 leaves, leaf_masks = {}, {}
-                for name, shape in shapes.items():
+                for name, shape in self.param_shapes(tower, p).items():
                     rows, mrows = [], []
                     for n in range(self.size):
                         k = self.stage_index[tower][p][n]
                         if self.status[tower][p, n] == REAL:
                             a = np.asarray(params[n][tower][k][name], np.float32)
-                            rows.append(pad_to(a, shape))
-                            mrows.append(box_mask(a.shape, shape))
+                            rows.append(pad_to(a, shape).reshape(flat[name]))
+                            mrows.append(box_mask(a.shape, shape).reshape(flat[name]))
                         else:
-                            rows.append(np.zeros(shape, np.float32))
-                            mrows.append(np.zeros(shape, bool))
+                            rows.append(np.zeros(flat[name], np.float32))
+                            mrows.append(np.zeros(flat[name], bool))
                     leaves[name] = jnp.asarray(np.stack(rows))
                     leaf_masks[name] = jnp.asarray(np.stack(mrows))
                 stacked[tower].append(leaves)
@@ -241,8 +260,10 @@ class PoolLayout:
                 for k in range(member.kept(tower)):
                     p = self.position(tower, n, k)
                     real = L.stage_param_shapes(own[tower][k])
+                    padded = self.param_shapes(tower, p)
                     tree[tower].append({
-                        name: stacked[tower][p][name][n][tuple(slice(0, r) for r in shape)]
+                        name: stacked[tower][p][name][n].reshape(padded[name])[
+                            tuple(slice(0, r) for r in shape)]
                         for name, shape in real.items()})
             out.append(tree)
         return out

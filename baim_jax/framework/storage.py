@@ -31,13 +31,29 @@ class PhaseCheckpoint:
             path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
     def latest(self, like: list) -> tuple[list, dict] | None:
+        """The latest saved leaves, shaped as ``like``, and their record; None if none.
+
+        An array saved with another shape of the same size (the pool's dense kernels were
+        stored image-shaped before they were flattened; both are row-major) is reshaped; any
+        other mismatch is refused.
+        """
         step = self.manager.latest_step()
         if step is None:
             return None
         target = {str(i): np.asarray(v) for i, v in enumerate(like)}
         got = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return [got.state[str(i)] for i in range(len(like))], got.meta
+        leaves = []
+        for i, want in enumerate(like):
+            leaf = np.asarray(got.state[str(i)])
+            if leaf.shape != np.shape(want):
+                if leaf.size != np.size(want):
+                    raise ValueError(f"{self.path}: array {i} has shape {leaf.shape}, this run "
+                                     f"needs {np.shape(want)}; remove {self.path} to redo the "
+                                     f"phase")
+                leaf = leaf.reshape(np.shape(want))
+            leaves.append(leaf)
+        return leaves, got.meta
 
     def save(self, step: int, leaves: list, meta: dict) -> None:
         state = {str(i): np.asarray(v) for i, v in enumerate(leaves)}

@@ -27,7 +27,7 @@ Every variant of every size is compiled first and then timed in turn, ``--repeat
 (medians reported): on a shared machine a slow spell then slows all of them alike, and the
 ratios between sizes and variants compare times taken side by side.
 
-    python benchmarks/step_scaling.py [--sizes 4 8 16 32] [--repeats 20]
+    python benchmarks/step_scaling.py [--sizes 4 8 16 32] [--repeats 20] [--trace DIR]
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ def interleaved_medians(calls: dict, repeats: int) -> dict:
     """Median seconds of each zero-argument call, after two warm-up calls each.
 
     The calls are timed in turn, ``repeats`` rounds of all of them, so that a slow spell of a
-    shared machine slows every variant and size alike and their ratios stay comparable.
+    shared machine slows every variant and size alike and their ratios stay comparable. Each
+    timed call follows an untimed one of the same call, so that it finds the caches as a
+    training loop, repeating one step, does.
     """
     for fn in calls.values():
         jax.block_until_ready(fn())
@@ -109,6 +111,7 @@ def interleaved_medians(calls: dict, repeats: int) -> dict:
     times = {key: [] for key in calls}
     for _ in range(repeats):
         for key, fn in calls.items():
+            jax.block_until_ready(fn())  # untimed: caches warm again, as in a training loop
             t = time.perf_counter()
             jax.block_until_ready(fn())
             times[key].append(time.perf_counter() - t)
@@ -187,6 +190,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--kept-per-learner", type=int, default=1)
+    parser.add_argument("--trace", metavar="DIR",
+                        help="also write a profiler trace (TensorBoard / Perfetto) of 10 grad "
+                             "steps at each size to DIR, after the timings")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     out = {"device": str(jax.devices()[0].device_kind), "batch": BATCH, "k": K, "h": H,
@@ -205,6 +211,12 @@ def main() -> None:
         bare, selected, _, _ = build(n, 0, "capacity")
         calls["seconds_per_grad_no_connections", n] = grad_call(bare, selected)
     medians = interleaved_medians(calls, args.repeats)
+    if args.trace:
+        with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+            for n in args.sizes:
+                with jax.profiler.TraceAnnotation(f"grad N={n}"):
+                    for _ in range(10):
+                        jax.block_until_ready(calls["seconds_per_grad", n]())
     for (variant, n), t in medians.items():
         if variant != "matmul":
             out[variant][n] = t

@@ -14,7 +14,7 @@ from baim_jax.core.learners import LearnerSpec
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_step_scaling_prints_its_json(monkeypatch, capsys):
+def test_step_scaling_prints_its_json(monkeypatch, capsys, tmp_path):
     # In-process, with small learners (8x8 images) so that compiling stays cheap; routing,
     # connections and capacities do not depend on the learners' widths.
     path = ROOT / "benchmarks" / "step_scaling.py"
@@ -22,7 +22,8 @@ def test_step_scaling_prints_its_json(monkeypatch, capsys):
     step_scaling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_scaling)
     monkeypatch.setattr(step_scaling, "SPEC", LearnerSpec("mlp", (8, 8, 1), (16,), 4, (16,)))
-    monkeypatch.setattr(sys, "argv", [str(path), "--sizes", "2", "4", "--repeats", "2"])
+    monkeypatch.setattr(sys, "argv", [str(path), "--sizes", "2", "4", "--repeats", "2",
+                                      "--trace", str(tmp_path / "trace")])
     with jax.numpy_dtype_promotion("standard"):  # as the script runs (conftest makes it strict)
         step_scaling.main()
     result = json.loads(capsys.readouterr().out)
@@ -42,6 +43,7 @@ def test_step_scaling_prints_its_json(monkeypatch, capsys):
     assert load["capacity_per_position"][-1] == 128
     assert 1.0 < load["executed_over_useful"] < 2.0 and 0 < result["fraction_of_matmul_executed"]
     assert load["kept_connections"] == 4
+    assert list((tmp_path / "trace").rglob("*.trace.json.gz"))
 
 
 def test_serve_prints_its_json(tmp_path):

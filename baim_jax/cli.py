@@ -139,7 +139,9 @@ def _generate(args, overrides) -> None:
     from baim_jax.service.store import ROUTER, ModelStore
     from baim_jax.service.toolbox import Toolbox, parse_bytes
 
-    store = ModelStore(args.store)
+    # With a toolbox, the store is read only for what the toolbox does not hold (paper step 7:
+    # an edge serves its cached models while the cloud is out of reach).
+    store = ModelStore(args.store, deferred=args.toolbox is not None and not args.sensitive)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out: {args.out!r} must end in .png")
@@ -148,12 +150,14 @@ def _generate(args, overrides) -> None:
     capacity = None if args.capacity is None else parse_bytes(args.capacity)
     if capacity is not None and args.toolbox is None:
         raise UsageError("--capacity: needs --toolbox")
+    held = Toolbox(args.toolbox) if args.toolbox and Path(args.toolbox).is_dir() else None
     images = None
     if args.input is not None:
-        images = read_images(args.input, store.entry(args.task or ROUTER)["image_shape"])
+        images = read_images(args.input, edge_lib.model_entry(
+            store, args.task or ROUTER, held, args.sensitive)["image_shape"])
     request = edge_lib.Request(task=args.task, images=images, num=args.num,
                                sensitive=args.sensitive, seed=args.seed)
-    edge_lib.check_request(store, request)
+    edge_lib.check_request(store, request, held)
     toolbox = None if args.toolbox is None else Toolbox(args.toolbox, capacity)
     response = edge_lib.Edge(store, toolbox).serve(request)
     grid = response.images

@@ -5,6 +5,7 @@ The session's smoke run (``conftest.smoke_run``) is shared by the tests of its o
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,36 @@ def test_generate_downloads_then_serves_from_the_toolbox(store, tmp_path, capsys
     assert main(args) == 0
     out, _ = capsys.readouterr()
     assert f"{TASKS[0]} from toolbox; 0 bytes downloaded" in out
+
+
+def test_generate_serves_what_the_toolbox_holds_when_the_store_is_gone(store, tmp_path,
+                                                                       capsys):
+    """Paper step 7: with the store out of reach, what the toolbox holds is still served (by
+    task, and images through the cached router); anything else is refused in one line."""
+    from baim_jax.evaluation.data import embedded_digits
+
+    images, _ = embedded_digits()
+    np.save(tmp_path / "in.npy", np.asarray(images[:1]))  # one image: one task cached
+    cloud = tmp_path / "store"
+    shutil.copytree(store["path"], cloud)
+
+    def generate(*request):
+        return main(["generate", "--store", str(cloud), "--toolbox", str(tmp_path / "box"),
+                     "--num", "2", "--out", str(tmp_path / "grid.png"), *request])
+
+    assert generate("--input", str(tmp_path / "in.npy")) == 0
+    routed = json.loads((tmp_path / "grid.json").read_text())["tasks"]
+    assert generate("--task", routed[0]) == 0
+    capsys.readouterr()
+    cloud.rename(tmp_path / "elsewhere")
+    assert generate("--input", str(tmp_path / "in.npy")) == 0
+    record = json.loads((tmp_path / "grid.json").read_text())
+    assert record["tasks"] == routed and record["bytes_downloaded"] == 0
+    assert set(record["sources"].values()) == {"toolbox"}
+    assert generate("--task", routed[0]) == 0
+    assert f"{routed[0]} from toolbox; 0 bytes downloaded" in capsys.readouterr()[0]
+    missing = next(t for t in TASKS if t not in routed)
+    _assert_usage_error(generate("--task", missing), capsys, "not a model store")
 
 
 def test_generate_varies_given_images_routed_by_the_tsgate(store, tmp_path, capsys):

@@ -83,14 +83,19 @@ class Response:
     notes: list[str]
 
 
+def model_entry(store: ModelStore, key: str, toolbox: Toolbox | None = None,
+                sensitive: bool = False) -> dict:
+    """What a request for the model ``key`` is checked against (``image_shape``): the
+    toolbox's entry for a model it holds (the store is not read), else the store's."""
+    held = None if toolbox is None or sensitive else toolbox.contents().get(key)
+    return held if held is not None and held["image_shape"] else store.entry(key)
+
+
 def check_request(store: ModelStore, request: Request, toolbox: Toolbox | None = None) -> None:
     """Refuses a request that cannot be served (unknown task, no router, images of the wrong
-    shape) before anything is fetched. A model the toolbox holds is checked against the
-    toolbox's entry (the store is not read); any other against the store's."""
+    shape) before anything is fetched (see ``model_entry``)."""
     request.validate()
-    key = request.task or ROUTER
-    held = None if toolbox is None or request.sensitive else toolbox.contents().get(key)
-    entry = held if held is not None and held["image_shape"] else store.entry(key)
+    entry = model_entry(store, request.task or ROUTER, toolbox, request.sensitive)
     if request.images is not None and list(request.images.shape[1:]) != entry["image_shape"]:
         raise ValueError(f"images: shape {tuple(request.images.shape)} does not fit the models, "
                          f"which take [batch, {', '.join(map(str, entry['image_shape']))}]")

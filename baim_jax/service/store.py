@@ -49,11 +49,15 @@ class ModelStore:
     Args:
       root: the store directory.
       create: make an empty store if ``root`` holds none (else a missing store is refused).
+      deferred: check nothing until a model is needed (an edge serving from its toolbox
+        while the cloud's store is out of reach); each use then fails as a missing store.
     """
 
-    def __init__(self, root, *, create: bool = False):
+    def __init__(self, root, *, create: bool = False, deferred: bool = False):
         self.root = Path(root).absolute()
         self._new = False
+        if deferred and not create:
+            return
         if not (self.root / "manifest.json").is_file():
             if not create:
                 raise StoreError(f"store: {self.root} is not a model store (no manifest.json)")

@@ -23,7 +23,7 @@ def binarize(x: jax.Array) -> jax.Array:
 
 def _pixels(v: jax.Array) -> jax.Array:
     """``[..., H, W, C] -> [..., H W C]``: losses are computed on flat pixels (measured on a
-    2-core CPU: about 10% of a BAIM train step saved against image-shaped terms summed over
+    2-core CPU: about 10% of a BAIM grad step saved against image-shaped terms summed over
     three axes, one of them of size 1)."""
     return v.reshape(*v.shape[: v.ndim - 3], -1)
 

@@ -78,6 +78,19 @@ def test_miss_download_then_hit(store, tmp_path):
     chex.assert_trees_all_close(first.images, second.images, third.images)
 
 
+@pytest.mark.parametrize("sensitive", [False, True])
+def test_a_download_hashes_each_file_once(sensitive, store, tmp_path, monkeypatch):
+    # A miss checks every file as it is copied (a sensitive request, as it is opened in the
+    # store); loading the model then trusts that check instead of hashing it all again.
+    hashed = []
+    sha256 = I.sha256
+    monkeypatch.setattr(I, "sha256", lambda path: hashed.append(path) or sha256(path))
+    got = Edge(store, Toolbox(tmp_path / "toolbox")).serve(
+        Request(task="a", num=1, sensitive=sensitive))
+    assert got.sources == {"a": "store, sensitive" if sensitive else "store"}
+    assert len(hashed) == len(store.entry("a")["files"]) == len(set(hashed))
+
+
 def test_a_hit_needs_nothing_from_the_store(store, tmp_path):
     """Paper step 7: an edge that holds the model serves it; only a miss goes to the cloud.
     The store is moved away after the first requests: hits (by task, and by images through

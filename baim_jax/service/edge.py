@@ -133,7 +133,8 @@ class Edge:
             if got.note:
                 out["notes"].append(f"{key}: {got.note}")
             if held is None or held[0] != got.revision:
-                held = (got.revision, checkpoint.load(got.path))
+                # The checkout has just checked every file against the manifest.
+                held = (got.revision, checkpoint.load(got.path, check_digests=False))
                 self._memory[key] = held
         return held[1]
 

@@ -163,12 +163,11 @@ class Toolbox:
                 yield Checkout(self._dir(key), meta["revision"], "store", copied, seconds, note)
 
     def _admit(self, index: dict, key: str, meta: dict, tmp: Path) -> None:
-        """Puts a verified download in place, evicting least recently used models first."""
+        """Puts a verified download in place, evicting least recently used models first. A
+        copy that another process cached meanwhile is replaced too: the caller's checkout
+        vouches only for the files it checked itself."""
         self._drop_orphans(index)
-        held = index["entries"].get(key)
-        if held is not None and held["revision"] == meta["revision"]:
-            return  # another process cached the same revision meanwhile
-        if held is not None:
+        if key in index["entries"]:
             self._drop(index, key)
         capacity = index["capacity"]
         if capacity is not None and meta["bytes"] > capacity:

@@ -42,12 +42,13 @@ def make_optimizer(model: BAIM, strategy: str, tx: optax.GradientTransformation)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_step(graphdef, strategy: str, state, x, task, rng):
-    """One step on split state. Compiled once per model architecture and strategy (equal
-    layouts and connection sets compare equal, so same-shaped models share the code)."""
+def _train_step(graphdef, trains: str, state, x, task, rng):
+    """One step on split state. Compiled once per model architecture and set of trained
+    parameters (``trains``: a strategy's name; finetune's stands for scratch too, whose step
+    is the same), as equal layouts and connection sets compare equal."""
     m, opt = nnx.merge(graphdef, state)
     grad_fn = nnx.value_and_grad(lambda mod: mod.loss(x, task, rng),
-                                 argnums=nnx.DiffState(0, trainable(strategy)), has_aux=True)
+                                 argnums=nnx.DiffState(0, trainable(trains)), has_aux=True)
     (_, metrics), grads = grad_fn(m)
     with jax.numpy_dtype_promotion("standard"):  # optax: float ** int32 step count
         opt.update(m, grads)
@@ -65,17 +66,18 @@ def make_train_step(model: BAIM, optimizer: nnx.Optimizer, strategy: str
     as pruning, are seen) and runs one compiled function over their state.
     """
     trainable(strategy)
+    trains = "freeze" if strategy == "freeze" else "finetune"
     graphdef = nnx.graphdef((model, optimizer))
 
     def run(x, task, rng) -> dict:
-        state, metrics = _train_step(graphdef, strategy, nnx.state((model, optimizer)), x, task,
+        state, metrics = _train_step(graphdef, trains, nnx.state((model, optimizer)), x, task,
                                      rng)
         nnx.update((model, optimizer), state)
         return metrics
 
     def lower(x, task, rng):
         """The compiled step's ``jax.stages.Lowered`` (for XLA's cost analysis)."""
-        return _train_step.lower(graphdef, strategy, nnx.state((model, optimizer)), x, task, rng)
+        return _train_step.lower(graphdef, trains, nnx.state((model, optimizer)), x, task, rng)
 
     run.lower = lower
     return run

@@ -117,11 +117,11 @@ def load(path, *, check_digests: bool = True) -> BAIM | EdgeModel | TaskRouter:
     files = spec.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path}/spec.json: no file digests ('files')")
-    try:
-        if check_digests:
+    if check_digests:
+        try:
             integrity.verify(path / "state", files)
-    except integrity.IntegrityError as e:
-        raise CheckpointError(str(e)) from None
+        except integrity.IntegrityError as e:
+            raise CheckpointError(str(e)) from None
     try:
         tree = ocp.StandardCheckpointer().restore(path / "state")
     except Exception as e:  # orbax raises many types for damaged files

@@ -118,33 +118,37 @@ def interleaved_medians(calls: dict, repeats: int) -> dict:
     return {key: float(np.median(t)) for key, t in times.items()}
 
 
-def grad_call(model: BAIM, selected):
-    """Loss and gradients of the BAIM's training objective (jitted)."""
+def objective(selected):
+    """``model -> loss``: the BAIM's training objective on the benchmark's one batch (fixed
+    images, task 0, noise key) with the imposed choice ``selected`` ``[B, N]``."""
     x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
     task = jnp.zeros((BATCH,), jnp.int32)
     rng = jax.random.key(2)
+    return lambda model: model.loss(x, task, rng, selected=selected)[0]
+
+
+def grad_call(model: BAIM, selected):
+    """Loss and gradients of the BAIM's training objective (jitted)."""
+    loss = objective(selected)
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def grad(state):
-        m = nnx.merge(graphdef, state)
-        return nnx.grad(lambda mm: mm.loss(x, task, rng, selected=selected)[0])(m)
+        return nnx.grad(loss)(nnx.merge(graphdef, state))
 
     return lambda: grad(state)
 
 
 def step_call(model: BAIM, selected):
     """The full train step, optimizer update included (jitted; the state is carried on)."""
-    x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
-    task = jnp.zeros((BATCH,), jnp.int32)
-    rng = jax.random.key(2)
+    loss = objective(selected)
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
     @jax.jit
     def step(state):
         m, opt = nnx.merge(graphdef, state)
-        grads = nnx.grad(lambda mm: mm.loss(x, task, rng, selected=selected)[0])(m)
+        grads = nnx.grad(loss)(m)
         opt.update(m, grads)
         return nnx.state((m, opt))
 

@@ -143,34 +143,32 @@ def incoming(root: Path, prefix: str):
         os.close(fd)
 
 
-def sweep_incoming(root: Path) -> int:
+def sweep_incoming(root: Path) -> None:
     """Removes what killed processes left in ``root/.incoming``: directories whose lock is
-    free, and anything without a lock. Call under the exclusive lock on ``root``.
-
-    Returns:
-      The number of entries removed.
-    """
+    free, and anything without a lock. Call under the exclusive lock on ``root``."""
     folder = root / ".incoming"
     if not folder.is_dir():
-        return 0
-    removed = 0
+        return
     for lock in sorted(folder.glob("*.lock")):
         with open(lock, "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its owner is alive
-            shutil.rmtree(Path(str(lock)[:-len(".lock")]), ignore_errors=True)
+            remove(Path(str(lock)[:-len(".lock")]))
             lock.unlink()
-            removed += 1
     for p in sorted(folder.iterdir()):
         if not p.name.endswith(".lock") and not Path(f"{p}.lock").exists():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed += 1
-    return removed
+            remove(p)
+
+
+def remove(path: Path) -> None:
+    """Removes a directory tree, or a file or link (a link is never followed); nothing if
+    missing."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

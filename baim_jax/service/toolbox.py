@@ -203,7 +203,4 @@ class Toolbox:
         models = self.root / "models"
         for p in (models.iterdir() if models.is_dir() else []):
             if p.name not in held:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+                I.remove(p)

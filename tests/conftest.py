@@ -73,3 +73,22 @@ def smoke_run(tmp_path_factory):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["run", "--config", SMOKE, "--workdir", str(workdir)])
     return {"workdir": workdir, "code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+
+# The test files whose tests use the smoke run (above): with pytest-xdist, one worker takes them
+# all, so that the run is made once; every other test is scheduled on its own.
+SMOKE_FILES = ("tests/test_cli.py", "tests/test_pipeline.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's ``load`` scheduling, but the smoke run's files form one unit of work."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SmokeRunTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "smoke_run" if nodeid.split("::", 1)[0] in SMOKE_FILES else nodeid
+
+    return SmokeRunTogether(config, log)

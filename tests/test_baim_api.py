@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from baim_jax import BAIM, BAIMConfig, LearnerSpec, SpecError, partition
+from baim_jax.core import baim as baim_lib
+from baim_jax.core import edge_model
 from baim_jax.core import learners as L
+from baim_jax.core.edge_model import EdgeModel
 from conftest import IMAGE, conv, mlp
 
 SQUADS = [0, 1, 0, 1]
@@ -70,6 +73,20 @@ def test_mixture_samples_come_from_single_learners(model):
     mixture = np.asarray(model.sample(6, task="a", rng=jax.random.key(3)))
     blend = np.asarray(model.sample(6, task="a", rng=jax.random.key(3), mode="blend"))
     assert not np.allclose(mixture, blend)
+
+
+@pytest.mark.parametrize("mode", ["mixture", "blend"])
+def test_sample_of_n_is_a_sampler_of_exactly_n_rows(model, mode):
+    """``sample`` draws ``sample_rows(n)`` rows (one compile for every n up to 256) and keeps
+    the first n: they are the images a sampler of exactly n rows gives, for either task."""
+    assert [baim_lib.sample_rows(n) for n in (1, 8, 256, 257, 300)] == [256, 256, 256, 512, 512]
+    key = jax.random.key(4)
+    for task in (0, 1):
+        exact = baim_lib._sample(model, 7, jnp.int32(task), key, mode)
+        chex.assert_trees_all_close(model.sample(7, task=task, rng=key, mode=mode), exact)
+        chex.assert_trees_all_close(model.sample(300, task=task, rng=key, mode=mode)[:7], exact)
+    edge = EdgeModel(mlp([16], 4, [16]), "a", seed=0)
+    chex.assert_trees_all_close(edge.sample(7, rng=key), edge_model._sample(edge, 7, key))
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -175,6 +175,17 @@ def shared_noise(key: jax.Array, batch: int, size: int) -> jax.Array:
     return cols(jnp.arange(size)).T
 
 
+def sample_rows(n: int) -> int:
+    """The rows a sampler draws for ``n`` images: the least power of two >= n, at least 256.
+
+    One compiled sampler then serves every n up to that size (a run samples 8 images for its
+    report and as many as a task's test images for its FID). Row i's noise and mixture pick do
+    not depend on the number of rows drawn (``jax.random`` draws by position), so the first n
+    rows are the n images a sampler of exactly n rows would give.
+    """
+    return max(256, 1 << (int(n) - 1).bit_length())
+
+
 def _is_var(v) -> bool:
     return isinstance(v, nnx.Variable)
 
@@ -528,8 +539,8 @@ class BAIM(nnx.Module):
             raise ValueError(f"mode: {mode!r} is not 'mixture' or 'blend'")
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n: must be a positive integer, got {n!r}")
-        t = int(self._task_ids(task, 1)[0]) if task is not None else 0
-        return _sample(self, int(n), t, rng, mode)
+        t = self._task_ids(task, 1)[0] if task is not None else jnp.int32(0)
+        return _sample(self, sample_rows(n), t, rng, mode)[:n]
 
     def evaluate(self, x, task) -> dict:
         """Posterior-mean negative ELBO per image ``[B]`` (test loss), gate and task accuracy."""
@@ -617,8 +628,8 @@ def _route(model: BAIM, x):
     return model.route(x)
 
 
-@nnx.jit(static_argnums=(1, 2, 4))
-def _sample(model: BAIM, n: int, task: int, rng, mode: str):
+@nnx.jit(static_argnums=(1, 4))
+def _sample(model: BAIM, n: int, task: jax.Array, rng, mode: str):
     seg = jnp.asarray(model.layout.segment_of)
     selected, weights = G.prior_route(model.prior[...], seg, task, model.config.k)
     rng_eps, rng_pick = jax.random.split(rng)

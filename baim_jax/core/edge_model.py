@@ -15,7 +15,7 @@ from flax import nnx
 
 from baim_jax.core import learners as L
 from baim_jax.core import losses
-from baim_jax.core.baim import LearnerParam, shared_noise, values
+from baim_jax.core.baim import LearnerParam, sample_rows, shared_noise, values
 
 
 class EdgeModel(nnx.Module):
@@ -93,7 +93,7 @@ class EdgeModel(nnx.Module):
         self._task_check(task)
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n: must be a positive integer, got {n!r}")
-        return _sample(self, int(n), rng)
+        return _sample(self, sample_rows(n), rng)[:n]
 
     def evaluate(self, x, task=None) -> dict:
         """Posterior-mean negative ELBO per image ``[B]`` (test loss)."""

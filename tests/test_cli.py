@@ -5,7 +5,10 @@ The session's smoke run (``conftest.smoke_run``) is shared by the tests of its o
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +229,54 @@ def test_generate_downloads_then_serves_from_the_toolbox(store, tmp_path, capsys
     assert main(args) == 0
     out, _ = capsys.readouterr()
     assert f"{TASKS[0]} from toolbox; 0 bytes downloaded" in out
+
+
+def test_generate_keeps_its_compiled_sampler_in_the_compilation_cache(store, tmp_path):
+    """A fresh process (as every ``generate`` is) fills the directory given; a second one
+    then finds there what it would compile (JAX counts the hits)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    cache = tmp_path / "xla"
+    code = ("import sys; from jax import monitoring; hits = []; "
+            "monitoring.register_event_listener(lambda e, **kw: hits.append(e) "
+            "if e == '/jax/compilation_cache/cache_hits' else None); "
+            "from baim_jax.cli import main; code = main(sys.argv[1:]); "
+            "print('hits', len(hits)); sys.exit(code)")
+    args = ["generate", "--store", str(store["path"]), "--task", TASKS[1], "--num", "4",
+            "--out", str(tmp_path / "grid.png"), "--compilation_cache", str(cache)]
+    hits = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        hits.append(int(out.stdout.split("hits ")[-1]))
+    assert any(cache.iterdir())
+    assert hits[0] == 0 and hits[1] > 0
+
+
+def test_compilation_cache_directory(tmp_path):
+    from baim_jax.cli import cache_dir
+
+    assert cache_dir("none") is None
+    assert cache_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir()
+    # Default: JAX's own variable, else under $XDG_CACHE_HOME.
+    assert cache_dir(None, {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")}) == tmp_path / "j"
+    assert cache_dir(None, {"XDG_CACHE_HOME": str(tmp_path / "x")}) == (
+        tmp_path / "x" / "baim_jax" / "xla")
+    # A default that cannot be made turns the cache off; a given one is an error.
+    (tmp_path / "file").write_text("")
+    assert cache_dir(None, {"XDG_CACHE_HOME": str(tmp_path / "file")}) is None
+    with pytest.raises(ValueError, match="--compilation_cache: cannot use"):
+        cache_dir(str(tmp_path / "file"))
+
+
+def test_a_bad_compilation_cache_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["generate", "--store", str(tmp_path), "--task", "a", "--out",
+                 str(tmp_path / "g.png"), "--compilation_cache", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("baim-jax: error: --compilation_cache")
 
 
 def test_generate_serves_what_the_toolbox_holds_when_the_store_is_gone(store, tmp_path,

@@ -155,8 +155,9 @@ def _pad_gate_columns(gate: dict, size: int) -> dict:
     short = size - np.shape(gate["ls"]["bias"])[0]
     if short == 0:
         return gate
-    ls = {"kernel": jnp.pad(jnp.asarray(gate["ls"]["kernel"]), [(0, 0), (0, short)]),
-          "bias": jnp.pad(jnp.asarray(gate["ls"]["bias"]), [(0, short)])}
+    kernel, bias = np.asarray(gate["ls"]["kernel"]), np.asarray(gate["ls"]["bias"])
+    ls = {"kernel": jax.device_put(np.pad(kernel, [(0, 0), (0, short)])),
+          "bias": jax.device_put(np.pad(bias, [(0, short)]))}
     return {**gate, "ls": ls}
 
 
@@ -246,7 +247,7 @@ class BAIM(nnx.Module):
         self.connections = nnx.data([ConnectionParam(k) for k in kernels])
         self.conn_masks = nnx.data([PadMask(m) for m in self.conns.pad_masks()])
         kept_flat = np.ones(len(self.conns), bool) if kept is None else np.asarray(kept, bool)
-        self.kept = nnx.data([KeptMask(jnp.asarray(kept_flat[list(g.index)]))
+        self.kept = nnx.data([KeptMask(jax.device_put(kept_flat[list(g.index)]))
                               for g in self.conns.groups])
 
         if gate_params is None:
@@ -260,7 +261,7 @@ class BAIM(nnx.Module):
             prior = np.where(self.layout.segment_of >= 0, 1.0 / sizes, 0.0)
         if np.shape(prior) != (self.layout.size,):
             raise ValueError(f"prior: shape {np.shape(prior)}, expected ({self.layout.size},)")
-        self.prior = PriorGate(jnp.asarray(prior, jnp.float32))
+        self.prior = PriorGate(jax.device_put(np.asarray(prior, np.float32)))
         self.order = tuple(range(self.layout.size))
 
     # ----------------------------------------------------------------------------- assembly
@@ -459,7 +460,7 @@ class BAIM(nnx.Module):
         start = 0
         for var, kvar in zip(self.connections, self.kept):
             size = kvar[...].shape[0]
-            part = jnp.asarray(new[start:start + size])
+            part = jax.device_put(new[start:start + size])
             kvar[...] = part
             var[...] = var[...] * part.astype(var[...].dtype).reshape(
                 (-1,) + (1,) * (var[...].ndim - 1))

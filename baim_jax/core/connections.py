@@ -138,18 +138,18 @@ class ConnectionSet:
 
     def zeros(self) -> list[jax.Array]:
         """Zero-initialised kernels, one ``[G, *kernel_pad]`` array per group."""
-        return [jnp.asarray(np.zeros((len(g.index), *g.kernel_shape), np.float32))
+        return [jax.device_put(np.zeros((len(g.index), *g.kernel_shape), np.float32))
                 for g in self.groups]
 
     def pad_masks(self) -> list[jax.Array]:
         """Per group ``[G, *kernel_pad]`` bool: each connection's real box."""
-        return [jnp.asarray(np.stack([
+        return [jax.device_put(np.stack([
             box_mask(self.real_kernel_shape(self.connections[k]), g.kernel_shape)
             for k in g.index])) for g in self.groups]
 
     def stack(self, kernels: list) -> list[jax.Array]:
         """Pads per-connection kernels (in ``connections`` order) into group arrays."""
-        return [jnp.asarray(np.stack([pad_to(kernels[k], g.kernel_shape) for k in g.index]))
+        return [jax.device_put(np.stack([pad_to(kernels[k], g.kernel_shape) for k in g.index]))
                 for g in self.groups]
 
     def unstack(self, group_kernels: list) -> list[np.ndarray]:

@@ -43,7 +43,7 @@ class EdgeModel(nnx.Module):
                              f"{spec.to_json()}")
         if not all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(params)):
             raise ValueError("edge model: parameters hold non-finite values")
-        self.params = nnx.data(jax.tree.map(lambda v: LearnerParam(jnp.asarray(v)), params))
+        self.params = nnx.data(jax.tree.map(lambda v: LearnerParam(jax.device_put(v)), params))
 
     @property
     def task(self) -> str:

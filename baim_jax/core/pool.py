@@ -238,13 +238,13 @@ class PoolLayout:
                         else:
                             rows.append(np.zeros(flat[name], np.float32))
                             mrows.append(np.zeros(flat[name], bool))
-                    leaves[name] = jnp.asarray(np.stack(rows))
-                    leaf_masks[name] = jnp.asarray(np.stack(mrows))
+                    leaves[name] = jax.device_put(np.stack(rows))
+                    leaf_masks[name] = jax.device_put(np.stack(mrows))
                 stacked[tower].append(leaves)
                 masks[tower].append(leaf_masks)
-        stacked["log_scale"] = jnp.asarray(
+        stacked["log_scale"] = jax.device_put(
             np.array([p.get("log_scale", 0.0) for p in params], np.float32))
-        masks["log_scale"] = jnp.ones((self.size,), bool)
+        masks["log_scale"] = jax.device_put(np.ones((self.size,), bool))
         return stacked, masks
 
     def unstack(self, stacked: dict) -> list[L.Params]:

@@ -48,7 +48,7 @@ class TaskRouter(nnx.Module):
             raise ValueError("router: gate parameters hold non-finite values")
         self.image_shape = tuple(int(d) for d in phi_k.shape[:3])
         self.gate = nnx.data(jax.tree.map(
-            lambda v: GateParam(jnp.asarray(v)),
+            lambda v: GateParam(jax.device_put(v)),
             {"phi": {"kernel": phi_k, "bias": phi_b}, "ts": {"kernel": ts_k, "bias": ts_b}}))
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Test set-up: 4 fake CPU devices, strict dtype promotion, small learner topologies."""
+"""Test set-up: 4 fake CPU devices, strict dtype promotion, small learner topologies, the
+session's smoke run and how pytest-xdist schedules the tests that share it."""
 
 import atexit
 import os
@@ -77,7 +78,7 @@ def smoke_run(tmp_path_factory):
 
 # The test files whose tests use the smoke run (above): with pytest-xdist, one worker takes them
 # all, so that the run is made once; every other test is scheduled on its own.
-SMOKE_FILES = ("tests/test_cli.py", "tests/test_pipeline.py")
+SMOKE_FILES = ("test_cli.py", "test_pipeline.py")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -89,6 +90,6 @@ def pytest_xdist_make_scheduler(config, log):
 
     class SmokeRunTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "smoke_run" if nodeid.split("::", 1)[0] in SMOKE_FILES else nodeid
+            return "smoke_run" if Path(nodeid.split("::", 1)[0]).name in SMOKE_FILES else nodeid
 
     return SmokeRunTogether(config, log)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from baim_jax import BAIM, BAIMConfig, LearnerSpec, SpecError, partition
 from baim_jax.core import baim as baim_lib
@@ -174,6 +175,41 @@ def test_blend_equals_mixture_for_one_learner_and_bounds_it_for_more(mlp_specs, 
             chex.assert_trees_all_close(a, b, rtol=1e-4)
         else:
             assert np.all(np.asarray(b) <= np.asarray(a) + 1e-3)
+
+
+def _saturate_output(model, value):
+    """Sets every learner's output bias (image-shaped in every learner: no padding) to
+    ``value``: logits far past float32's sigmoid range, or Gaussian means outside [0, 1], as
+    a confident trained model may have."""
+    bias = model.learners["dec"][-1]["bias"]
+    bias[...] = jnp.full_like(bias[...], value)
+
+
+@pytest.mark.parametrize("likelihood,bias", [("bernoulli", 30.0), ("bernoulli", -30.0),
+                                             ("gaussian", 1.7), ("gaussian", -0.6)])
+def test_blend_equals_mixture_for_one_learner_outside_the_easy_range(images, likelihood, bias):
+    """K=1 makes the blend's weighted output the learner's own, so loss and gradient equal the
+    mixture's. A saturated logit of +-30 costs 30 nats on a wrong pixel (a blend of clipped
+    probabilities capped it at 13.8 with zero gradient); Gaussian means outside [0, 1] are
+    scored unclipped (a clipped mean lowered the loss and stopped its gradient)."""
+    specs = [mlp([8], 2, [8], likelihood)] * 2 + [mlp([6], 3, [6], likelihood)] * 2
+    grads, nelbos = [], []
+    for combine in ("mixture", "blend"):
+        model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=0, combine=combine))
+        _saturate_output(model, bias)
+        nelbos.append(model.reconstruct(images, task="a")["nelbo"])
+
+        def loss(model):
+            return jnp.mean(model.forward(images, jnp.zeros(len(images), jnp.int32))["nelbo"])
+
+        grad = nnx.grad(loss)(model).learners["dec"]
+        grads.append(grad[len(grad) - 1]["bias"][...])
+    chex.assert_trees_all_close(nelbos[0], nelbos[1], rtol=1e-5)
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(grads[1]).max()) > 0.01
+    if likelihood == "bernoulli":
+        wrong = np.asarray((images > 0.5) != (bias > 0)).reshape(len(images), -1).sum(1)
+        assert np.all(np.asarray(nelbos[1]) >= 29.0 * wrong)
 
 
 def test_gaussian_learners(images):

@@ -394,7 +394,9 @@ class BAIM(nnx.Module):
         else:
             scale = D.combine(jnp.broadcast_to(jnp.exp(log_scale)[:, None], rec_n.shape),
                               out.weights, layout)
-            rec = losses.blend_nll(recon, scale, x, self.layout.likelihood)
+            parts = D.combine(losses.blend_parts(buf["out"], self.layout.likelihood),
+                              out.weights, layout)
+            rec = losses.blend_nll(parts, scale, x, self.layout.likelihood)
         seg = jnp.asarray(self.layout.segment_of)
         return {
             "recon": recon, "rec": rec, "kl": kl, "nelbo": rec + kl, "gate": out,

@@ -75,11 +75,32 @@ def nll(out: jax.Array, log_scale: jax.Array, x: jax.Array, likelihood: str) -> 
     return gaussian_nll(out, log_scale, x)
 
 
-def blend_nll(mean: jax.Array, scale: jax.Array, x: jax.Array, likelihood: str) -> jax.Array:
-    """Reconstruction term of the blend: ``mean`` is the weighted probabilities (Bernoulli)
-    or weighted means (Gaussian) ``[B, H, W, C]``; ``scale`` the weighted std ``[B]``."""
+def blend_parts(out: jax.Array, likelihood: str) -> jax.Array:
+    """What the blend weighs, per learner, from raw output ``[N, R, *image]``.
+
+    Bernoulli: ``sigmoid(out)`` and ``sigmoid(-out)`` stacked on a new last axis, so that the
+    weighted probability of either pixel value keeps its own precision (``1 - p`` rounds to 0
+    in float32 once the logit passes about 17). Gaussian: the raw means, unclipped (clipping
+    would change the likelihood and stop its gradient outside [0, 1]).
+    """
     if likelihood == "bernoulli":
-        t = binarize(x)
-        p = jnp.clip(mean, 1e-6, 1.0 - 1e-6)
-        return jnp.sum(_pixels(-(t * jnp.log(p) + (1.0 - t) * jnp.log1p(-p))), axis=-1)
-    return gaussian_nll(mean, jnp.log(scale), x)
+        return jnp.stack([jax.nn.sigmoid(out), jax.nn.sigmoid(-out)], axis=-1)
+    return out
+
+
+def blend_nll(parts: jax.Array, scale: jax.Array, x: jax.Array, likelihood: str) -> jax.Array:
+    """Reconstruction term of the blend (DESIGN.md Sec. 3), ``[B]`` nats.
+
+    Args:
+      parts: the gate-weighted ``blend_parts`` of the selected learners, ``[B, *image, 2]``
+        (Bernoulli: weighted probabilities of 1 and of 0) or ``[B, *image]`` (Gaussian means).
+      scale: ``[B]`` the weighted pixel standard deviation (Gaussian).
+      x: ``[B, H, W, C]`` images in [0, 1].
+    """
+    if likelihood == "bernoulli":
+        t = _pixels(binarize(x))
+        tiny = jnp.finfo(parts.dtype).tiny
+        log_p1 = jnp.log(jnp.maximum(_pixels(parts[..., 0]), tiny))
+        log_p0 = jnp.log(jnp.maximum(_pixels(parts[..., 1]), tiny))
+        return -jnp.sum(t * log_p1 + (1.0 - t) * log_p0, axis=-1)
+    return gaussian_nll(parts, jnp.log(scale), x)

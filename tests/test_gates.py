@@ -381,7 +381,9 @@ def test_noisy_top_k():
                            task=task, noise_std=0.0, rng=jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(zero.selected), np.asarray(clean.selected))
     # Noise std 10 against logit gaps of 1: over 20 keys the choice changes at least once, yet
-    # stays K per row inside the segment, and the weights are the gate on the CLEAN logits.
+    # stays K per row inside the segment. As in Shazeer et al. (2017), the NOISY logits weigh
+    # the K they chose (softmax of KeepTopK(clean + noise)); GateOutput.logits, which the
+    # auxiliary losses read, stay clean.
     changed = 0
     for seed in range(20):
         noisy = hier_gate(gate_params(), X, segment_of=seg, k=2, gate="topk_softmax",
@@ -389,8 +391,11 @@ def test_noisy_top_k():
         check_k_in_segment(noisy, seg, 2)
         changed += int((np.asarray(noisy.selected) != np.asarray(clean.selected)).any())
         chex.assert_trees_all_close(noisy.logits, clean.logits)
+        noise = 10.0 * jax.random.normal(jax.random.key(seed), clean.logits.shape)
         chex.assert_trees_all_close(
-            noisy.weights, gates.topk_softmax(clean.logits, noisy.selected), atol=1e-6)
+            noisy.weights, gates.topk_softmax(clean.logits + noise, noisy.selected), atol=1e-6)
+        assert not np.allclose(noisy.weights,
+                               gates.topk_softmax(clean.logits, noisy.selected), atol=1e-3)
     assert changed > 0
 
 

@@ -131,7 +131,9 @@ def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate
       k: learners per input.
       gate: registered gate function name.
       task: ``[B]`` int task ids; None lets the TSGate choose (argmax of its logits).
-      noise_std: noisy top-K: Gaussian noise of this std on the logits that choose (training).
+      noise_std: noisy top-K (Shazeer et al. 2017, with a fixed scale): Gaussian noise of
+        this std on the logits, which then both choose the K and weigh them (training). The
+        auxiliary losses see the clean logits (``GateOutput.logits``).
       rng: key for the noise; no noise when None.
       selected: ``[B, N]`` bool, an imposed choice of learners (benchmarks, tests); its weights
         still come from the gate function on the logits.
@@ -143,12 +145,12 @@ def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate
     seg = segment_mask(segment_of, task)
     raw = phi @ params["ls"]["kernel"] + params["ls"]["bias"]
     logits = jnp.where(seg, raw, -jnp.inf)
+    noise = None
+    if noise_std > 0.0 and rng is not None:
+        noise = noise_std * jax.random.normal(rng, logits.shape)
     if selected is None:
-        noise = None
-        if noise_std > 0.0 and rng is not None:
-            noise = noise_std * jax.random.normal(rng, logits.shape)
         selected = top_k_in_segment(raw, seg, k, noise)
-    weights = get_gate(gate)(logits, selected)
+    weights = get_gate(gate)(logits if noise is None else logits + noise, selected)
     return GateOutput(weights, selected, task, logits, task_logits)
 
 

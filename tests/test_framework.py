@@ -396,6 +396,22 @@ def test_pruning_schedule_steps_and_final_count(mlp_specs):
     assert kept[12] == math.ceil(0.25 * potential) < potential
 
 
+def test_pruning_reaches_rho_when_end_is_not_a_multiple_of_every():
+    # end = 10 with every = 4: multiples 4, 8 fall before the end and 12 may never come (a run
+    # of 10 steps), so step 10 prunes too: 1.0 at 4 (start 4), then rho at 10.
+    pruning = cloud.Pruning(rho=0.25, start=4, end=10, every=4)
+    rec = _Recorder()
+    steps = []
+    for step in range(1, 11):
+        before = len(rec.calls)
+        pruning.after_step(rec, step)
+        if len(rec.calls) > before:
+            steps.append(step)
+    assert steps == [4, 8, 10]
+    # At 8: 0.25 + 0.75 * (1 - 4/6)**3 = 0.25 + 0.75 / 27.
+    np.testing.assert_allclose(rec.calls, [1.0, 0.25 + 0.75 / 27, 0.25])
+
+
 # ---------------------------------------------------------------------------- cloud trainer
 
 

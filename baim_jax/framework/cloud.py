@@ -54,8 +54,9 @@ def aggregate(uploads: Sequence[EdgeModel], tasks: Sequence[str], config: BAIMCo
 
 @dataclasses.dataclass(frozen=True)
 class Pruning:
-    """Magnitude pruning to ``rho`` along the cubic schedule, every ``every`` steps between the
-    global steps ``start`` and ``end`` (``connections.kept_fraction``)."""
+    """Magnitude pruning to ``rho`` along the cubic schedule (``connections.kept_fraction``):
+    every ``every`` global steps from ``start`` on, and at step ``end`` itself, so that the
+    kept fraction reaches ``rho`` even when ``end`` is not a multiple of ``every``."""
 
     rho: float
     start: int
@@ -69,7 +70,7 @@ class Pruning:
         return cls(rho, int(start * total_steps), max(int(end * total_steps), 1), every)
 
     def after_step(self, model: BAIM, step: int) -> None:
-        if step >= self.start and step % self.every == 0:
+        if step >= self.start and (step % self.every == 0 or step == self.end):
             model.prune_connections(C.kept_fraction(step, self.rho, self.start, self.end))
 
 

@@ -138,6 +138,7 @@ def test_bad_assembly_is_refused(mlp_specs):
     (dict(kind="rnn"), "'kind'"), (dict(latent=0), "'latent'"),
     (dict(encoder=(8, -1)), "'encoder'"), (dict(likelihood="poisson"), "'likelihood'"),
     (dict(kind="conv", encoder=(4,)), "'encoder': conv learners need at least 2"),
+    (dict(encoder=()), "'encoder': MLP learners need at least one hidden encoder layer"),
     (dict(kind="conv", image_shape=(10, 10, 1), encoder=(4, 4), decoder=(4, 4)),
      "'image_shape': conv learners need H and W divisible by 4"),
     (dict(image_shape=(8, 8)), "'image_shape'")])

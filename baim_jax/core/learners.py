@@ -79,6 +79,11 @@ class LearnerSpec:
             widths = getattr(self, name)
             if any(w < 1 for w in widths):
                 raise SpecError(f"learner spec field '{name}': widths {widths} must all be >= 1")
+        if self.kind == "mlp" and not self.encoder:
+            raise SpecError(
+                "learner spec field 'encoder': MLP learners need at least one hidden encoder "
+                "layer (in a pool, a learner without one would carry the image through a "
+                "flat stage position)")
         if self.kind == "conv":
             h, w, _ = self.image_shape
             if h % 4 or w % 4:

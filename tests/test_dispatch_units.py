@@ -185,6 +185,28 @@ def test_combine_hand_case():
     np.testing.assert_allclose(np.asarray(got2[:, 1]), [-50.5, -2.0, -150.0, -4.0], rtol=1e-6)
 
 
+def test_surviving_weights_hand_case():
+    # The hand layout of test_combine_hand_case (cap 2): ex 2 lost l0, ex 3 lost l2.
+    #   ex 0, ex 1: nothing lost, weights unchanged            -> 50.5, 2
+    #   ex 2: 0.75 l2 alone, renormalised to 1.0 -> 1.0 * 200  = 200
+    #   ex 3: 0.4 l1 alone, renormalised to 1.0  -> 1.0 * 10   = 10
+    values = jnp.array([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]], jnp.float32)
+    weights = jnp.array([[0.5, 0, 0.5], [1.0, 0, 0], [0.25, 0, 0.75], [0, 0.4, 0.6]],
+                        jnp.float32)
+    lay = capacity_layout(DEPTH1, (2,))
+    got = D.surviving_weights(weights, weights > 0, lay)
+    np.testing.assert_allclose(np.asarray(got),
+                               [[0.5, 0, 0.5], [1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])
+    np.testing.assert_allclose(np.asarray(combine(values, got, lay)), [50.5, 2.0, 200.0, 10.0])
+    # A row that lost every learner it selected scores nothing (no NaN).
+    alone = D.surviving_weights(jnp.array([[0.0, 0.0, 1.0]] * 4), jnp.array([[0, 0, 1]] * 4,
+                                bool), lay)
+    np.testing.assert_allclose(np.asarray(alone[3]), [0.0, 0.0, 0.0])
+    # The dense layout loses nothing: weights come back bit for bit.
+    dense = D.dense_layout(4, 3, 1)
+    chex.assert_trees_all_equal(D.surviving_weights(weights, weights > 0, dense), weights)
+
+
 def test_combine_dense_is_weighted_sum():
     # Dense layout: out[b] = sum_n w[b, n] * values[n, b].
     values = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)  # l0: 0 1 2, l1: 3 4 5

@@ -107,6 +107,32 @@ def test_capacity_path_with_enough_capacity_equals_dense(mlp_specs, images):
     chex.assert_trees_all_close(fast["nelbo"], dense["nelbo"], rtol=1e-6)
 
 
+def test_dropped_learners_leave_a_mixture_of_those_that_ran(mlp_specs, images):
+    """One squad of 4 learners, K = 2; rows 0-3 pick (0, 1), rows 4-7 pick (1, 2).
+    Capacity ceil(1.0 * 8 * 2 / 4) = 4: learner 1 runs rows 0-3 and drops rows 4-7, which are
+    then scored on learner 2 alone, exactly as a dense pass that selected only learner 2 there
+    (the top-K softmax over the learners that ran is the renormalised weights)."""
+    batch = 8
+    x = jax.random.uniform(jax.random.key(1), (batch, *images.shape[1:]))
+    task = jnp.zeros(batch, jnp.int32)
+    model = BAIM.assemble(mlp_specs, [0, 0, 0, 0], ["a"], BAIMConfig(k=2, h=0, capacity_factor=1.0))
+    for kept in model.kept:  # no connections kept: no feeders
+        kept[...] = jnp.zeros_like(kept[...])
+    first = np.arange(batch) < 4
+    selected = jnp.asarray(np.stack([first, np.ones(batch, bool), ~first,
+                                     np.zeros(batch, bool)], axis=1))
+    fast = _forward(model, x, task, selected=selected, dispatch="capacity")
+    assert int(fast["dropped"]) == 4
+    ran = selected.at[4:, 1].set(False)
+    dense = _forward(model, x, task, selected=ran, dispatch="dense")
+    chex.assert_trees_all_close(fast["nelbo"], dense["nelbo"], rtol=1e-6)
+    chex.assert_trees_all_close(fast["recon"], dense["recon"], atol=1e-6)
+    # The gate's own weights are reported unchanged.
+    chex.assert_trees_all_close(fast["gate"].weights,
+                                _forward(model, x, task, selected=selected,
+                                         dispatch="dense")["gate"].weights)
+
+
 def test_feeders_run_only_the_positions_they_feed_from(mlp_specs, images):
     """Per-position capacities, each the largest load at that position: the deeper positions
     run fewer rows than the first (a feeder stops where its connections leave), nothing is

@@ -385,17 +385,18 @@ class BAIM(nnx.Module):
         buf = self._buffers(x, eps, layout)
         log_scale = self.learners["log_scale"][...]
         rec_n, kl_n = buf["rec"], buf["kl"]
+        weights = D.surviving_weights(out.weights, out.selected, layout)
         pix = losses.pixel_mean(buf["out"], self.layout.likelihood)
-        recon = D.combine(pix, out.weights, layout)
+        recon = D.combine(pix, weights, layout)
         # KL on the rows that also ran the output stage: a learner dropped there loses both terms.
-        kl = D.combine(kl_n[:, :rec_n.shape[1]], out.weights, layout)
+        kl = D.combine(kl_n[:, :rec_n.shape[1]], weights, layout)
         if self.config.combine == "mixture":
-            rec = D.combine(rec_n, out.weights, layout)
+            rec = D.combine(rec_n, weights, layout)
         else:
             scale = D.combine(jnp.broadcast_to(jnp.exp(log_scale)[:, None], rec_n.shape),
-                              out.weights, layout)
+                              weights, layout)
             parts = D.combine(losses.blend_parts(buf["out"], self.layout.likelihood),
-                              out.weights, layout)
+                              weights, layout)
             rec = losses.blend_nll(parts, scale, x, self.layout.likelihood)
         seg = jnp.asarray(self.layout.segment_of)
         return {

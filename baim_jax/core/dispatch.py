@@ -189,3 +189,26 @@ def combine(values: jax.Array, weights: jax.Array, layout: Layout) -> jax.Array:
     flat = contrib.reshape(-1, *values.shape[2:])
     out = jax.ops.segment_sum(flat, rows_of.reshape(-1), num_segments=batch + 1)
     return out[:batch]
+
+
+def surviving_weights(weights: jax.Array, selected: jax.Array, layout: Layout) -> jax.Array:
+    """Gate weights renormalised over the selected learners that ran, in rows that lost one.
+
+    A selected learner whose output stage did not fit its capacity is missing from the row's
+    mixture; leaving its weight in place would score the row on less than a whole mixture and
+    move its gate towards the dropped learner whatever that learner's loss. Rows that lost
+    none keep their weights bit for bit; a row that lost all its learners gets zeros.
+
+    Args:
+      weights: ``[B, N]`` gate weights.
+      selected: ``[B, N]`` bool, the gate's choice.
+      layout: the layout the buffers follow (``caps[-1]``: rows of the output stage).
+
+    Returns:
+      ``[B, N]``.
+    """
+    ran = layout.slot_of[:-1] < layout.caps[-1]
+    lost = jnp.any(selected & ~ran, axis=-1, keepdims=True)
+    kept = jnp.where(ran, weights, 0.0)
+    total = jnp.sum(kept, axis=-1, keepdims=True)
+    return jnp.where(lost, kept / jnp.where(total > 0, total, 1.0), weights)

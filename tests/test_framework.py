@@ -521,3 +521,17 @@ def test_cloud_learning_rate_per_strategy():
     p = plan.validate(config)
     assert p.cloud_learning_rate("freeze") == 3e-4
     assert p.cloud_learning_rate("finetune") == config.cloud.learning_rate == 1e-3
+
+
+def test_plan_takes_pruning_from_step_zero_and_refuses_unknown_top_level_keys():
+    from conftest import SMOKE
+
+    from baim_jax.cli import load_config
+    from baim_jax.framework import plan
+
+    config = load_config(SMOKE, ["--config.cloud.prune_start=0.0"])
+    assert plan.validate(config).config.cloud.prune_start == 0.0
+    config = load_config(SMOKE, [])
+    config.fooo = 3  # as a config file could set it (the command line refuses it earlier)
+    with pytest.raises(ValueError, match=r"config: unknown key\(s\) \['fooo'\]"):
+        plan.validate(config)

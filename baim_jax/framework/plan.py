@@ -27,12 +27,14 @@ SECTIONS = {
     "edge": {"epochs": int, "batch_size": int, "learning_rate": float},
     "cloud": {"epochs": int, "batch_size": int, "learning_rate": float,
               "learning_rates": object, "rho": float,
-              "prune_start": float, "prune_end": float, "prune_every": int,
+              "prune_start": (float, 0.0), "prune_end": float, "prune_every": int,
               "max_upload_params": int},
     "personalize": {"epochs": int, "batch_size": int, "learning_rate": float},
     "fl": {"rounds": int, "batch_size": int, "learning_rate": float},
     "fid": {"feature_epochs": int},
 }
+TOP_LEVEL = {"seed", "kind", "likelihood", "task_names", "task_classes", "edges", "baim",
+             "strategies", "toolkit_strategy", "devices"}
 
 
 @dataclasses.dataclass
@@ -93,6 +95,9 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     Raises:
       ValueError: one line naming the first bad field.
     """
+    unknown = set(config) - TOP_LEVEL - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {sorted(unknown)}")
     for section, keys in SECTIONS.items():
         if section not in config:
             raise ValueError(f"config: missing section {section!r}")

@@ -13,6 +13,7 @@ from baim_jax import BAIM, BAIMConfig, LearnerSpec, SpecError, partition
 from baim_jax.core import baim as baim_lib
 from baim_jax.core import edge_model
 from baim_jax.core import learners as L
+from baim_jax.core import losses
 from baim_jax.core.edge_model import EdgeModel
 from conftest import IMAGE, conv, mlp
 
@@ -69,11 +70,32 @@ def test_sample_contract(model, mode):
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
 
 
+def _decode_alone(model, n, eps):
+    """Learner ``n`` of ``model`` decoding the first d_n coordinates of ``eps`` by itself
+    (its own unpadded parameters; the connections of a fresh model are zero)."""
+    spec = model.layout.members[n].spec
+    tree = model.export_tree()["learners"][n]
+    a = eps[:, :spec.latent]
+    for stage, params in zip(L.stages(spec)["dec"], tree["dec"]):
+        a = L.apply_stage(stage, params, a)
+    return np.asarray(losses.pixel_mean(a, spec.likelihood))
+
+
 def test_mixture_samples_come_from_single_learners(model):
-    """Each mixture sample is exactly one learner's decoding of the shared noise."""
-    mixture = np.asarray(model.sample(6, task="a", rng=jax.random.key(3)))
-    blend = np.asarray(model.sample(6, task="a", rng=jax.random.key(3), mode="blend"))
-    assert not np.allclose(mixture, blend)
+    """Each mixture sample is exactly one learner's decoding of the shared noise, a learner of
+    the task's squad (model order: 0, 1 are task a's); with a prior of 1/2 each, 64 draws pick
+    both. The blend is the prior-weighted average of the two decodings."""
+    key, n = jax.random.key(3), 64
+    mixture = np.asarray(model.sample(n, task="a", rng=key))
+    eps = baim_lib.shared_noise(jax.random.split(key)[0], baim_lib.sample_rows(n),
+                                model.layout.latent)[:n]
+    alone = [_decode_alone(model, m, eps) for m in range(4)]
+    match = np.array([[np.allclose(mixture[i], alone[m][i], atol=1e-5) for m in range(4)]
+                      for i in range(n)])
+    assert np.all(match[:, :2].sum(1) == 1) and not match[:, 2:].any()
+    assert match[:, 0].any() and match[:, 1].any()
+    blend = np.asarray(model.sample(n, task="a", rng=key, mode="blend"))
+    np.testing.assert_allclose(blend, 0.5 * alone[0] + 0.5 * alone[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["mixture", "blend"])

@@ -222,12 +222,21 @@ def test_partition_drops_other_squads_and_truncates_feeders(mlp_specs):
 
 
 def test_partition_without_connections_keeps_only_the_squad(mlp_specs, images):
-    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
-    model.prune_connections(1e-9)
-    assert model.spec["connections"]["kept"] == 1
-    model.prune_connections(1e-9)
+    """No connection kept: task a's model is squad a's two learners (uploads 0 and 2), no
+    feeder, no connection, and computes what the BAIM computes for task a."""
+    model = _connected(mlp_specs, 1)
+    for kept in model.kept:
+        kept[...] = jnp.zeros_like(kept[...])
+    assert model.spec["connections"]["kept"] == 0
     task_model = partition(model, "a")
-    assert len(task_model.layout.members) >= 2
+    members = task_model.layout.members
+    assert [m.spec for m in members] == [mlp_specs[0], mlp_specs[2]]
+    assert all(m.squad is not None for m in members)
+    assert len(task_model.conns) == 0
+    want = model.reconstruct(images, task="a")
+    got = task_model.reconstruct(images)
+    chex.assert_trees_all_close(got["mean"], want["mean"], atol=1e-6)
+    chex.assert_trees_all_close(got["nelbo"], want["nelbo"], rtol=1e-6)
 
 
 def test_partition_carries_capacity_factors_per_position_only_to_the_same_pool():

@@ -73,12 +73,28 @@ def test_unknown_strategy_is_refused(mlp_specs):
         strategies.make_optimizer(model, "distill", optax.adam(1e-3))
 
 
-def test_prior_gate_follows_the_lsgate_weights(mlp_specs):
-    """After training steps the prior is a running mean of the weights: per squad it sums to 1
-    (topk_softmax weights sum to 1 per row, each row in one squad)."""
+def test_prior_gate_update_hand_case(mlp_specs):
+    # Squads in model order: learners 0, 1 (task a), 2, 3 (task b); the prior starts at 1/2.
+    # Batch: two rows of task a with weights (0.8, 0.2) and (0.4, 0.6), one of task b (0.3, 0.7).
+    # Mean weights: a (0.6, 0.4), b (0.3, 0.7); momentum 0.5: 0.5 * 0.5 + 0.5 * mean
+    # = (0.55, 0.45, 0.4, 0.6). A batch of task a alone then leaves b's prior where it was.
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, prior_momentum=0.5))
+    np.testing.assert_allclose(np.asarray(model.prior[...]), [0.5] * 4)
+    weights = jnp.array([[0.8, 0.2, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 0.3, 0.7]])
+    model.update_prior(weights, jnp.array([0, 0, 1]))
+    np.testing.assert_allclose(np.asarray(model.prior[...]), [0.55, 0.45, 0.4, 0.6], rtol=1e-6)
+    model.update_prior(jnp.array([[1.0, 0, 0, 0]]), jnp.array([0]))
+    np.testing.assert_allclose(np.asarray(model.prior[...]), [0.775, 0.225, 0.4, 0.6], rtol=1e-6)
+
+
+def test_prior_gate_follows_the_lsgate_weights_in_training(mlp_specs):
+    """After training steps the prior has moved off its uniform start and is still a mean of
+    weights: per squad it sums to 1 (topk_softmax weights sum to 1 per row, each row in one
+    squad)."""
     model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, prior_momentum=0.5))
     _train(model, "finetune")
     prior = np.asarray(model.prior[...])
+    assert np.abs(prior - 0.5).max() > 1e-3
     seg = model.layout.segment_of
     for t in range(2):
         np.testing.assert_allclose(prior[seg == t].sum(), 1.0, rtol=1e-5)

@@ -57,7 +57,6 @@ def reference_forward(model, x, eps, weights):
     for n, m in enumerate(members):
         if m.squad is None:
             continue
-        out = a(n, "dec", len(own[n]["dec"]) - 1)
         out = L.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1],
                             mixed(n, "dec", len(own[n]["dec"]) - 1))
         mean, logvar = head(n)

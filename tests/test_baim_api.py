@@ -114,7 +114,8 @@ def test_sample_of_n_is_a_sampler_of_exactly_n_rows(model, mode):
 
 @pytest.mark.parametrize("bad,match", [
     (dict(mode="average"), "mode"), (dict(n=0), "n: must be a positive integer"),
-    (dict(task="c"), "unknown task 'c'"), (dict(task=5), "task: id 5")])
+    (dict(task="c"), "unknown task 'c'"), (dict(task=5), "task: id 5"),
+    (dict(task=None), "task: required to sample from a model of several tasks")])
 def test_sample_refuses_bad_arguments(model, bad, match):
     kwargs = dict(n=3, task="a", rng=jax.random.key(0))
     kwargs.update(bad)

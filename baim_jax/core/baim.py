@@ -414,6 +414,11 @@ class BAIM(nnx.Module):
           x: ``[B, H, W, C]``; task: ``[B]`` int task labels (routing by id, TSGate supervised).
           rng: latent (and gate) noise.
           selected: optional imposed ``[B, N]`` learner choice (benchmarks).
+
+        Returns:
+          ``(total, metrics)``: the scalar objective, and scalars ``loss``, ``nelbo``, ``rec``,
+          ``kl``, ``load_balance``, ``z_loss``, ``task_loss``, ``dropped`` with the batch's
+          ``gate_weights`` ``[B, N]`` (for the prior gate's update).
         """
         out = self.forward(x, task, rng=rng, train=True, selected=selected)
         cfg = self.config
@@ -423,7 +428,7 @@ class BAIM(nnx.Module):
         metrics = {"loss": total, "nelbo": jnp.mean(out["nelbo"]), "rec": jnp.mean(out["rec"]),
                    "kl": jnp.mean(out["kl"]), "load_balance": out["load_balance"],
                    "z_loss": out["z_loss"], "task_loss": ts, "dropped": out["dropped"],
-                   "gate_weights": out["gate"].weights, "task": out["gate"].task}
+                   "gate_weights": out["gate"].weights}
         return total, metrics
 
     def update_prior(self, weights: jax.Array, task: jax.Array) -> None:
@@ -532,6 +537,7 @@ class BAIM(nnx.Module):
     def sample(self, n: int, *, task, rng: jax.Array, mode: str = "mixture") -> jax.Array:
         """Draws ``n`` images ``[n, H, W, C]`` in [0, 1] without an input.
 
+        ``task`` (a name or id) may be None only for a model of one task (a task model).
         The squad's prior gate picks its top-K learners; every learner decodes the first d_n
         coordinates of one shared standard normal vector (so connected decoders see consistent
         noise). ``mode="mixture"`` (default) returns, per image, the output of ONE learner drawn
@@ -543,11 +549,15 @@ class BAIM(nnx.Module):
             raise ValueError(f"mode: {mode!r} is not 'mixture' or 'blend'")
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n: must be a positive integer, got {n!r}")
+        if task is None and len(self.tasks) > 1:
+            raise ValueError(f"task: required to sample from a model of several tasks "
+                             f"{list(self.tasks)}")
         t = self._task_ids(task, 1)[0] if task is not None else jnp.int32(0)
         return _sample(self, sample_rows(n), t, rng, mode)[:n]
 
     def evaluate(self, x, task) -> dict:
-        """Posterior-mean negative ELBO per image ``[B]`` (test loss), gate and task accuracy."""
+        """Posterior-mean negative ELBO per image ``[B]`` (``nelbo``) and the TSGate's
+        accuracy on ``task`` (``task_accuracy``, a scalar)."""
         x = jnp.asarray(x, jnp.float32)
         L.check_image_shape(self.layout.image_shape, x.shape)
         ids = self._task_ids(task, x.shape[0])

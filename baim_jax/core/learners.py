@@ -280,35 +280,28 @@ def check_image_shape(spec_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> 
             f"[batch, {', '.join(map(str, spec_shape))}]")
 
 
-def learner_forward(spec: LearnerSpec, params: Params, x: jax.Array, eps: jax.Array,
-                    mixed_inputs=None):
-    """One learner alone (the per-learner reference; no padding, no pool).
+def learner_forward(spec: LearnerSpec, params: Params, x: jax.Array, eps: jax.Array) -> dict:
+    """One learner alone (an edge model; the per-learner reference: no padding, no pool).
 
     Args:
       spec: the learner's spec.
       params: its unpadded parameters.
       x: images ``[B, H, W, C]``.
       eps: standard normal noise ``[B, >= L]``; the learner takes the first ``L`` coordinates.
-      mixed_inputs: optional ``fn(tower, position, a) -> mixed`` adding projections to the input
-        ``a`` of a stage (used by the loop reference of the BAIM); identity when None.
 
     Returns:
-      dict with ``mean``/``logvar``/``z`` ``[B, L]``, ``out`` ``[B, H, W, C]`` (logits or means),
-      and ``inputs``: ``{tower: [a_0, a_1, ...]}``, the ORIGINAL stage inputs.
+      dict with ``mean``/``logvar``/``z`` ``[B, L]`` and ``out`` ``[B, H, W, C]`` (logits or
+      means).
     """
     st = stages(spec)
-    mix = mixed_inputs or (lambda tower, i, a: a)
-    inputs = {"enc": [], "dec": []}
     a = x
     for i, s in enumerate(st["enc"]):
-        inputs["enc"].append(a)
-        a = apply_stage(s, params["enc"][i], mix("enc", i, a))
+        a = apply_stage(s, params["enc"][i], a)
     mean, logvar = a
     z = mean + jnp.exp(0.5 * logvar) * eps[:, : spec.latent]
     a = z
     for i, s in enumerate(st["dec"]):
-        inputs["dec"].append(a)
-        a = apply_stage(s, params["dec"][i], mix("dec", i, a))
-    return {"mean": mean, "logvar": logvar, "z": z, "out": a, "inputs": inputs}
+        a = apply_stage(s, params["dec"][i], a)
+    return {"mean": mean, "logvar": logvar, "z": z, "out": a}
 
 

@@ -53,7 +53,6 @@ def _train_step(graphdef, trains: str, state, x, task, rng):
     with jax.numpy_dtype_promotion("standard"):  # optax: float ** int32 step count
         opt.update(m, grads)
     m.update_prior(metrics.pop("gate_weights"), task)
-    metrics.pop("task")
     return nnx.state((m, opt)), metrics
 
 

@@ -190,10 +190,11 @@ class EdgeTrainer:
 
 
 @functools.lru_cache(maxsize=None)
-def step_flops(spec: L.LearnerSpec, batch_size: int, learning_rate: float = 1e-3) -> float:
-    """FLOPs of one local training step of one edge with ``spec`` (XLA's cost analysis)."""
+def step_flops(spec: L.LearnerSpec, batch_size: int) -> float:
+    """FLOPs of one local training step of one edge with ``spec`` (XLA's cost analysis; the
+    learning rate, a constant of the step, changes none)."""
     layout = PoolLayout([Member(spec, 0)])
-    tx = optax.adam(learning_rate)
+    tx = optax.adam(1e-3)
     stacked, _ = layout.stack([L.init_learner(spec, jax.random.key(0))])
     with jax.numpy_dtype_promotion("standard"):
         state = jax.eval_shape(lambda p: TrainState(p, jax.vmap(tx.init)(p)), stacked)

@@ -112,7 +112,7 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
                         "fid_initial": measures.model_fid(model, real, extract,
                                                           plan.config.seed)})
     for spec, rec in zip(plan.specs, records):  # step_flops compiles once per distinct spec
-        rec["flops_per_epoch"] = (edges_lib.step_flops(spec, cfg.batch_size, cfg.learning_rate)
+        rec["flops_per_epoch"] = (edges_lib.step_flops(spec, cfg.batch_size)
                                   * math.ceil(rec["data_size"] / cfg.batch_size))
     ckpt.remove()
     return {"edges": records, "train_loss": meta["train_loss"],
@@ -256,7 +256,7 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
             bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
             ckpt.save(r + 1, jax.tree.leaves(params), meta)
     EdgeModel(spec, "all", params=params).save(workdir / "fl")
-    step = edges_lib.step_flops(spec, cfg.batch_size, cfg.learning_rate)
+    step = edges_lib.step_flops(spec, cfg.batch_size)
     ckpt.remove()
     return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"],
             "params": L.count_params(spec),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 
 from baim_jax.service import integrity as I
@@ -43,7 +42,6 @@ class Checkout:
       revision: the store revision of the model.
       source: ``"toolbox"`` (a hit) or ``"store"`` (downloaded and cached).
       bytes_downloaded: bytes copied from the store (0 on a hit).
-      seconds_download: time spent downloading.
       note: why a hit became a miss (a damaged cached copy), else "".
     """
 
@@ -51,7 +49,6 @@ class Checkout:
     revision: int
     source: str
     bytes_downloaded: int = 0
-    seconds_download: float = 0.0
     note: str = ""
 
 
@@ -152,15 +149,13 @@ class Toolbox:
                     self._touch(index, key)
                     yield Checkout(path, entry["revision"], "toolbox")
                     return
-        start = time.perf_counter()
         with I.incoming(self.root, ".fetch-") as tmp:
             meta, copied = store.fetch(key, tmp / "model")
-            seconds = time.perf_counter() - start
             with I.locked(self.root):
                 index = self._index()
                 self._admit(index, key, meta, tmp / "model")
                 self._touch(index, key)
-                yield Checkout(self._dir(key), meta["revision"], "store", copied, seconds, note)
+                yield Checkout(self._dir(key), meta["revision"], "store", copied, note)
 
     def _admit(self, index: dict, key: str, meta: dict, tmp: Path) -> None:
         """Puts a verified download in place, evicting least recently used models first. A

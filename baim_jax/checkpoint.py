@@ -9,7 +9,6 @@ directory and refuses anything inconsistent with one clear error (``CheckpointEr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from baim_jax import files
 from baim_jax.core import connections as C
 from baim_jax.core import learners as L
 from baim_jax.core.baim import BAIM, BAIMConfig
@@ -25,7 +25,6 @@ from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import TaskModel
 from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.core.router import TaskRouter
-from baim_jax.service import integrity
 
 FORMAT, VERSION = "baim_jax", 1
 KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel, "router": TaskRouter}
@@ -64,16 +63,9 @@ def save(model: BAIM | EdgeModel | TaskRouter, path) -> None:
         ckpt.save(tmp / "state", _to_dicts(tree))
         ckpt.wait_until_finished()
         spec = model.spec
-        spec["files"] = integrity.digests(tmp / "state")
+        spec["files"] = files.digests(tmp / "state")
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        files.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -114,13 +106,13 @@ def load(path, *, check_digests: bool = True) -> BAIM | EdgeModel | TaskRouter:
     spec = read_spec(path)
     if not (path / "state").is_dir():
         raise CheckpointError(f"{path}: the checkpoint directory 'state' is missing")
-    files = spec.get("files")
-    if not isinstance(files, dict) or not files:
+    recorded = spec.get("files")
+    if not isinstance(recorded, dict) or not recorded:
         raise CheckpointError(f"{path}/spec.json: no file digests ('files')")
     if check_digests:
         try:
-            integrity.verify(path / "state", files)
-        except integrity.IntegrityError as e:
+            files.verify(path / "state", recorded)
+        except files.IntegrityError as e:
             raise CheckpointError(str(e)) from None
     try:
         tree = ocp.StandardCheckpointer().restore(path / "state")

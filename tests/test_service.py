@@ -20,6 +20,7 @@ from conftest import mlp
 
 from baim_jax import BAIM, BAIMConfig, checkpoint, partition
 from baim_jax.core.router import TaskRouter
+from baim_jax import files as F
 from baim_jax.service import integrity as I
 from baim_jax.service.edge import Edge, Request
 from baim_jax.service.store import ROUTER, ModelStore, StoreError
@@ -83,8 +84,8 @@ def test_a_download_hashes_each_file_once(sensitive, store, tmp_path, monkeypatc
     # A miss checks every file as it is copied (a sensitive request, as it is opened in the
     # store); loading the model then trusts that check instead of hashing it all again.
     hashed = []
-    sha256 = I.sha256
-    monkeypatch.setattr(I, "sha256", lambda path: hashed.append(path) or sha256(path))
+    sha256 = F.sha256
+    monkeypatch.setattr(F, "sha256", lambda path: hashed.append(path) or sha256(path))
     got = Edge(store, Toolbox(tmp_path / "toolbox")).serve(
         Request(task="a", num=1, sensitive=sensitive))
     assert got.sources == {"a": "store, sensitive" if sensitive else "store"}
@@ -109,7 +110,7 @@ def test_a_hit_needs_nothing_from_the_store(store, tmp_path):
     assert set(routed.sources.values()) == {"toolbox"}
     chex.assert_trees_all_close(routed.images, first.images)
     missing = next(t for t in TASKS if t not in cached)
-    with pytest.raises(I.IntegrityError, match="not a model store"):
+    with pytest.raises(F.IntegrityError, match="not a model store"):
         again.serve(Request(task=missing, num=2))
 
 
@@ -282,7 +283,7 @@ def _future_spec(store):
     spec["version"] = 2
     spec_path.write_text(json.dumps(spec))
     manifest = json.loads((store.root / "manifest.json").read_text())
-    manifest["models"]["a"]["files"]["spec.json"] = I.sha256(spec_path)
+    manifest["models"]["a"]["files"]["spec.json"] = F.sha256(spec_path)
     (store.root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -369,7 +370,7 @@ def test_symlink_escapes_are_refused(store, tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from baim_jax.service import integrity as I
+from baim_jax import files as F
 from baim_jax.service.store import ModelStore
 from baim_jax.service.toolbox import Toolbox
 store, toolbox = ModelStore(sys.argv[1]), Toolbox(sys.argv[2])
@@ -378,7 +379,7 @@ while not Path(sys.argv[3]).exists():
 for i in range(int(sys.argv[4])):
     task = "abc"[(i + int(sys.argv[5])) % 3]
     with toolbox.checkout(task, store) as got:
-        I.verify(got.path, store.entry(task)["files"])
+        F.verify(got.path, store.entry(task)["files"])
 print("ok")
 """
 
@@ -401,7 +402,7 @@ def test_concurrent_writers_never_leave_a_broken_model(store, tmp_path):
     contents = toolbox.contents()
     assert 1 <= len(contents) <= 2 and toolbox.used() <= toolbox.capacity
     for task in contents:
-        I.verify(toolbox.root / "models" / task, store.entry(task)["files"])
+        F.verify(toolbox.root / "models" / task, store.entry(task)["files"])
     assert sorted(p.name for p in (toolbox.root / "models").iterdir()) == sorted(contents)
     assert not any((toolbox.root / ".incoming").iterdir())
 

@@ -45,7 +45,8 @@ from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
 from baim_jax.framework.cloud import (Pruning, Trainer, aggregate, epoch_batches, image_losses,
                                       per_class, test_loss)
 from baim_jax.framework.plan import Plan, validate
-from baim_jax.framework.storage import PhaseCheckpoint, claim, write_json
+from baim_jax.files import write_json
+from baim_jax.framework.storage import PhaseCheckpoint, claim
 
 
 def _bar(total: int, done: int, desc: str, show: bool):

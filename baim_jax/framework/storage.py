@@ -1,24 +1,16 @@
-"""The run directory: its config record, atomic JSON records and the phases' epoch
-checkpoints (orbax)."""
+"""The run directory: its config record and the phases' epoch checkpoints (orbax)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-def write_json(path: Path, obj: Any) -> None:
-    """Writes JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+from baim_jax import files
 
 
 class PhaseCheckpoint:
@@ -88,4 +80,4 @@ def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"workdir: {workdir} is not empty and holds no baim-jax run; choose "
                          f"another --workdir (nothing was overwritten)")
     else:
-        write_json(record, wanted)
+        files.write_json(record, wanted)

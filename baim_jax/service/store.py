@@ -21,6 +21,7 @@ from pathlib import Path
 
 from baim_jax import checkpoint
 from baim_jax.names import check_task_name
+from baim_jax import files as F
 from baim_jax.service import integrity as I
 from baim_jax.service.integrity import ROUTER
 
@@ -72,7 +73,7 @@ class ModelStore:
         """The manifest, checked for format and version."""
         if self._new and not (self.root / "manifest.json").exists():
             return {"format": FORMAT, "version": VERSION, "models": {}}
-        m = I.read_json(self.root / "manifest.json", "model store")
+        m = F.read_json(self.root / "manifest.json", "model store")
         if m.get("format") != FORMAT:
             raise StoreError(f"store: {self.root}/manifest.json is not a {FORMAT} manifest")
         if m.get("version") != VERSION:
@@ -111,7 +112,7 @@ class ModelStore:
         """
         with I.locked(self.root, exclusive=False):
             entry = self.entry(key)
-            copied = I.copy_verified(self.path(key), entry["files"], dest)
+            copied = F.copy_verified(self.path(key), entry["files"], dest)
         _check_spec(dest, key, entry)
         return entry, copied
 
@@ -120,7 +121,7 @@ class ModelStore:
         with I.locked(self.root, exclusive=False):
             entry = self.entry(key)
             path = self.path(key)
-            I.verify(path, entry["files"])
+            F.verify(path, entry["files"])
             _check_spec(path, key, entry)
             return entry, checkpoint.load(path, check_digests=False)  # verified just above
 
@@ -140,9 +141,9 @@ class ModelStore:
         with contextlib.ExitStack() as temporaries:
             staged = []
             for key, src in checked.items():
-                files = I.digests(src)
+                files = F.digests(src)
                 tmp = temporaries.enter_context(I.incoming(self.root, ".publish-"))
-                I.copy_verified(src, files, tmp / "model")
+                F.copy_verified(src, files, tmp / "model")
                 staged.append((key, tmp, files, checkpoint.read_spec(src)))
             entries = []
             with I.locked(self.root):
@@ -151,14 +152,14 @@ class ModelStore:
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 for key, tmp, files, spec in staged:
                     final = self.path(key)
-                    I.replace_dir(tmp / "model", final)
+                    F.replace_dir(tmp / "model", final)
                     old = manifest["models"].get(key) or {}
                     manifest["models"][key] = {
                         **_summary(spec), "dir": str(final.relative_to(self.root)),
                         "revision": int(old.get("revision", 0)) + 1, "files": files,
-                        "bytes": I.size(final), "published": now, "origin": origin}
+                        "bytes": F.size(final), "published": now, "origin": origin}
                     entries.append({"task": key, **manifest["models"][key]})
-                I.write_json(self.root / "manifest.json", manifest)
+                F.write_json(self.root / "manifest.json", manifest)
             return entries
 
     def export_run(self, workdir) -> list[dict]:
@@ -169,8 +170,8 @@ class ModelStore:
             raise StoreError(f"--workdir: {workdir} holds no finished baim-jax run "
                              f"(no results.json)")
         try:
-            toolkit = I.read_json(results, "results").get("toolkit")
-        except I.IntegrityError as e:
+            toolkit = F.read_json(results, "results").get("toolkit")
+        except F.IntegrityError as e:
             raise StoreError(f"--workdir: {e}") from None
         if not isinstance(toolkit, dict) or not toolkit:
             raise StoreError(f"--workdir: {results} lists no toolkit")

@@ -23,6 +23,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from baim_jax import files as F
 from baim_jax.service import integrity as I
 from baim_jax.service.store import ModelStore
 
@@ -88,7 +89,7 @@ class Toolbox:
             I.sweep_incoming(self.root)
             if capacity is not None and capacity != index["capacity"]:
                 index["capacity"] = capacity
-                I.write_json(self.root / "toolbox.json", index)
+                F.write_json(self.root / "toolbox.json", index)
 
     def _index(self) -> dict:
         path = self.root / "toolbox.json"
@@ -97,9 +98,9 @@ class Toolbox:
                 raise ToolboxError(f"toolbox: {self.root} is not empty and holds no toolbox")
             index = {"format": FORMAT, "version": VERSION, "capacity": None, "clock": 0,
                      "entries": {}}
-            I.write_json(path, index)
+            F.write_json(path, index)
             return index
-        index = I.read_json(path, "toolbox")
+        index = F.read_json(path, "toolbox")
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise ToolboxError(f"toolbox: {path} is not a {FORMAT} version {VERSION} index")
         return index
@@ -140,11 +141,11 @@ class Toolbox:
                 path = self._dir(key)
                 try:
                     if entry["revision"] != loaded:
-                        I.verify(path, entry["files"])
-                except I.IntegrityError as e:
+                        F.verify(path, entry["files"])
+                except F.IntegrityError as e:
                     note = f"cached copy dropped ({e})"
                     self._drop(index, key)
-                    I.write_json(self.root / "toolbox.json", index)
+                    F.write_json(self.root / "toolbox.json", index)
                 else:
                     self._touch(index, key)
                     yield Checkout(path, entry["revision"], "toolbox")
@@ -173,7 +174,7 @@ class Toolbox:
                                         + meta["bytes"] > capacity):
                 self._drop(index, min(index["entries"],
                                       key=lambda k: index["entries"][k]["last_used"]))
-        I.replace_dir(tmp, self._dir(key))
+        F.replace_dir(tmp, self._dir(key))
         index["entries"][key] = {"revision": meta["revision"], "files": meta["files"],
                                  "bytes": meta["bytes"], "image_shape": meta["image_shape"],
                                  "last_used": 0}
@@ -186,7 +187,7 @@ class Toolbox:
     def _touch(self, index: dict, key: str) -> None:
         index["clock"] += 1
         index["entries"][key]["last_used"] = index["clock"]
-        I.write_json(self.root / "toolbox.json", index)
+        F.write_json(self.root / "toolbox.json", index)
 
     def _drop(self, index: dict, key: str) -> None:
         shutil.rmtree(self._dir(key), ignore_errors=True)
@@ -198,4 +199,4 @@ class Toolbox:
         models = self.root / "models"
         for p in (models.iterdir() if models.is_dir() else []):
             if p.name not in held:
-                I.remove(p)
+                F.remove(p)

@@ -1,0 +1,49 @@
+"""The package layout reads like the workflow (DESIGN.md Sec. 7): every import points from a
+later step to an earlier one."""
+
+import ast
+import pathlib
+
+import baim_jax
+
+ROOT = pathlib.Path(baim_jax.__file__).parent
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package modules it imports, also inside functions."""
+    deps = {}
+    for path in ROOT.rglob("*.py"):
+        name = ".".join(("baim_jax", *path.relative_to(ROOT).with_suffix("").parts))
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("baim_jax"):
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("baim_jax")}
+        deps[name.removesuffix(".__init__")] = found
+    return {m: {d for d in found if d in deps} for m, found in deps.items()}
+
+
+def _reachable(deps: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for d in deps[todo.pop()] - seen:
+            seen.add(d)
+            todo.append(d)
+    return seen
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_each_step_reaches_only_earlier_steps():
+    deps = _imports()
+    assert len(deps) > 30 and "baim_jax.core.baim" in deps
+    later = {"core": {"framework", "evaluation", "service", "cli", "train"},
+             "framework": {"service", "cli", "train"},
+             "service": {"framework", "cli", "train"}}
+    for module in deps:
+        banned = later.get(_part(module), set())
+        bad = sorted(d for d in _reachable(deps, module) if _part(d) in banned)
+        assert not bad, f"{module} reaches {bad}"

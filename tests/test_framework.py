@@ -535,3 +535,30 @@ def test_plan_takes_pruning_from_step_zero_and_refuses_unknown_top_level_keys():
     config.fooo = 3  # as a config file could set it (the command line refuses it earlier)
     with pytest.raises(ValueError, match=r"config: unknown key\(s\) \['fooo'\]"):
         plan.validate(config)
+
+
+def test_test_loss_is_a_monte_carlo_negative_elbo_on_fixed_draws():
+    """Each image's loss is the mean over draws s of -log p(x | z_s) + KL with z_s = mu +
+    sigma * eps_s from its posterior (computed here with the learner alone), the draws coming
+    from key 0 folded by batch start and draw; not the posterior-mean value."""
+    data = _split(6)
+    edge = EdgeModel(mlp([8], 3, [8]), "a", seed=0)
+    spec, params = edge.learner_spec, edge.arrays()
+    x = jnp.asarray(data.images)
+    want = []
+    for s in range(3):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), s)
+        out = L.learner_forward(spec, params, x,
+                                baim_jax.core.baim.shared_noise(key, 6, spec.latent))
+        rec = baim_jax.core.losses.nll(out["out"], jnp.zeros(()), x, spec.likelihood)
+        kl = baim_jax.core.losses.kl_standard_normal(out["mean"], out["logvar"],
+                                                     jnp.ones(spec.latent, bool))
+        want.append(np.asarray(rec + kl, np.float64))
+    got = cloud.image_losses(edge, data, samples=3)
+    np.testing.assert_allclose(got, np.mean(want, axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(got, cloud.image_losses(edge, data, samples=3))
+    np.testing.assert_allclose(cloud.image_losses(edge, data, samples=1), want[0], rtol=1e-5)
+    posterior_mean = np.asarray(edge.evaluate(data.images)["nelbo"])
+    assert np.abs(got - posterior_mean).max() > 1e-3
+    model = BAIM.assemble([mlp([8], 3, [8])] * 2, [0, 1], ["a", "b"], BAIMConfig(k=1, h=0))
+    assert cloud.image_losses(model, data).shape == (6,)

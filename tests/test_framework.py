@@ -180,6 +180,22 @@ def test_edge_trainer_padding_stays_zero_and_finished_edges_sit_out():
             assert np.max(np.abs(np.where(np.asarray(m), 0.0, np.asarray(v))), initial=0.0) == 0
 
 
+def test_what_an_edge_learns_does_not_depend_on_the_other_edges():
+    """Edge 0 trains beside a small edge 1 (3 images) or a wider one with a larger latent (8
+    images: more steps, other padded shapes): its parameters end the same (to float32
+    rounding: padding changes the matmuls' shapes, not their sums)."""
+    shards = _shards([6, 3])
+    other = _shards([6, 8], seed=7)[1]
+    params = []
+    for spec, shard in ((mlp([6], 3, [6]), shards[1]), (mlp([20], 6, [20, 9]), other)):
+        trainer = edges.EdgeTrainer([mlp([16], 4, [16]), spec], [shards[0], shard],
+                                    batch_size=2, learning_rate=1e-2, seed=1)
+        for epoch in range(2):
+            trainer.run_epoch(epoch)
+        params.append(trainer.params()[0])
+    chex.assert_trees_all_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+
+
 def test_edge_trainer_refuses_bad_inputs():
     with pytest.raises(ValueError, match="2 specs for 1"):
         edges.EdgeTrainer([TINY, TINY], _shards([3]), batch_size=2, learning_rate=1e-3, seed=0)

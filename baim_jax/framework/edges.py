@@ -6,8 +6,9 @@ axis is sharded over a mesh axis ``edge`` (``jit`` with ``NamedSharding``), so t
 runs on one device, on N simulated CPU devices and on accelerators. Unequal data sizes are
 handled as fedjax does: each edge's shard is padded to the largest, every batch carries a row
 mask, and an edge whose epoch has ended sits out the remaining steps (its update is masked,
-optimiser state included). Adam is elementwise with a per-edge step count, so training the pool
-is training each edge alone.
+optimiser state included). Adam is elementwise with a per-edge step count, and an edge's data
+order and noise depend only on (seed, epoch, step, its index), so what an edge learns does not
+depend on the other edges: their models or their data (tested).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from baim_jax.core import learners as L
+from baim_jax.core.baim import shared_noise
 from baim_jax.core.pool import Member, PoolLayout, run_pool
 
 
@@ -64,8 +66,13 @@ def epoch_plan(sizes: Sequence[int], batch_size: int, seed: int, epoch: int):
 
 
 def _nelbo(layout: PoolLayout, params: dict, x: jax.Array, mask: jax.Array, rng: jax.Array):
-    """Per-edge mean negative ELBO ``[E]`` of ``x [E, B, H, W, C]`` over the unmasked rows."""
-    eps = jax.random.normal(rng, x.shape[:2] + (layout.latent,))
+    """Per-edge mean negative ELBO ``[E]`` of ``x [E, B, H, W, C]`` over the unmasked rows.
+
+    Edge e's latent noise is ``shared_noise(fold_in(rng, e))``: it depends on neither the other
+    edges nor the pool's padded latent size.
+    """
+    eps = jax.vmap(lambda e: shared_noise(jax.random.fold_in(rng, e), x.shape[1], layout.latent))(
+        jnp.arange(x.shape[0]))
     buf = run_pool(layout, params, x, eps)
     weight = mask.astype(x.dtype)
     return jnp.sum((buf["rec"] + buf["kl"]) * weight, axis=1) / jnp.maximum(

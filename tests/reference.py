@@ -14,7 +14,9 @@ from baim_jax.core import losses
 def reference_forward(model, x, eps, weights):
     """Returns ``(recon [B, H, W, C], nelbo [B])`` computed learner by learner.
 
-    Every learner runs on every example; ``weights [B, N]`` combine their outputs.
+    Every learner runs on every example; ``weights [B, N]`` combine their outputs: the
+    mixture bound sums the weighted per-learner bounds; the blend (``model.config.combine``)
+    scores the weighted output, written out here pixel by pixel from its definition.
     """
     members = model.layout.members
     tree = model.export_tree()
@@ -52,20 +54,33 @@ def reference_forward(model, x, eps, weights):
                     out = out + jnp.einsum("bhwc,cd->bhwd", src, kernel)
         return out
 
-    recon = 0.0
-    nelbo = 0.0
+    likelihood = model.layout.likelihood
+    recon = nelbo = blend_out = blend_scale = 0.0
     for n, m in enumerate(members):
         if m.squad is None:
             continue
         out = L.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1],
                             mixed(n, "dec", len(own[n]["dec"]) - 1))
         mean, logvar = head(n)
-        rec = losses.nll(out, jnp.asarray(tree["learners"][n].get("log_scale", 0.0)), x,
-                         model.layout.likelihood)
+        log_scale = jnp.asarray(tree["learners"][n].get("log_scale", 0.0))
         kl = losses.kl_standard_normal(mean, logvar, jnp.ones_like(mean, bool))
         w = weights[:, n]
-        recon = recon + w[:, None, None, None] * losses.pixel_mean(out, model.layout.likelihood)
-        nelbo = nelbo + w * (rec + kl)
+        recon = recon + w[:, None, None, None] * losses.pixel_mean(out, likelihood)
+        if model.config.combine == "mixture":
+            nelbo = nelbo + w * (losses.nll(out, log_scale, x, likelihood) + kl)
+        else:
+            nelbo = nelbo + w * kl
+            blend_out = blend_out + w[:, None, None, None] * (
+                jax.nn.sigmoid(out) if likelihood == "bernoulli" else out)
+            blend_scale = blend_scale + w * jnp.exp(log_scale)
+    if model.config.combine == "blend":
+        if likelihood == "bernoulli":
+            t = losses.binarize(x)
+            rec = -(t * jnp.log(blend_out) + (1 - t) * jnp.log(1 - blend_out))
+        else:
+            s = blend_scale[:, None, None, None]
+            rec = 0.5 * ((x - blend_out) / s) ** 2 + jnp.log(s) + 0.5 * jnp.log(2 * jnp.pi)
+        nelbo = nelbo + jnp.sum(rec, axis=(1, 2, 3))
     return recon, nelbo
 
 

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from baim_jax.core import baim as baim_lib
 from baim_jax.core import dispatch as D
 from baim_jax.core import learners as L
 from baim_jax.core import losses
@@ -83,6 +84,26 @@ def test_dense_and_capacity_paths_equal_loop_reference(kind, h, prune, mlp_specs
         out = _forward(model, images, TASK_OF_ROW, dispatch=dispatch)
         recon, nelbo = reference_forward(model, images, eps, out["gate"].weights)
         assert int(out["dropped"]) == 0
+        chex.assert_trees_all_close(out["recon"], recon, atol=1e-5)
+        chex.assert_trees_all_close(out["nelbo"], nelbo, rtol=1e-5)
+
+
+@pytest.mark.parametrize("likelihood,combine", [("gaussian", "mixture"), ("bernoulli", "blend"),
+                                                ("gaussian", "blend")])
+def test_likelihoods_and_combines_equal_loop_reference(likelihood, combine, images):
+    """K = 2 of each squad's 2, trained-like connections, a latent draw: both paths equal the
+    loop reference for Gaussian learners (learned scales) and for the blend."""
+    specs = [mlp([8], 2, [8], likelihood), mlp([6], 3, [5], likelihood),
+             mlp([7], 2, [6, 4], likelihood), mlp([5], 3, [9], likelihood)]
+    model = _connected(specs, 1, prune=0.5, config=BAIMConfig(k=2, h=1, combine=combine))
+    if likelihood == "gaussian":
+        model.learners["log_scale"][...] = jnp.array([-0.5, 0.2, -1.0, 0.4])
+    # forward draws its latent noise from the second half of its key: the reference's eps
+    eps = baim_lib.shared_noise(jax.random.split(jax.random.key(9))[1], images.shape[0],
+                                model.layout.latent)
+    for dispatch in ("dense", "capacity"):
+        out = model.forward(images, TASK_OF_ROW, dispatch=dispatch, rng=jax.random.key(9))
+        recon, nelbo = reference_forward(model, images, eps, out["gate"].weights)
         chex.assert_trees_all_close(out["recon"], recon, atol=1e-5)
         chex.assert_trees_all_close(out["nelbo"], nelbo, rtol=1e-5)
 

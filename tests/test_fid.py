@@ -43,11 +43,19 @@ def test_symmetric_and_zero_for_a_set_against_itself():
 
 
 def test_stays_real_for_singular_covariances():
-    # Rank-1 covariances (fewer samples than dimensions): no complex or negative result.
+    # Rank-2 sample covariances (3 samples in 50 dimensions): no complex or negative result.
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, 3, 50))
     value = F.frechet_distance(F.statistics(a), F.statistics(b))
     assert np.isfinite(value) and value >= 0
+    # Rank-1 covariances along one unit direction u, std 2 and 1, means 0 and m:
+    # |m|^2 + (2 - 1)^2 (the rest of the 50 dimensions carry nothing).
+    u = rng.standard_normal(50)
+    u /= np.linalg.norm(u)
+    m = rng.standard_normal(50)
+    sa = F.Statistics(np.zeros(50), 4.0 * np.outer(u, u), 10)
+    sb = F.Statistics(m, np.outer(u, u), 10)
+    assert F.frechet_distance(sa, sb) == pytest.approx(m @ m + 1.0, rel=1e-6)
 
 
 def _pixel_projection(images: np.ndarray) -> np.ndarray:

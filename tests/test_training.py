@@ -50,9 +50,11 @@ def test_freeze_gives_learners_exactly_zero_update(mlp_specs):
 
 def test_finetune_updates_learners_gate_and_connections(mlp_specs):
     model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
-    before = _snapshot(model.learners)
+    parts = (model.learners, model.gate, model.connections)
+    before = [_snapshot(p) for p in parts]
     metrics = _train(model, "finetune", steps=5)
-    assert any(np.abs(b - a).max() > 0 for b, a in zip(before, _snapshot(model.learners)))
+    for old, part in zip(before, parts):  # zero-initialised connections get gradients too
+        assert any(np.abs(b - a).max() > 0 for b, a in zip(old, _snapshot(part)))
     assert float(metrics[-1]["nelbo"]) < float(metrics[0]["nelbo"])
     assert int(metrics[-1]["dropped"]) == 0
 

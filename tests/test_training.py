@@ -8,14 +8,18 @@ import pytest
 
 from baim_jax.core import strategies
 from baim_jax.core.baim import BAIM, BAIMConfig, values
+from conftest import mlp
 from reference import randomize_connections
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]
 
 
+ADAM = optax.adam(1e-2)  # one optimiser object: it is part of the compiled step's static graph
+
+
 def _train(model, strategy, steps=3, batch=8):
-    optimizer = strategies.make_optimizer(model, strategy, optax.adam(1e-2))
+    optimizer = strategies.make_optimizer(model, strategy, ADAM)
     step = strategies.make_train_step(model, optimizer, strategy)
     x = jax.random.uniform(jax.random.key(5), (batch, 8, 8, 1))
     task = jnp.arange(batch) % 2
@@ -111,3 +115,22 @@ def test_compacted_model_drops_pruned_connections_and_computes_the_same(mlp_spec
     a = model.reconstruct(images, task="a", rng=jax.random.key(0))
     b = small.reconstruct(images, task="a", rng=jax.random.key(0))
     np.testing.assert_allclose(a["mean"], b["mean"], atol=1e-6)
+
+
+def test_equal_architectures_share_one_compiled_step():
+    """Two BAIMs of equal specs (other weights: seeds 0 and 1) train with one compiled step;
+    one of another architecture compiles its own; freezing is another step. (Learner sizes
+    no other test uses, so that nothing is compiled before.)"""
+    specs = [mlp([5], 2, [5])] * 4
+
+    def make(seed=0, specs=specs):
+        return BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=2, h=1), seed=seed)
+
+    before = strategies._train_step._cache_size()
+    _train(make(0), "finetune", steps=1)
+    _train(make(1), "finetune", steps=1)
+    assert strategies._train_step._cache_size() == before + 1
+    _train(make(specs=[mlp([5], 2, [5])] * 2 + [mlp([7], 2, [5])] * 2), "finetune", steps=1)
+    assert strategies._train_step._cache_size() == before + 2
+    _train(make(), "freeze", steps=1)
+    assert strategies._train_step._cache_size() == before + 3

@@ -2,7 +2,10 @@
 
 The package reads like the workflow: ``core`` holds the big model (learners, pool, gates,
 connections, dispatch, the BAIM itself, partition into task models, training strategies);
-``checkpoint`` saves and loads; ``train`` and ``cli`` run jobs.
+``checkpoint`` saves and loads (through ``files``); ``framework`` runs the edge-cloud
+pipeline (edges, cloud, FedAvg, accounting); ``evaluation`` holds the data, FID and report;
+``service`` the model store, the edges' toolboxes and requests; ``train`` and ``cli`` run
+jobs.
 """
 
 from baim_jax.checkpoint import CheckpointError, load

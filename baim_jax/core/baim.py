@@ -350,7 +350,7 @@ class BAIM(nnx.Module):
 
     def route(self, x: jax.Array, task=None, *, rng=None, train=False,
               selected=None) -> G.GateOutput:
-        """The HierGate's routing of a batch (see ``gates.hier_gate``)."""
+        """The HierGate's routing of ``x [B, H, W, C]`` (see ``gates.hier_gate``)."""
         gate = values(self.gate)
         noise = self.config.noise_std if train else 0.0
         return G.hier_gate(gate, x, segment_of=jnp.asarray(self.layout.segment_of), k=self.config.k,
@@ -432,7 +432,11 @@ class BAIM(nnx.Module):
         return total, metrics
 
     def update_prior(self, weights: jax.Array, task: jax.Array) -> None:
-        """Moves the prior gate towards the batch's mean LSGate weights, per squad."""
+        """Moves the prior gate ``[N]`` towards the batch's mean LSGate weights, per squad.
+
+        Args:
+          weights: ``[B, N]`` the batch's gate weights; task: ``[B]`` int.
+        """
         seg = jnp.asarray(self.layout.segment_of)
         count = jnp.sum(jax.nn.one_hot(task, len(self.tasks)), axis=0)
         per_learner = jnp.where(seg >= 0, count[jnp.maximum(seg, 0)], 0.0)
@@ -586,6 +590,8 @@ class BAIM(nnx.Module):
         return out
 
     def gate_param_count(self) -> int:
+        """Real HierGate parameters: phi, the LSGate columns of the gated learners and the
+        TSGate (0 for a model of one task, which routes by id)."""
         cols = self.num_gated
         g = self.gate
         phi = g["phi"]["kernel"][...].size + g["phi"]["bias"][...].size

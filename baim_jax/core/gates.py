@@ -160,6 +160,7 @@ def load_balancing_loss(out: GateOutput, segment_of: jax.Array, num_tasks: int,
 
     For squad t with S_t learners: ``S_t * sum_i f_i P_i``, f_i the fraction of the squad's
     K-assignments given to learner i and P_i its mean softmax probability. 1 when balanced.
+    ``segment_of`` ``[N]`` gives each learner's squad (-1: a feeder).
     """
     probs = jax.nn.softmax(out.logits, axis=-1)
     probs = jnp.where(jnp.isfinite(out.logits), probs, 0.0)
@@ -186,6 +187,9 @@ def task_loss(out: GateOutput, labels: jax.Array) -> jax.Array:
 
 def prior_route(prior: jax.Array, segment_of: jax.Array, task: int, k: int):
     """The squad's prior gate for sampling: top-K of the running mean weights, renormalised.
+
+    Args:
+      prior: ``[N]`` running mean weights; segment_of: ``[N]`` squads; task: the squad.
 
     Returns:
       ``(selected [N] bool, weights [N])``.

@@ -59,7 +59,14 @@ def gaussian_nll(mean: jax.Array, log_scale: jax.Array, x: jax.Array) -> jax.Arr
 
 
 def kl_standard_normal(mean: jax.Array, logvar: jax.Array, mask: jax.Array) -> jax.Array:
-    """``KL(N(mean, exp(logvar)) || N(0, I))`` over the real (``mask``) coordinates."""
+    """``KL(N(mean, exp(logvar)) || N(0, I))`` over the real (``mask``) coordinates.
+
+    Args:
+      mean, logvar: ``[..., L]``; mask: bool, broadcasting against them.
+
+    Returns:
+      ``[...]`` nats.
+    """
     kl = 0.5 * (jnp.exp(logvar) + mean * mean - 1.0 - logvar)
     return jnp.sum(jnp.where(mask, kl, 0.0), axis=-1)
 
@@ -70,6 +77,8 @@ def pixel_mean(out: jax.Array, likelihood: str) -> jax.Array:
 
 
 def nll(out: jax.Array, log_scale: jax.Array, x: jax.Array, likelihood: str) -> jax.Array:
+    """``-log p(x | out)`` ``[...]`` nats for raw output ``out [..., H, W, C]`` (logits or
+    Gaussian means; ``log_scale`` broadcasts against the leading axes, unused by Bernoulli)."""
     if likelihood == "bernoulli":
         return bernoulli_nll(out, x)
     return gaussian_nll(out, log_scale, x)

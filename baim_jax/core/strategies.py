@@ -38,6 +38,7 @@ def prepare(model: BAIM, strategy: str, seed: int = 0) -> BAIM:
 
 
 def make_optimizer(model: BAIM, strategy: str, tx: optax.GradientTransformation) -> nnx.Optimizer:
+    """``tx`` over the parameters ``strategy`` trains (freeze: gate and connections only)."""
     return nnx.Optimizer(model, tx, wrt=trainable(strategy))
 
 

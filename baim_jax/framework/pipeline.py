@@ -22,6 +22,7 @@ from the last checkpoint and ends with the same results as an uninterrupted run.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import time
@@ -307,7 +308,7 @@ def versions() -> dict:
     import optax
 
     return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "orbax": ocp.__version__, "baim_jax": "0.1.0"}
+            "orbax": ocp.__version__, "baim_jax": importlib.metadata.version("baim_jax")}
 
 
 def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:

@@ -38,25 +38,15 @@ from baim_jax.framework import storage
 from baim_jax.framework.cloud import epoch_batches
 
 
-def logits(gate: dict, x: jax.Array) -> jax.Array:
-    """TSGate logits ``[B, M]`` of images ``[B, H, W, C]``."""
-    return G.features(gate["phi"], x) @ gate["ts"]["kernel"] + gate["ts"]["bias"]
-
-
 def accuracy(gate: dict, x: np.ndarray, tasks: np.ndarray) -> float:
-    return float(np.mean(np.asarray(jnp.argmax(logits(gate, jnp.asarray(x)), -1)) == tasks))
+    return float(np.mean(np.asarray(jnp.argmax(G.task_logits(gate, jnp.asarray(x)), -1))
+                         == tasks))
 
 
 def init_gate(shape: tuple[int, int, int], features: int, tasks: int, seed: int) -> dict:
-    """phi and TSGate initialised as ``BAIM._init_gate`` does (scaled normal, zero bias)."""
-    rng = np.random.default_rng(seed)
-    fan_in = int(np.prod(shape))
-    return {"phi": {"kernel": (rng.standard_normal(shape + (features,)) / np.sqrt(fan_in)
-                               ).astype(np.float32),
-                    "bias": np.zeros((features,), np.float32)},
-            "ts": {"kernel": (rng.standard_normal((features, tasks)) / np.sqrt(features)
-                              ).astype(np.float32),
-                   "bias": np.zeros((tasks,), np.float32)}}
+    """phi and TSGate initialised as a BAIM's (``gates.init_gate``), without LSGate."""
+    gate = G.init_gate(np.random.default_rng(seed), shape, features, 0, tasks)
+    return {"phi": gate["phi"], "ts": gate["ts"]}
 
 
 def train(gate: dict, x: np.ndarray, tasks: np.ndarray, *, steps: int, batch_size: int,
@@ -70,7 +60,7 @@ def train(gate: dict, x: np.ndarray, tasks: np.ndarray, *, steps: int, batch_siz
     def step(trainable, state, xb, yb):
         def loss(p):
             full = p if train_phi else {"phi": gate["phi"], "ts": p["ts"]}
-            logp = jax.nn.log_softmax(logits(full, xb), -1)
+            logp = jax.nn.log_softmax(G.task_logits(full, xb), -1)
             return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], -1))
         grads = jax.grad(loss)(trainable)
         updates, state = tx.update(grads, state, trainable)

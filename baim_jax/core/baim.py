@@ -288,20 +288,8 @@ class BAIM(nnx.Module):
         return model
 
     def _init_gate(self, key: jax.Array) -> dict:
-        f = self.config.feature_dim
-        h, w, c = self.layout.image_shape
-        rng = L.numpy_rng(key)
-
-        def dense(fan_in, shape):
-            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-        return {
-            "phi": {"kernel": dense(h * w * c, (h, w, c, f)), "bias": np.zeros((f,), np.float32)},
-            "ls": {"kernel": dense(f, (f, self.layout.size)),
-                   "bias": np.zeros((self.layout.size,), np.float32)},
-            "ts": {"kernel": dense(f, (f, len(self.tasks))),
-                   "bias": np.zeros((len(self.tasks),), np.float32)},
-        }
+        return G.init_gate(L.numpy_rng(key), self.layout.image_shape, self.config.feature_dim,
+                           self.layout.size, len(self.tasks))
 
     # ------------------------------------------------------------------------------ forward
 

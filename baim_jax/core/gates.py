@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 GateFn = Callable[[jax.Array, jax.Array], jax.Array]
 _GATES: dict[str, GateFn] = {}
@@ -113,9 +114,34 @@ def top_k_in_segment(raw: jax.Array, seg: jax.Array, k: int,
     return top_k_mask(jnp.where(seg, rank, -jnp.inf), k) & seg
 
 
+def init_gate(rng: np.random.Generator, image_shape: tuple[int, int, int], features: int,
+              learners: int, tasks: int) -> dict:
+    """HierGate parameters: LeCun-normal kernels, zero biases (host arrays).
+
+    Returns:
+      ``{"phi": {kernel [H, W, C, F], bias [F]}, "ls": {kernel [F, N], bias [N]},
+      "ts": {kernel [F, M], bias [M]}}``, drawn in that order.
+    """
+    def dense(fan_in, shape):
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    fan_in = int(np.prod(image_shape))
+    return {"phi": {"kernel": dense(fan_in, (*image_shape, features)),
+                    "bias": np.zeros((features,), np.float32)},
+            "ls": {"kernel": dense(features, (features, learners)),
+                   "bias": np.zeros((learners,), np.float32)},
+            "ts": {"kernel": dense(features, (features, tasks)),
+                   "bias": np.zeros((tasks,), np.float32)}}
+
+
 def features(params: dict, x: jax.Array) -> jax.Array:
     """``phi(x)``: ``[B, H, W, C] -> [B, F]``, one ReLU dense layer."""
     return jax.nn.relu(jnp.tensordot(x, params["kernel"], axes=3) + params["bias"])
+
+
+def task_logits(params: dict, x: jax.Array) -> jax.Array:
+    """The TSGate's logits ``[B, M]`` of images ``[B, H, W, C]`` (``params``: the HierGate's)."""
+    return features(params["phi"], x) @ params["ts"]["kernel"] + params["ts"]["bias"]
 
 
 def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate: str,
@@ -139,9 +165,9 @@ def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate
         still come from the gate function on the logits.
     """
     phi = features(params["phi"], x)
-    task_logits = phi @ params["ts"]["kernel"] + params["ts"]["bias"]
+    ts_logits = phi @ params["ts"]["kernel"] + params["ts"]["bias"]
     if task is None:
-        task = jnp.argmax(task_logits, axis=-1)
+        task = jnp.argmax(ts_logits, axis=-1)
     seg = segment_mask(segment_of, task)
     raw = phi @ params["ls"]["kernel"] + params["ls"]["bias"]
     logits = jnp.where(seg, raw, -jnp.inf)
@@ -151,7 +177,7 @@ def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate
     if selected is None:
         selected = top_k_in_segment(raw, seg, k, noise)
     weights = get_gate(gate)(logits if noise is None else logits + noise, selected)
-    return GateOutput(weights, selected, task, logits, task_logits)
+    return GateOutput(weights, selected, task, logits, ts_logits)
 
 
 def load_balancing_loss(out: GateOutput, segment_of: jax.Array, num_tasks: int,

@@ -91,6 +91,4 @@ class TaskRouter(nnx.Module):
 
 @nnx.jit
 def _probs(model: TaskRouter, x):
-    gate = values(model.gate)
-    logits = G.features(gate["phi"], x) @ gate["ts"]["kernel"] + gate["ts"]["bias"]
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(G.task_logits(values(model.gate), x), axis=-1)

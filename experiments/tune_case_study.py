@@ -3,7 +3,7 @@
 The held-out test set is never looked at. A validation set is cut from the cloud's common data
 (``--val-fraction``, by seed); the cloud and FedAvg's cloud epochs train on the rest. At the
 case study's fixed epoch budget (equal total epochs, DESIGN.md Sec. 1), coordinate search by
-validation negative ELBO (nats/image, posterior mean, routing by task id):
+validation negative ELBO (nats/image, ``cloud.test_loss``, routing by task id):
 
 1. the edges' learning rate (every edge model's loss on its own task's validation images);
 2. with those uploads, the cloud learning rate of each strategy (finetune, freeze, scratch);
@@ -34,14 +34,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from baim_jax.cli import load_config
-from baim_jax.core import learners as L
-from baim_jax.core import strategies
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
-from baim_jax.framework import edges as edges_lib
-from baim_jax.framework import fedavg, plan as plan_lib
-from baim_jax.framework.pipeline import fl_spec
-from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches, test_loss
+from baim_jax.framework import fedavg, pipeline, plan as plan_lib
+from baim_jax.framework.cloud import test_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "case_study.py"
 LADDERS = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "k": [1, 2, 3, 4, 5],
@@ -63,44 +59,31 @@ def cut_validation(cloud: Split, fraction: float, seed: int) -> tuple[Split, Spl
 
 
 def train_edges(plan, lr: float) -> list[EdgeModel]:
-    cfg = plan.config.edge
-    trainer = edges_lib.EdgeTrainer(plan.specs, [s.images for s in plan.data.edges],
-                                    batch_size=cfg.batch_size, learning_rate=lr,
-                                    seed=plan.config.seed)
-    for epoch in range(cfg.epochs):
+    """The edges phase's training (``pipeline.edge_trainer``) at rate ``lr``."""
+    trainer = pipeline.edge_trainer(plan, lr)
+    for epoch in range(plan.config.edge.epochs):
         trainer.run_epoch(epoch)
     return [EdgeModel(s, plan.tasks[t], params=p)
             for s, t, p in zip(plan.specs, plan.edge_tasks, trainer.params())]
 
 
 def train_cloud(plan, uploads, cloud: Split, strategy: str, lr: float, **baim_changes):
-    cfg, seed = plan.config.cloud, plan.config.seed
+    """A cloud phase's training (``pipeline.cloud_trainer``) on ``cloud``, with K, h or rho
+    changed."""
     baim_config = dataclasses.replace(plan.baim, **{k: v for k, v in baim_changes.items()
                                                     if k in ("k", "h")})
-    rho = baim_changes.get("rho", cfg.rho)
-    model = aggregate(uploads, plan.tasks, baim_config, seed=seed,
-                      max_upload_params=cfg.max_upload_params)
-    strategies.prepare(model, strategy, seed + 1)
-    steps = len(epoch_batches(len(cloud.images), cfg.batch_size, 0, 0))
-    total = cfg.epochs * steps
-    pruning = Pruning.over(total, rho, cfg.prune_start, cfg.prune_end, cfg.prune_every)
-    trainer = Trainer(model, strategy, learning_rate=lr, batch_size=cfg.batch_size,
-                      seed=seed + 2, pruning=pruning)
-    for epoch in range(cfg.epochs):
+    trainer = pipeline.cloud_trainer(plan, uploads, strategy, lr, cloud, baim=baim_config,
+                                     rho=baim_changes.get("rho"))
+    for epoch in range(plan.config.cloud.epochs):
         trainer.run_epoch(cloud, epoch)
-    return model
+    return trainer.model
 
 
 def train_fl(plan, cloud: Split, lr: float) -> EdgeModel:
-    cfg, seed = plan.config.fl, plan.config.seed
-    spec = fl_spec(plan)
-    shards = [s.images for s in plan.data.edges]
-    kw = dict(batch_size=cfg.batch_size, learning_rate=lr)
-    edge_trainer = edges_lib.EdgeTrainer([spec] * len(shards), shards, seed=seed + 4, **kw)
-    cloud_trainer = edges_lib.EdgeTrainer([spec], [cloud.images], seed=seed + 5, **kw)
-    params = L.init_learner(spec, jax.random.key(seed + 3))
-    for r in range(cfg.rounds):
-        params = fedavg.fedavg_round(params, edge_trainer, cloud_trainer, r)
+    """The FL phase's rounds (``pipeline.fl_trainers``) with ``cloud`` as the cloud's data."""
+    spec, at_edges, at_cloud, params = pipeline.fl_trainers(plan, lr, cloud)
+    for r in range(plan.config.fl.rounds):
+        params = fedavg.fedavg_round(params, at_edges, at_cloud, r)
     return EdgeModel(spec, "all", params=params)
 
 

@@ -37,16 +37,17 @@ from tqdm.auto import tqdm
 from baim_jax import checkpoint
 from baim_jax.core import learners as L
 from baim_jax.core import strategies
+from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
 from baim_jax.core.router import TaskRouter
 from baim_jax.evaluation.data import Split
+from baim_jax.files import write_json
 from baim_jax.evaluation.fid import fid
 from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
 from baim_jax.framework.cloud import (Pruning, Trainer, aggregate, epoch_batches, image_losses,
                                       per_class, test_loss)
 from baim_jax.framework.plan import Plan, validate
-from baim_jax.files import write_json
 from baim_jax.framework.storage import PhaseCheckpoint, claim
 
 
@@ -61,6 +62,46 @@ def _bar(total: int, done: int, desc: str, show: bool):
 def _devices(plan: Plan):
     devices = jax.devices()
     return devices[:plan.config.devices] if plan.config.devices else devices
+
+
+def edge_trainer(plan: Plan, learning_rate: float) -> edges_lib.EdgeTrainer:
+    """Every edge's local training (paper step 1), as the edges phase runs it."""
+    return edges_lib.EdgeTrainer(
+        plan.specs, [s.images for s in plan.data.edges], batch_size=plan.config.edge.batch_size,
+        learning_rate=learning_rate, seed=plan.config.seed, devices=_devices(plan))
+
+
+def cloud_trainer(plan: Plan, uploads: list[EdgeModel], strategy: str, learning_rate: float,
+                  data: Split, *, baim: BAIMConfig | None = None,
+                  rho: float | None = None) -> Trainer:
+    """A BAIM aggregated from ``uploads``, prepared for ``strategy`` and set to train on
+    ``data`` with the pruning schedule (paper steps 2 to 4), as the cloud phases run it;
+    ``baim`` and ``rho`` override the plan's (tuning). The BAIM is ``trainer.model``."""
+    cfg, seed = plan.config.cloud, plan.config.seed
+    model = aggregate(uploads, plan.tasks, baim or plan.baim, seed=seed,
+                      max_upload_params=cfg.max_upload_params)
+    strategies.prepare(model, strategy, seed + 1)
+    total = cfg.epochs * len(epoch_batches(len(data.images), cfg.batch_size, 0, 0))
+    pruning = Pruning.over(total, cfg.rho if rho is None else rho, cfg.prune_start,
+                           cfg.prune_end, cfg.prune_every)
+    return Trainer(model, strategy, learning_rate=learning_rate, batch_size=cfg.batch_size,
+                   seed=seed + 2, pruning=pruning)
+
+
+def fl_trainers(plan: Plan, learning_rate: float, cloud: Split):
+    """FedAvg's edges and cloud trainers of the homogeneous model, and its starting
+    parameters, as the FL phase runs them.
+
+    Returns:
+      ``(spec, edge_trainer, cloud_trainer, params)``.
+    """
+    spec, seed = fl_spec(plan), plan.config.seed
+    kw = dict(batch_size=plan.config.fl.batch_size, learning_rate=learning_rate,
+              devices=_devices(plan))
+    edges = edges_lib.EdgeTrainer([spec] * len(plan.data.edges),
+                                  [s.images for s in plan.data.edges], seed=seed + 4, **kw)
+    at_cloud = edges_lib.EdgeTrainer([spec], [cloud.images], seed=seed + 5, **kw)
+    return spec, edges, at_cloud, L.init_learner(spec, jax.random.key(seed + 3))
 
 
 def _extractor(plan: Plan, workdir: Path):
@@ -83,9 +124,7 @@ def phase_features(plan: Plan, workdir: Path, show: bool) -> dict:
 
 def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
     cfg = plan.config.edge
-    trainer = edges_lib.EdgeTrainer(
-        plan.specs, [s.images for s in plan.data.edges], batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, seed=plan.config.seed, devices=_devices(plan))
+    trainer = edge_trainer(plan, cfg.learning_rate)
     ckpt = PhaseCheckpoint(workdir / "ckpt" / "edges")
     meta = {"epoch": 0, "elapsed": 0.0, "train_loss": []}
     restored = ckpt.latest(trainer.state_leaves())
@@ -127,16 +166,13 @@ def _uploads(plan: Plan, workdir: Path) -> list[EdgeModel]:
 
 def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     cfg, seed = plan.config.cloud, plan.config.seed
-    model = aggregate(_uploads(plan, workdir), plan.tasks, plan.baim, seed=seed,
-                      max_upload_params=cfg.max_upload_params)
-    strategies.prepare(model, strategy, seed + 1)
-    trainable = accounting.cloud_trainable_params(model, strategy)
     cloud = plan.data.cloud
+    trainer = cloud_trainer(plan, _uploads(plan, workdir), strategy,
+                            plan.cloud_learning_rate(strategy), cloud)
+    model = trainer.model
+    trainable = accounting.cloud_trainable_params(model, strategy)
     steps = len(epoch_batches(len(cloud.images), cfg.batch_size, 0, 0))
     total = cfg.epochs * steps
-    pruning = Pruning.over(total, cfg.rho, cfg.prune_start, cfg.prune_end, cfg.prune_every)
-    trainer = Trainer(model, strategy, learning_rate=plan.cloud_learning_rate(strategy),
-                      batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning)
     ckpt = PhaseCheckpoint(workdir / "ckpt" / f"cloud_{strategy}")
     meta = {"epoch": 0, "elapsed": 0.0, "curve": [], "fid": [], "train": []}
     extract, _ = _extractor(plan, workdir)
@@ -231,13 +267,8 @@ def fl_spec(plan: Plan) -> L.LearnerSpec:
 
 def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
     cfg, seed = plan.config.fl, plan.config.seed
-    spec = fl_spec(plan)
     shards = [s.images for s in plan.data.edges]
-    kw = dict(batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-              devices=_devices(plan))
-    edge_trainer = edges_lib.EdgeTrainer([spec] * len(shards), shards, seed=seed + 4, **kw)
-    cloud_trainer = edges_lib.EdgeTrainer([spec], [plan.data.cloud.images], seed=seed + 5, **kw)
-    params = L.init_learner(spec, jax.random.key(seed + 3))
+    spec, at_edges, at_cloud, params = fl_trainers(plan, cfg.learning_rate, plan.data.cloud)
     ckpt = PhaseCheckpoint(workdir / "ckpt" / "fl")
     meta = {"round": 0, "elapsed": 0.0, "curve": [], "fid": []}
     extract, _ = _extractor(plan, workdir)
@@ -246,10 +277,10 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
         leaves, meta = restored
         params = jax.tree.unflatten(jax.tree.structure(params), [np.asarray(v) for v in leaves])
     start = time.perf_counter() - meta["elapsed"]
-    steps = edge_trainer.steps_per_epoch + cloud_trainer.steps_per_epoch
+    steps = at_edges.steps_per_epoch + at_cloud.steps_per_epoch
     with _bar(cfg.rounds * steps, meta["round"] * steps, "fl: FedAvg rounds", show) as bar:
         for r in range(meta["round"], cfg.rounds):
-            params = fedavg.fedavg_round(params, edge_trainer, cloud_trainer, r, bar.update)
+            params = fedavg.fedavg_round(params, at_edges, at_cloud, r, bar.update)
             model = EdgeModel(spec, "all", params=params)
             meta = {"round": r + 1, "elapsed": time.perf_counter() - start,
                     "curve": meta["curve"] + [test_loss(model, plan.data.test)],

@@ -155,8 +155,9 @@ def read_images(path: str, shape: list[int]) -> np.ndarray:
     if file.suffix.lower() == ".npy":
         try:
             x = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--input: {path} is not a readable .npy array ({e})") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise UsageError(f"--input: {path} is not a readable .npy array "
+                             f"({e or type(e).__name__})") from None
         if x.ndim == 3:
             x = x[None]
         if x.dtype == np.uint8:
@@ -172,10 +173,39 @@ def read_images(path: str, shape: list[int]) -> np.ndarray:
             with Image.open(file) as img:
                 img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
                 x = np.asarray(img, np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise UsageError(f"--input: {path} is not a readable PNG ({e})") from None
         return x.reshape(1, h, w, c)
     raise UsageError(f"--input: {path} is neither .npy nor .png")
+
+
+RECORD_KEYS = {"out", "tasks", "sources", "num", "seed"}
+
+
+def check_out(path: str) -> Path:
+    """``generate --out``: a PNG path whose PNG and JSON record can be written, and whose
+    ``.json`` sibling, if it exists, is a record an earlier ``generate`` wrote (anything else
+    there, a run's ``results.json`` or a store's manifest, is never overwritten)."""
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out: {path!r} must end in .png")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: no such directory {str(out.parent)!r}")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out: cannot write in {str(out.parent)!r}")
+    record = out.with_suffix(".json")
+    for p in (out, record):
+        if p.is_dir():
+            raise UsageError(f"--out: {str(p)!r} is a directory")
+    if record.exists():
+        try:
+            previous = json.loads(record.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if not isinstance(previous, dict) or not RECORD_KEYS <= set(previous):
+            raise UsageError(f"--out: {str(record)!r} exists and is not a generate record; "
+                             f"choose another --out")
+    return out
 
 
 def _generate(args, overrides) -> None:
@@ -188,11 +218,9 @@ def _generate(args, overrides) -> None:
     # With a toolbox, the store is read only for what the toolbox does not hold (paper step 7:
     # an edge serves its cached models while the cloud is out of reach).
     store = ModelStore(args.store, deferred=args.toolbox is not None and not args.sensitive)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out: {args.out!r} must end in .png")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out: no such directory {str(out.parent)!r}")
+    out = check_out(args.out)
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed: must be in [0, 2^32), got {args.seed}")
     capacity = None if args.capacity is None else parse_bytes(args.capacity)
     if capacity is not None and args.toolbox is None:
         raise UsageError("--capacity: needs --toolbox")
@@ -310,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             enable_compilation_cache(cache_dir(args.compilation_cache))
         {"run": _run, "export": _export, "generate": _generate,
          "inspect": _inspect}[args.command](args, overrides)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # OSError: a file system that refuses (read-only, full)
         print(f"baim-jax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

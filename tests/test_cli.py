@@ -336,6 +336,14 @@ BAD_GENERATE = {
     "missing input": (["--input", "{tmp}/none.npy"], ["--input", "no such file"]),
     "input of the wrong shape": (["--input", "{tmp}/small.npy"], ["images", "does not fit"]),
     "input not an image": (["--input", "{tmp}/text.png"], ["--input", "not a readable PNG"]),
+    "empty input file": (["--input", "{tmp}/empty.npy"], ["--input", "not a readable .npy"]),
+    "out beside a json that is not a record": (["--task", TASKS[0], "--out", "{tmp}/results.png"],
+                                               ["results.json", "not a generate record"]),
+    "out is a directory": (["--task", TASKS[0], "--out", "{tmp}/dir.png"], ["is a directory"]),
+    "infinite capacity": (["--task", TASKS[0], "--toolbox", "{tmp}/box", "--capacity", "inf"],
+                          ["capacity", "finite"]),
+    "seed out of range": (["--task", TASKS[0], "--seed", "100000000000000000000000"],
+                          ["--seed", "2^32"]),
 }
 
 
@@ -343,6 +351,9 @@ BAD_GENERATE = {
 def test_generate_refuses_bad_input(case, store, tmp_path, capsys):
     np.save(tmp_path / "small.npy", np.zeros((2, 8, 8, 1), np.float32))
     (tmp_path / "text.png").write_text("not a png")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "results.json").write_text('{"toolkit": {}}')  # e.g. a run's results
+    (tmp_path / "dir.png").mkdir()
     before = (store["path"] / "manifest.json").read_text()
     extra, words = BAD_GENERATE[case]
     args = ["generate", "--store", str(store["path"]), "--out", str(tmp_path / "grid.png")]
@@ -350,6 +361,8 @@ def test_generate_refuses_bad_input(case, store, tmp_path, capsys):
     _assert_usage_error(code, capsys, *words)
     assert not (tmp_path / "grid.png").exists() and not (tmp_path / "box").exists()
     assert (store["path"] / "manifest.json").read_text() == before
+    assert (tmp_path / "results.json").read_text() == '{"toolkit": {}}'
+
 
 
 def test_generate_refuses_missing_store(tmp_path, capsys):

@@ -331,6 +331,19 @@ def test_publish_refuses_a_damaged_source_and_keeps_the_store(store, published, 
     Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
 
 
+@pytest.mark.parametrize("revision", ["x", [1], None, 0])
+def test_publish_over_a_malformed_entry_changes_nothing(store, published, tmp_path, revision):
+    """A manifest entry whose revision cannot be counted on is refused before any model
+    directory is replaced: the published model stays whole and servable."""
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["models"]["a"]["revision"] = revision
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match="manifest entry of 'a' is malformed"):
+        store.publish({"a": published["sources"]["a"]})
+    assert {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()} == before
+
+
 # ---------------------------------------------------------------------------- path safety
 
 BAD_NAMES = ["../a", "/etc/passwd", "a/b", "..", ".", ".hidden", "", "a\x00", "a" * 65,

@@ -150,13 +150,13 @@ class ModelStore:
                 I.sweep_incoming(self.root)
                 manifest = self.manifest()
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                revisions = {key: _revision(manifest["models"], key) + 1 for key, *_ in staged}
                 for key, tmp, files, spec in staged:
                     final = self.path(key)
                     F.replace_dir(tmp / "model", final)
-                    old = manifest["models"].get(key) or {}
                     manifest["models"][key] = {
                         **_summary(spec), "dir": str(final.relative_to(self.root)),
-                        "revision": int(old.get("revision", 0)) + 1, "files": files,
+                        "revision": revisions[key], "files": files,
                         "bytes": F.size(final), "published": now, "origin": origin}
                     entries.append({"task": key, **manifest["models"][key]})
                 F.write_json(self.root / "manifest.json", manifest)
@@ -178,6 +178,19 @@ class ModelStore:
         sources = {name: workdir / "toolkit" / check_task_name(name) for name in toolkit}
         sources[ROUTER] = workdir / "router"
         return self.publish(sources, origin=str(workdir))
+
+
+def _revision(models: dict, key: str) -> int:
+    """The published revision of ``key`` (0: none), refusing a malformed entry before
+    anything is replaced."""
+    if key not in models:
+        return 0
+    entry = models[key]
+    revision = entry.get("revision") if isinstance(entry, dict) else None
+    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
+        raise StoreError(f"store: the manifest entry of {key!r} is malformed (revision "
+                         f"{revision!r}); nothing was published")
+    return revision
 
 
 def _check_loadable(src: Path, key: str) -> None:

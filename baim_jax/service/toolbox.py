@@ -63,8 +63,8 @@ def parse_bytes(text) -> int:
         value = float(number) * units[s[len(number):]]
     except (ValueError, KeyError):
         raise ToolboxError(f"capacity: {text!r} is not a size like 200000, 64MB or 1.5GiB") from None
-    if not value > 0 or value != value:
-        raise ToolboxError(f"capacity: {text!r} must be positive")
+    if not 0 < value < float("inf"):
+        raise ToolboxError(f"capacity: {text!r} must be a positive, finite size")
     return int(value)
 
 

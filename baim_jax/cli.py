@@ -36,13 +36,19 @@ def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"--config: no such file {path!r}")
+    if file.suffix != ".py":
+        raise UsageError(f"--config: {path!r} is not a Python file (configs/*.py)")
     spec = importlib.util.spec_from_file_location(f"baim_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
         config = module.get_config()
-    except Exception as e:  # a user's config file may raise anything
-        raise UsageError(f"--config: {path} failed to load ({type(e).__name__}: {e})") from None
+    except (Exception, SystemExit) as e:  # a user's config file may raise anything
+        message = f"{type(e).__name__}: {e}".replace("\n", " ")
+        raise UsageError(f"--config: {path} failed to load ({message})") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UsageError(f"--config: get_config() of {path} returned a "
+                         f"{type(config).__name__}, not an ml_collections.ConfigDict")
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
             raise UsageError(f"unrecognised argument {item!r} (overrides look like "

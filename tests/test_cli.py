@@ -138,6 +138,28 @@ BAD_CONFIGS = {
     "capacity factor zero": (["--config.baim.capacity_factor=0.0"], ["capacity_factor", "> 0"]),
     "unsafe task name": (["--config.task_names=['../up','digits_5_9']"],
                          ["task_names", "'../up'", "not a safe task name"]),
+    "edges not dicts": (["--config.edges=[1, 2]"], ["edges[0]", "expected a dict"]),
+    "edge share not a number": (
+        ["--config.edges=[{'task':0,'encoder':[8],'latent':2,'decoder':[8],'share':'x'},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]}]", "--config.baim.k=1"],
+        ["edges[0].share", "'x'"]),
+    "edge latent not an integer": (
+        ["--config.edges=[{'task':0,'encoder':[8],'latent':8.5,'decoder':[8]},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]}]", "--config.baim.k=1"],
+        ["edges[0].latent", "8.5"]),
+    "edge task a boolean": (
+        ["--config.edges=[{'task':True,'encoder':[8],'latent':2,'decoder':[8]},"
+         "{'task':1,'encoder':[8],'latent':2,'decoder':[8]}]", "--config.baim.k=1"],
+        ["edges[0].task", "True"]),
+    "task classes not lists": (["--config.task_classes=[0, 1]"], ["task_classes[0]"]),
+    "task classes of strings": (["--config.task_classes=['ab', 'cd']"], ["task_classes[0]"]),
+    "seed out of range": (["--config.seed=100000000000000000000000"], ["seed", "2^32"]),
+    "negative seed": (["--config.seed=-1"], ["seed", "2^32"]),
+    "batch larger than the data": (["--config.edge.batch_size=1000000000000"],
+                                   ["edge.batch_size", "data.size"]),
+    "infinite learning rate": (["--config.edge.learning_rate=1e999"],
+                               ["edge.learning_rate", "finite"]),
+    "more devices than the machine has": (["--config.devices=64"], ["devices", "got 64"]),
 }
 
 
@@ -148,6 +170,42 @@ def test_run_refuses_bad_config(case, tmp_path, capsys):
     code = main(run_args(workdir, *overrides))
     _assert_usage_error(code, capsys, *words)
     assert not workdir.exists()  # refused before any work started
+
+
+CONFIG_FILES = {
+    "returns None": ("def get_config():\n    return None\n", ["returned a NoneType"]),
+    "returns a dict": ("import sys; sys.path.insert(0, {root!r})\n"
+                       "from configs.smoke import get_config as g\n"
+                       "def get_config():\n    return g().to_dict()\n", ["returned a dict"]),
+    "exits": ("import sys\ndef get_config():\n    sys.exit(0)\n", ["SystemExit"]),
+    "lacks a key": ("import sys; sys.path.insert(0, {root!r})\n"
+                    "from configs.smoke import get_config as g\n"
+                    "def get_config():\n    c = g()\n    del c['devices']\n    return c\n",
+                    ["missing key(s) ['devices']"]),
+    "sets of classes": ("import sys; sys.path.insert(0, {root!r})\n"
+                        "from configs.smoke import get_config as g\n"
+                        "def get_config():\n    c = g()\n"
+                        "    c.task_classes = [{{0, 1}}, {{2, 3}}]\n    return c\n",
+                        ["task_classes[0]"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FILES), ids=list(CONFIG_FILES))
+def test_run_refuses_bad_config_file(case, tmp_path, capsys):
+    text, words = CONFIG_FILES[case]
+    root = str(Path(__file__).resolve().parents[1])
+    (tmp_path / "bad.py").write_text(text.format(root=root))
+    workdir = tmp_path / "run"
+    code = main(["run", "--config", str(tmp_path / "bad.py"), "--workdir", str(workdir)])
+    _assert_usage_error(code, capsys, *words)
+    assert not workdir.exists()
+
+
+def test_run_refuses_a_config_that_is_not_python(tmp_path, capsys):
+    (tmp_path / "smoke.txt").write_text("x = 1")
+    code = main(["run", "--config", str(tmp_path / "smoke.txt"), "--workdir",
+                 str(tmp_path / "run")])
+    _assert_usage_error(code, capsys, "not a Python file")
 
 
 def test_run_refuses_missing_config_file(tmp_path, capsys):

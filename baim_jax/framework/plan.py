@@ -7,7 +7,9 @@ the first bad field.
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -84,9 +86,65 @@ def _get(config, section: str, key: str, kind):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ValueError(f"{section}.{key}: expected {kind.__name__}, got {value!r}")
-    if kind in (int, float) and not value > 0:
-        raise ValueError(f"{section}.{key}: must be > 0, got {value!r}")
+    if kind in (int, float) and not 0 < value < math.inf:
+        raise ValueError(f"{section}.{key}: must be > 0 and finite, got {value!r}")
     return value
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _int_list(value, where: str, *, minimum: int) -> None:
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= minimum
+                                                       for v in value):
+        raise ValueError(f"{where}: expected a list of integers >= {minimum}, got {value!r}")
+
+
+def _check_structure(config) -> None:
+    """The top-level keys and the shapes of the list-valued fields, before anything uses them
+    (so that a wrong type is one line naming the field, not a traceback)."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config: expected an ml_collections.ConfigDict, got "
+                         f"{type(config).__name__}")
+    unknown = set(config) - TOP_LEVEL - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {sorted(unknown)}")
+    missing = (TOP_LEVEL | set(SECTIONS)) - set(config)
+    if missing:
+        raise ValueError(f"config: missing key(s) {sorted(missing)}")
+    if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
+        raise ValueError(f"seed: must be an integer in [0, 2^32), got {config.seed!r}")
+    for key in ("kind", "likelihood", "toolkit_strategy"):
+        if not isinstance(config[key], str):
+            raise ValueError(f"{key}: expected a string, got {config[key]!r}")
+    for key in ("task_names", "strategies"):
+        value = config[key]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{key}: expected a list of names, got {value!r}")
+    classes = config.task_classes
+    if not isinstance(classes, (list, tuple)):
+        raise ValueError(f"task_classes: expected a list of class-label lists, got {classes!r}")
+    for t, labels in enumerate(classes):
+        _int_list(labels, f"task_classes[{t}]", minimum=0)
+    if not isinstance(config.edges, (list, tuple)):
+        raise ValueError(f"edges: expected a list of edge dicts, got {config.edges!r}")
+    for e, d in enumerate(config.edges):
+        if not isinstance(d, (dict, ml_collections.ConfigDict)):
+            raise ValueError(f"edges[{e}]: expected a dict of {sorted(EDGE_FIELDS)}, got {d!r}")
+        for name in ("encoder", "decoder"):
+            if name in d:
+                _int_list(d[name], f"edges[{e}].{name}", minimum=1)
+        if "latent" in d and not _is_int(d["latent"]):
+            raise ValueError(f"edges[{e}].latent: expected an integer, got {d['latent']!r}")
+        if "task" in d and (isinstance(d["task"], bool)
+                            or not isinstance(d["task"], (int, np.integer, str))):
+            raise ValueError(f"edges[{e}].task: expected a task name or index, got "
+                             f"{d['task']!r}")
+        share = d.get("share", 1.0)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (
+                0 < share < math.inf):
+            raise ValueError(f"edges[{e}].share: must be a finite number > 0, got {share!r}")
 
 
 def validate(config: ml_collections.ConfigDict) -> Plan:
@@ -95,18 +153,23 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     Raises:
       ValueError: one line naming the first bad field.
     """
-    unknown = set(config) - TOP_LEVEL - set(SECTIONS)
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {sorted(unknown)}")
+    _check_structure(config)
     for section, keys in SECTIONS.items():
-        if section not in config:
-            raise ValueError(f"config: missing section {section!r}")
+        if not isinstance(config[section], ml_collections.ConfigDict):
+            raise ValueError(f"{section}: expected a section of {sorted(SECTIONS[section])}")
         unknown = set(config[section]) - set(keys)
         if unknown:
             raise ValueError(f"{section}: unknown key(s) {sorted(unknown)}")
         for key, kind in keys.items():
             _get(config, section, key, kind)
     dc = config.data
+    for section in ("edge", "cloud", "personalize", "fl"):
+        if config[section].batch_size > dc.size:
+            raise ValueError(f"{section}.batch_size: {config[section].batch_size} is more than "
+                             f"the data's {dc.size} images (data.size)")
+    if not isinstance(config.devices, int) or not 0 <= config.devices <= jax.device_count():
+        raise ValueError(f"devices: must be an integer in 0..{jax.device_count()} (0: all "
+                         f"{jax.device_count()} devices), got {config.devices!r}")
     images, labels = data_lib.load_dataset(dc.dataset, size=dc.size, seed=config.seed,
                                            data_dir=dc.data_dir or None,
                                            image_size=dc.image_size, label=dc.label)
@@ -168,8 +231,9 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     for s, lr in dict(rates).items():
         if s not in chosen:
             raise ValueError(f"cloud.learning_rates: {s!r} is not in strategies {chosen}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"cloud.learning_rates[{s!r}]: must be a number > 0, got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise ValueError(f"cloud.learning_rates[{s!r}]: must be a finite number > 0, got "
+                             f"{lr!r}")
     if config.toolkit_strategy not in chosen:
         raise ValueError(f"toolkit_strategy: {config.toolkit_strategy!r} is not in "
                          f"strategies {chosen}")
@@ -178,8 +242,6 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     if not 0 <= config.cloud.prune_start <= config.cloud.prune_end <= 1:
         raise ValueError("cloud.prune_start/prune_end: need 0 <= start <= end <= 1 (fractions "
                          "of the cloud's training steps)")
-    if not isinstance(config.devices, int) or config.devices < 0:
-        raise ValueError(f"devices: must be an integer >= 0 (0: all), got {config.devices!r}")
     for e, spec in enumerate(specs):
         if L.count_params(spec) > config.cloud.max_upload_params:
             raise ValueError(f"edges[{e}]: {L.count_params(spec)} parameters, more than "

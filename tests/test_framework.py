@@ -2,6 +2,7 @@
 pruning schedule, accounting and the edge model's public surface."""
 
 import math
+import shutil
 
 import chex
 import jax
@@ -494,6 +495,26 @@ def test_phase_checkpoint_restores_the_image_shaped_kernels_of_earlier_runs(mlp_
     chex.assert_trees_all_equal(leaves, [np.asarray(v) for v in flat])
     with pytest.raises(ValueError, match=r"array 0 has shape .*remove .*ckpt"):
         ckpt.latest([flat[0][:, :10]] + flat[1:])
+
+
+def test_damaged_epoch_checkpoints_and_run_records_are_one_error_naming_them(tmp_path):
+    fresh = {"epoch": 0, "elapsed": 0.0, "curve": []}
+    ckpt = storage.PhaseCheckpoint(tmp_path / "ckpt")
+    ckpt.save(2, [np.ones(3)], {"epoch": 2, "elapsed": 1.5, "curve": [1.0, 2.0]})
+    leaves, meta = ckpt.latest([np.zeros(3)], fresh)
+    assert meta["curve"] == [1.0, 2.0]
+    for step, damaged in enumerate(({"epoch": "x", "elapsed": 1.5, "curve": []}, {"epoch": 2},
+                                    [2]), start=3):
+        ckpt.save(step, [np.ones(3)], damaged)
+        with pytest.raises(ValueError, match=f"ckpt: epoch checkpoint {step} has a damaged"):
+            ckpt.latest([np.zeros(3)], fresh)
+    shutil.rmtree(tmp_path / "ckpt" / "5" / "state")
+    with pytest.raises(ValueError, match=r"ckpt: epoch checkpoint 5 cannot be restored"):
+        ckpt.latest([np.zeros(3)], fresh)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"seed": ')
+    with pytest.raises(ValueError, match=r"run/config.json: unreadable"):
+        storage.run_config(tmp_path / "run")
 
 
 def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):

@@ -8,7 +8,6 @@ accuracy), so every run on that dataset measures FID in the same space.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -19,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from baim_jax.evaluation.fid import Extractor
+from baim_jax.files import read_json, write_json
 
 FEATURES = 128
 
@@ -101,8 +101,12 @@ def load_or_train(cache: Path, name: str, images: np.ndarray, labels: np.ndarray
     record_file = path / "feature_net.json"
     net = FeatureNet(tuple(images.shape[1:]), num_classes, rngs=nnx.Rngs(seed))
     if record_file.exists():
-        record = json.loads(record_file.read_text())
-        state = ocp.StandardCheckpointer().restore(path / "state", nnx.state(net))
+        record = read_json(record_file, "feature network record")
+        try:
+            state = ocp.StandardCheckpointer().restore(path / "state", nnx.state(net))
+        except Exception as e:  # orbax raises many types for damaged checkpoints
+            raise ValueError(f"{path}/state: the feature network cannot be restored "
+                             f"({type(e).__name__}); remove {path} to train it again") from None
         nnx.update(net, state)
         return net, record
     net, accuracy = train(images, labels, test_images, test_labels, num_classes=num_classes,
@@ -112,5 +116,5 @@ def load_or_train(cache: Path, name: str, images: np.ndarray, labels: np.ndarray
     checkpointer.wait_until_finished()
     record = {"name": "small CNN classifier (not Inception)", "dataset": name,
               "test_accuracy": accuracy, "epochs": epochs, "seed": seed}
-    record_file.write_text(json.dumps(record, indent=1))
+    write_json(record_file, record)
     return net, record

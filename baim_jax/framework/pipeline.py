@@ -42,7 +42,7 @@ from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
 from baim_jax.core.router import TaskRouter
 from baim_jax.evaluation.data import Split
-from baim_jax.files import write_json
+from baim_jax.files import read_json, write_json
 from baim_jax.evaluation.fid import fid
 from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
 from baim_jax.framework.cloud import (Pruning, Trainer, aggregate, epoch_batches, image_losses,
@@ -127,7 +127,7 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
     trainer = edge_trainer(plan, cfg.learning_rate)
     ckpt = PhaseCheckpoint(workdir / "ckpt" / "edges")
     meta = {"epoch": 0, "elapsed": 0.0, "train_loss": []}
-    restored = ckpt.latest(trainer.state_leaves())
+    restored = ckpt.latest(trainer.state_leaves(), meta)
     if restored is not None:
         leaves, meta = restored
         trainer.load_state(leaves)
@@ -176,7 +176,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     ckpt = PhaseCheckpoint(workdir / "ckpt" / f"cloud_{strategy}")
     meta = {"epoch": 0, "elapsed": 0.0, "curve": [], "fid": [], "train": []}
     extract, _ = _extractor(plan, workdir)
-    restored = ckpt.latest(trainer.state_leaves())
+    restored = ckpt.latest(trainer.state_leaves(), meta)
     if restored is not None:
         leaves, meta = restored
         trainer.load_state(leaves)
@@ -272,7 +272,7 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
     ckpt = PhaseCheckpoint(workdir / "ckpt" / "fl")
     meta = {"round": 0, "elapsed": 0.0, "curve": [], "fid": []}
     extract, _ = _extractor(plan, workdir)
-    restored = ckpt.latest(jax.tree.leaves(params))
+    restored = ckpt.latest(jax.tree.leaves(params), meta)
     if restored is not None:
         leaves, meta = restored
         params = jax.tree.unflatten(jax.tree.structure(params), [np.asarray(v) for v in leaves])
@@ -325,7 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
     for name in phases(plan):
         record = workdir / "phases" / f"{name}.json"
         if record.exists():
-            done[name] = json.loads(record.read_text())
+            done[name] = read_json(record, "phase record")
             continue
         done[name] = _run_phase(name, plan, workdir, progress)
         write_json(record, done[name])

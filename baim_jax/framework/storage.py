@@ -22,19 +22,27 @@ class PhaseCheckpoint:
         self.manager = ocp.CheckpointManager(
             path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
-    def latest(self, like: list) -> tuple[list, dict] | None:
+    def latest(self, like: list, meta_like: dict | None = None) -> tuple[list, dict] | None:
         """The latest saved leaves, shaped as ``like``, and their record; None if none.
 
         An array saved with another shape of the same size (the pool's dense kernels were
         stored image-shaped before they were flattened; both are row-major) is reshaped; any
-        other mismatch is refused.
+        other mismatch, a checkpoint that does not restore and a record without the keys
+        and value kinds of ``meta_like`` are refused (one ``ValueError`` line).
         """
         step = self.manager.latest_step()
         if step is None:
             return None
         target = {str(i): np.asarray(v) for i, v in enumerate(like)}
-        got = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        redo = f"remove {self.path} to redo the phase"
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for damaged checkpoints
+            raise ValueError(f"{self.path}: epoch checkpoint {step} cannot be restored "
+                             f"({type(e).__name__}); {redo}") from None
+        if meta_like is not None and not _same_kinds(got.meta, meta_like):
+            raise ValueError(f"{self.path}: epoch checkpoint {step} has a damaged record; {redo}")
         leaves = []
         for i, want in enumerate(like):
             leaf = np.asarray(got.state[str(i)])
@@ -48,6 +56,7 @@ class PhaseCheckpoint:
         return leaves, got.meta
 
     def save(self, step: int, leaves: list, meta: dict) -> None:
+        """Saves ``leaves`` and the JSON record ``meta`` as epoch ``step``."""
         state = {str(i): np.asarray(v) for i, v in enumerate(leaves)}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -58,12 +67,30 @@ class PhaseCheckpoint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _same_kinds(record, like: dict) -> bool:
+    """``record`` has exactly ``like``'s keys, each a value of the same kind (a count, a
+    number or a list)."""
+    if not isinstance(record, dict) or set(record) != set(like):
+        return False
+    for key, want in like.items():
+        got = record[key]
+        if isinstance(want, int) and not (isinstance(got, int) and not isinstance(got, bool)
+                                          and got >= 0):
+            return False
+        if isinstance(want, float) and not (isinstance(got, (int, float))
+                                            and not isinstance(got, bool)):
+            return False
+        if isinstance(want, list) and not isinstance(got, list):
+            return False
+    return True
+
+
 def run_config(workdir: Path) -> ml_collections.ConfigDict:
     """The config a run directory was claimed for (``claim``)."""
     record = Path(workdir) / "config.json"
     if not record.is_file():
         raise ValueError(f"workdir: {workdir} holds no baim-jax run (no config.json)")
-    return ml_collections.ConfigDict(json.loads(record.read_text()))
+    return ml_collections.ConfigDict(files.read_json(record, "run record"))
 
 
 def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -73,7 +100,7 @@ def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
     record = workdir / "config.json"
     wanted = json.loads(json.dumps(config.to_dict()))
     if record.exists():
-        if json.loads(record.read_text()) != wanted:
+        if files.read_json(record, "run record") != wanted:
             raise ValueError(f"workdir: {workdir} holds a run of a different config; choose "
                              f"another --workdir (nothing was overwritten)")
     elif workdir.is_dir() and any(workdir.iterdir()):

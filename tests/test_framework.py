@@ -599,3 +599,23 @@ def test_test_loss_is_a_monte_carlo_negative_elbo_on_fixed_draws():
     assert np.abs(got - posterior_mean).max() > 1e-3
     model = BAIM.assemble([mlp([8], 3, [8])] * 2, [0, 1], ["a", "b"], BAIMConfig(k=1, h=0))
     assert cloud.image_losses(model, data).shape == (6,)
+
+
+def test_the_cloud_takes_only_the_uploads_its_config_trained(tmp_path):
+    """An upload swapped for another edge's model (same task or not) is refused by name."""
+    from conftest import SMOKE
+
+    from baim_jax.cli import load_config
+    from baim_jax.framework import pipeline, plan as plan_lib
+
+    plan = plan_lib.validate(load_config(SMOKE, []))
+    ids = plan.edge_ids
+    for e, eid in enumerate(ids):
+        EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], seed=e).save(
+            tmp_path / "edges" / eid / "initial")
+    assert len(pipeline._uploads(plan, tmp_path)) == len(ids)
+    other = next(e for e in range(1, len(ids)) if plan.specs[e] != plan.specs[0])
+    EdgeModel(plan.specs[other], plan.tasks[plan.edge_tasks[0]], seed=9).save(
+        tmp_path / "edges" / ids[0] / "initial")
+    with pytest.raises(ValueError, match=f"edges/{ids[0]}/initial: not the upload of {ids[0]}"):
+        pipeline._uploads(plan, tmp_path)

@@ -161,7 +161,20 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
 
 
 def _uploads(plan: Plan, workdir: Path) -> list[EdgeModel]:
-    return [checkpoint.load(workdir / "edges" / eid / "initial") for eid in plan.edge_ids]
+    """The edges' uploads, each checked to be the model its edge of the config trained."""
+    uploads = []
+    for e, eid in enumerate(plan.edge_ids):
+        path = workdir / "edges" / eid / "initial"
+        model = checkpoint.load(path)
+        task = plan.tasks[plan.edge_tasks[e]]
+        if not isinstance(model, EdgeModel) or model.learner_spec != plan.specs[e] or (
+                model.task != task):
+            raise ValueError(f"{path}: not the upload of {eid} (a {plan.specs[e].kind} edge "
+                             f"model of task {task!r} with encoder {list(plan.specs[e].encoder)}"
+                             f", latent {plan.specs[e].latent}); remove {path.parent} and its "
+                             f"phases/ record to train it again")
+        uploads.append(model)
+    return uploads
 
 
 def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:

@@ -8,6 +8,7 @@ directory and refuses anything inconsistent with one clear error (``CheckpointEr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -64,14 +65,22 @@ def save(model: BAIM | EdgeModel | TaskRouter, path) -> None:
         ckpt.wait_until_finished()
         spec = model.spec
         spec["files"] = files.digests(tmp / "state")
+        spec["spec_sha256"] = _spec_digest(spec)
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
         files.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _spec_digest(spec: dict) -> str:
+    """SHA-256 of the spec's canonical JSON, its own digest left out."""
+    body = {k: v for k, v in spec.items() if k != "spec_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_spec(path) -> dict:
-    """Reads and checks ``spec.json`` of a model directory."""
+    """Reads and checks ``spec.json`` of a model directory: format, version, kind and its own
+    digest (the spec says what the state is; an edited spec would load another model)."""
     path = Path(path)
     if not (path / "spec.json").is_file():
         raise CheckpointError(f"{path}: not a baim_jax model directory (no spec.json)")
@@ -87,6 +96,9 @@ def read_spec(path) -> dict:
             f"version {VERSION}")
     if spec.get("kind") not in KINDS:
         raise CheckpointError(f"{path}/spec.json: unknown model kind {spec.get('kind')!r}")
+    if spec.get("spec_sha256") != _spec_digest(spec):
+        raise CheckpointError(f"{path}/spec.json: altered (its content does not match the "
+                              f"SHA-256 it records)")
     return spec
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import IMAGE, conv, mlp
 
 import baim_jax
-from baim_jax import BAIM, BAIMConfig, CheckpointError, TaskModel, partition
+from baim_jax import BAIM, BAIMConfig, CheckpointError, TaskModel, checkpoint, partition
 from baim_jax.core import learners as L
 
 TASKS = ["a", "b"]
@@ -245,9 +245,13 @@ def test_save_over_existing_model_replaces_it(saved_mlp, saved_task, tmp_path):
 # ---------------------------------------------------------------------------------- refusals
 
 
-def _edit_spec(path: Path, edit):
+def _edit_spec(path: Path, edit, redigest: bool = True):
+    """Edits spec.json; with ``redigest``, records the edited spec's digest too (a
+    consistent spec that no longer matches the state)."""
     spec = json.loads((path / "spec.json").read_text())
     edit(spec)
+    if redigest:
+        spec["spec_sha256"] = checkpoint._spec_digest(spec)
     (path / "spec.json").write_text(json.dumps(spec))
 
 
@@ -316,7 +320,17 @@ def _latent_edited(path):
     _edit_spec(path, edit)
 
 
+def _k_edited_by_hand(path):
+    _edit_spec(path, lambda s: s.update(k=1), redigest=False)
+
+
+def _learners_malformed_by_hand(path):
+    _edit_spec(path, lambda s: s.update(learners="x"), redigest=False)
+
+
 REFUSALS = {
+    "K edited by hand": (_k_edited_by_hand, r"spec\.json: altered"),
+    "learners malformed by hand": (_learners_malformed_by_hand, r"spec\.json: altered"),
     "no spec.json": (_no_spec, r"no spec\.json"),
     "spec.json not JSON": (_spec_not_json, r"spec\.json.*unreadable"),
     "wrong format": (_wrong_format, r"not a baim_jax spec"),

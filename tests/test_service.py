@@ -24,7 +24,7 @@ from baim_jax import files as F
 from baim_jax.service import integrity as I
 from baim_jax.service.edge import Edge, Request
 from baim_jax.service.store import ROUTER, ModelStore, StoreError
-from baim_jax.service.toolbox import Toolbox, parse_bytes
+from baim_jax.service.toolbox import Toolbox, ToolboxError, parse_bytes
 
 TASKS = ["a", "b", "c"]
 
@@ -342,6 +342,33 @@ def test_publish_over_a_malformed_entry_changes_nothing(store, published, tmp_pa
     with pytest.raises(StoreError, match="manifest entry of 'a' is malformed"):
         store.publish({"a": published["sources"]["a"]})
     assert {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("field,value", [("bytes", "x"), ("image_shape", None),
+                                         ("files", None), ("params", -1)])
+def test_a_damaged_manifest_entry_is_one_error(store, tmp_path, field, value):
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["models"]["a"][field] = value
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=f"manifest entry of 'a' is malformed \\({field}"):
+        Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="b", num=1))
+
+
+@pytest.mark.parametrize("field,value", [("capacity", "abc"), ("clock", "x"), ("entries", []),
+                                         ("entry", "x"), ("bytes", "x"), ("image_shape", "x")])
+def test_a_damaged_toolbox_index_is_one_error(store, tmp_path, field, value):
+    box = tmp_path / "toolbox"
+    Edge(store, Toolbox(box)).serve(Request(task="a", num=1))
+    index = json.loads((box / "toolbox.json").read_text())
+    if field == "entry":
+        index["entries"]["a"] = value
+    elif field in ("bytes", "image_shape"):
+        index["entries"]["a"][field] = value
+    else:
+        index[field] = value
+    (box / "toolbox.json").write_text(json.dumps(index))
+    with pytest.raises(ToolboxError, match="toolbox.json is damaged"):
+        Edge(store, Toolbox(box)).serve(Request(task="a", num=1))
 
 
 # ---------------------------------------------------------------------------- path safety

@@ -44,6 +44,35 @@ def _summary(spec: dict) -> dict:
             "image_shape": gated[0]["spec"]["image_shape"]}
 
 
+def _count(v, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def image_shape_ok(v) -> bool:
+    """A recorded image shape: ``[H, W, C]`` positive ints."""
+    return isinstance(v, list) and len(v) == 3 and all(_count(d, 1) for d in v)
+
+
+def _entry_problem(entry) -> str | None:
+    """What is wrong with a manifest entry (None: nothing)."""
+    if not isinstance(entry, dict):
+        return "not a record"
+    if not isinstance(entry.get("files"), dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in entry["files"].items()):
+        return "files"
+    if entry.get("kind") not in ("task", "router"):
+        return f"kind {entry.get('kind')!r}"
+    counts = {"revision": 1, "bytes": 0, "params": 0}
+    if entry["kind"] == "task":
+        counts.update(learners=1, feeders=0, k=1, connections_kept=0)
+    for field, least in counts.items():
+        if not _count(entry.get(field), least):
+            return f"{field} {entry.get(field)!r}"
+    if not image_shape_ok(entry.get("image_shape")):
+        return f"image_shape {entry.get('image_shape')!r}"
+    return None
+
+
 class ModelStore:
     """A directory of published models.
 
@@ -81,6 +110,11 @@ class ModelStore:
                              f"{m.get('version')!r}; this baim_jax reads version {VERSION}")
         if not isinstance(m.get("models"), dict):
             raise StoreError(f"store: {self.root}/manifest.json lists no models")
+        for key, entry in m["models"].items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise StoreError(f"store: the manifest entry of {key!r} is malformed "
+                                 f"({problem}); nothing was changed")
         return m
 
     def tasks(self) -> list[str]:
@@ -95,10 +129,7 @@ class ModelStore:
             if key == ROUTER:
                 raise StoreError("store: no router is published; requests must name a task")
             raise StoreError(f"task: {key!r} is not in the store; it holds {self.tasks()}")
-        entry = models[key]
-        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
-            raise StoreError(f"store: the manifest entry of {key!r} is malformed")
-        return entry
+        return models[key]
 
     def path(self, key: str) -> Path:
         """Where a model lives in the store (checked to stay inside it)."""
@@ -150,13 +181,13 @@ class ModelStore:
                 I.sweep_incoming(self.root)
                 manifest = self.manifest()
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                revisions = {key: _revision(manifest["models"], key) + 1 for key, *_ in staged}
                 for key, tmp, files, spec in staged:
                     final = self.path(key)
                     F.replace_dir(tmp / "model", final)
                     manifest["models"][key] = {
                         **_summary(spec), "dir": str(final.relative_to(self.root)),
-                        "revision": revisions[key], "files": files,
+                        "revision": manifest["models"].get(key, {}).get("revision", 0) + 1,
+                        "files": files,
                         "bytes": F.size(final), "published": now, "origin": origin}
                     entries.append({"task": key, **manifest["models"][key]})
                 F.write_json(self.root / "manifest.json", manifest)
@@ -178,19 +209,6 @@ class ModelStore:
         sources = {name: workdir / "toolkit" / check_task_name(name) for name in toolkit}
         sources[ROUTER] = workdir / "router"
         return self.publish(sources, origin=str(workdir))
-
-
-def _revision(models: dict, key: str) -> int:
-    """The published revision of ``key`` (0: none), refusing a malformed entry before
-    anything is replaced."""
-    if key not in models:
-        return 0
-    entry = models[key]
-    revision = entry.get("revision") if isinstance(entry, dict) else None
-    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
-        raise StoreError(f"store: the manifest entry of {key!r} is malformed (revision "
-                         f"{revision!r}); nothing was published")
-    return revision
 
 
 def _check_loadable(src: Path, key: str) -> None:

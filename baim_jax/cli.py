@@ -309,9 +309,16 @@ def _inspect_store(path: Path, as_json: bool) -> None:
         print(f"  {name}: {', '.join(parts)}; published {e['published']}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line (argparse prints its usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"baim-jax: error: {self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="baim-jax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="baim-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run or resume the edge-cloud pipeline")
     run.add_argument("--config", required=True, help="a configs/*.py file")
     run.add_argument("--workdir", required=True, help="where results, models and checkpoints go")
@@ -345,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         {"run": _run, "export": _export, "generate": _generate,
          "inspect": _inspect}[args.command](args, overrides)
     except (ValueError, OSError) as e:  # OSError: a file system that refuses (read-only, full)
-        print(f"baim-jax: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"baim-jax: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("baim-jax: interrupted", file=sys.stderr)

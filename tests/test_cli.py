@@ -434,3 +434,13 @@ def test_export_refuses_unfinished_run(tmp_path, capsys):
     code = main(["export", "--workdir", str(tmp_path), "--store", str(tmp_path / "store")])
     _assert_usage_error(code, capsys, "no finished baim-jax run")
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["generate", "--store", "s", "--out", "o.png", "--num", "abc"], ["--num", "'abc'"]),
+    (["run", "--config", "configs/smoke.py"], ["--workdir", "required"]),
+    (["train"], ["invalid choice", "'train'"])])
+def test_a_bad_command_line_is_one_error_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    _assert_usage_error(exit_info.value.code, capsys, *words)

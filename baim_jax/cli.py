@@ -230,7 +230,9 @@ def _generate(args, overrides) -> None:
     capacity = None if args.capacity is None else parse_bytes(args.capacity)
     if capacity is not None and args.toolbox is None:
         raise UsageError("--capacity: needs --toolbox")
-    held = Toolbox(args.toolbox) if args.toolbox and Path(args.toolbox).is_dir() else None
+    # An existing toolbox says what it holds; none is made before the request is checked.
+    made = args.toolbox is not None and (Path(args.toolbox) / "toolbox.json").is_file()
+    held = Toolbox(args.toolbox) if made else None
     images = None
     if args.input is not None:
         images = read_images(args.input, edge_lib.model_entry(

@@ -390,7 +390,8 @@ BAD_GENERATE = {
     "bad capacity": (["--task", TASKS[0], "--toolbox", "{tmp}/box", "--capacity", "lots"],
                      ["capacity", "lots"]),
     "no task nor input": ([], ["name a task or give images"]),
-    "zero samples": (["--task", TASKS[0], "--num", "0"], ["num"]),
+    "zero samples": (["--task", TASKS[0], "--num", "0", "--toolbox", "{tmp}/empty_box"],
+                     ["num"]),
     "missing input": (["--input", "{tmp}/none.npy"], ["--input", "no such file"]),
     "input of the wrong shape": (["--input", "{tmp}/small.npy"], ["images", "does not fit"]),
     "input not an image": (["--input", "{tmp}/text.png"], ["--input", "not a readable PNG"]),
@@ -412,12 +413,14 @@ def test_generate_refuses_bad_input(case, store, tmp_path, capsys):
     (tmp_path / "empty.npy").write_bytes(b"")
     (tmp_path / "results.json").write_text('{"toolkit": {}}')  # e.g. a run's results
     (tmp_path / "dir.png").mkdir()
+    (tmp_path / "empty_box").mkdir()
     before = (store["path"] / "manifest.json").read_text()
     extra, words = BAD_GENERATE[case]
     args = ["generate", "--store", str(store["path"]), "--out", str(tmp_path / "grid.png")]
     code = main(args + [a.format(tmp=tmp_path) for a in extra])
     _assert_usage_error(code, capsys, *words)
     assert not (tmp_path / "grid.png").exists() and not (tmp_path / "box").exists()
+    assert sorted(p.name for p in (tmp_path / "empty_box").iterdir()) == []
     assert (store["path"] / "manifest.json").read_text() == before
     assert (tmp_path / "results.json").read_text() == '{"toolkit": {}}'
 

@@ -539,7 +539,7 @@ def test_toolbox_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "box" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no toolbox"):
         Toolbox(tmp_path / "box")
-    assert (tmp_path / "box" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "box").iterdir()] == ["notes.txt"]  # no lock left
 
 
 def test_store_refuses_a_foreign_directory(tmp_path):

@@ -108,6 +108,8 @@ class Toolbox:
             raise ToolboxError(f"toolbox: {self.root} is not a directory")
         if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
             raise ToolboxError(f"capacity: {capacity!r} must be a positive number of bytes")
+        if self.root.is_dir() and not (self.root / "toolbox.json").exists():
+            self._check_empty()  # before the lock file: a refused directory is left untouched
         self.root.mkdir(parents=True, exist_ok=True)
         with I.locked(self.root):
             index = self._index()
@@ -119,8 +121,7 @@ class Toolbox:
     def _index(self) -> dict:
         path = self.root / "toolbox.json"
         if not path.exists():
-            if any(p.name not in (".lock", ".incoming") for p in self.root.iterdir()):
-                raise ToolboxError(f"toolbox: {self.root} is not empty and holds no toolbox")
+            self._check_empty()
             index = {"format": FORMAT, "version": VERSION, "capacity": None, "clock": 0,
                      "entries": {}}
             F.write_json(path, index)
@@ -133,6 +134,11 @@ class Toolbox:
             raise ToolboxError(f"toolbox: {path} is damaged ({problem}); remove the toolbox "
                                f"directory to start it anew")
         return index
+
+    def _check_empty(self) -> None:
+        """Refuses to make a toolbox in a directory that holds anything else."""
+        if any(p.name not in (".lock", ".incoming") for p in self.root.iterdir()):
+            raise ToolboxError(f"toolbox: {self.root} is not empty and holds no toolbox")
 
     def _dir(self, key: str) -> Path:
         return I.model_dir(self.root, key)

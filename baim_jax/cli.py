@@ -44,8 +44,7 @@ def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
         config = module.get_config()
     except (Exception, SystemExit) as e:  # a user's config file may raise anything
-        message = f"{type(e).__name__}: {e}".replace("\n", " ")
-        raise UsageError(f"--config: {path} failed to load ({message})") from None
+        raise UsageError(f"--config: {path} failed to load ({type(e).__name__}: {e})") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise UsageError(f"--config: get_config() of {path} returned a "
                          f"{type(config).__name__}, not an ml_collections.ConfigDict")

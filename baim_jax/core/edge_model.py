@@ -95,11 +95,10 @@ class EdgeModel(nnx.Module):
             raise ValueError(f"n: must be a positive integer, got {n!r}")
         return _sample(self, sample_rows(n), rng)[:n]
 
-    def evaluate(self, x, task=None, *, rng: jax.Array | None = None) -> dict:
-        """Negative ELBO per image ``[B]``: a one-draw Monte Carlo estimate with ``rng``, the
-        posterior-mean value without (see ``BAIM.evaluate``)."""
+    def evaluate(self, x, task=None) -> dict:
+        """Posterior-mean negative ELBO per image ``[B]`` (see ``BAIM.evaluate``)."""
         self._task_check(task)
-        return {"nelbo": _forward(self, self._check(x), rng)["nelbo"]}
+        return {"nelbo": _forward(self, self._check(x), None)["nelbo"]}
 
     @property
     def spec(self) -> dict:

@@ -160,8 +160,8 @@ def image_losses(model: BAIM | EdgeModel, data: Split, batch: int = 500, *,
         x = data.images[i:i + batch]
         task = None if isinstance(model, EdgeModel) else (
             data.tasks[i:i + batch] if len(model.tasks) > 1 else 0)
-        draws = [model.evaluate(x, task, rng=jax.random.fold_in(jax.random.fold_in(key, i), s))
-                 ["nelbo"] for s in range(samples)]
+        draws = [model.reconstruct(x, task=task, rng=jax.random.fold_in(
+            jax.random.fold_in(key, i), s))["nelbo"] for s in range(samples)]
         out.append(np.mean(np.asarray(draws, np.float64), axis=0))
     return np.concatenate(out)
 

@@ -44,13 +44,14 @@ def _summary(spec: dict) -> dict:
             "image_shape": gated[0]["spec"]["image_shape"]}
 
 
-def _count(v, least: int = 0) -> bool:
+def is_count(v, least: int = 0) -> bool:
+    """An int (not a bool) of at least ``least``."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
 def image_shape_ok(v) -> bool:
     """A recorded image shape: ``[H, W, C]`` positive ints."""
-    return isinstance(v, list) and len(v) == 3 and all(_count(d, 1) for d in v)
+    return isinstance(v, list) and len(v) == 3 and all(is_count(d, 1) for d in v)
 
 
 def _entry_problem(entry) -> str | None:
@@ -66,7 +67,7 @@ def _entry_problem(entry) -> str | None:
     if entry["kind"] == "task":
         counts.update(learners=1, feeders=0, k=1, connections_kept=0)
     for field, least in counts.items():
-        if not _count(entry.get(field), least):
+        if not is_count(entry.get(field), least):
             return f"{field} {entry.get(field)!r}"
     if not image_shape_ok(entry.get("image_shape")):
         return f"image_shape {entry.get('image_shape')!r}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from baim_jax import files as F
 from baim_jax.service import integrity as I
-from baim_jax.service.store import ModelStore, image_shape_ok
+from baim_jax.service.store import ModelStore, image_shape_ok, is_count
 
 FORMAT, VERSION = "baim_jax-toolbox", 1
 
@@ -68,16 +68,12 @@ def parse_bytes(text) -> int:
     return int(value)
 
 
-def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
 def _index_problem(index: dict) -> str | None:
     """What is wrong with a toolbox index (None: nothing)."""
     capacity = index.get("capacity")
-    if capacity is not None and not (_count(capacity) and capacity > 0):
+    if capacity is not None and not is_count(capacity, 1):
         return f"capacity {capacity!r}"
-    if not _count(index.get("clock")):
+    if not is_count(index.get("clock")):
         return f"clock {index.get('clock')!r}"
     entries = index.get("entries")
     if not isinstance(entries, dict):
@@ -86,7 +82,7 @@ def _index_problem(index: dict) -> str | None:
         if not isinstance(e, dict) or not isinstance(e.get("files"), dict):
             return f"entry {key!r}"
         for field in ("revision", "bytes", "last_used"):
-            if not _count(e.get(field)):
+            if not is_count(e.get(field)):
                 return f"{field} of {key!r}: {e.get(field)!r}"
         if e.get("image_shape") is not None and not image_shape_ok(e["image_shape"]):
             return f"image_shape of {key!r}: {e['image_shape']!r}"

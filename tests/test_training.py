@@ -63,6 +63,18 @@ def test_finetune_updates_learners_gate_and_connections(mlp_specs):
     assert int(metrics[-1]["dropped"]) == 0
 
 
+def test_train_step_updates_the_model_in_its_own_buffers(mlp_specs):
+    # The step donates the state: the arrays the model held before a step are consumed (so a
+    # step holds one copy of the model and optimiser, not two) and the model holds new ones.
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    kernel = jax.tree.leaves(values(model.learners))[0]
+    before = np.array(kernel)
+    _train(model, "finetune", steps=1)
+    assert kernel.is_deleted()
+    after = jax.tree.leaves(values(model.learners))[0]
+    assert not after.is_deleted() and np.abs(np.asarray(after) - before).max() > 0
+
+
 def test_scratch_reinitialises_learners_with_the_same_specs(mlp_specs):
     uploads = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1))
     before = _snapshot(uploads.learners)

@@ -32,7 +32,9 @@ def sha256(path: Path) -> str:
 
 def _files(root: Path) -> dict[str, Path]:
     """Every entry under ``root`` by relative path; refuses links and anything not a plain
-    file or directory (a symlink could point anywhere)."""
+    file or directory (a symlink could point anywhere), ``root`` itself included."""
+    if root.is_symlink():
+        raise IntegrityError(f"{root}: a symbolic link, refused")
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))

@@ -259,17 +259,18 @@ def _remove(store):
 
 def _other_manifest(store):
     manifest = json.loads((store.root / "manifest.json").read_text())
-    manifest["models"]["a"] = {**manifest["models"]["b"], "dir": "models/a"}
+    manifest["models"]["a"] = {**manifest["models"]["b"], "dir": manifest["models"]["a"]["dir"]}
     (store.root / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _other_model(store):
     # Model b's directory and manifest entry under a's name: every digest matches, the spec
     # does not name task a.
-    shutil.rmtree(store.path("a"))
-    shutil.copytree(store.path("b"), store.path("a"))
+    a = store.path("a")
+    shutil.rmtree(a)
+    shutil.copytree(store.path("b"), a)
     manifest = json.loads((store.root / "manifest.json").read_text())
-    manifest["models"]["a"] = {**manifest["models"]["b"], "dir": "models/a"}
+    manifest["models"]["a"] = {**manifest["models"]["b"], "dir": manifest["models"]["a"]["dir"]}
     (store.root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -289,7 +290,7 @@ def _future_spec(store):
 
 def _future_store(store):
     manifest = json.loads((store.root / "manifest.json").read_text())
-    manifest["version"] = 2
+    manifest["version"] = 3
     (store.root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -298,7 +299,7 @@ DAMAGE = {"truncated file": (_truncate, "damaged"), "flipped byte": (_flip, "dam
               (_other_manifest, "damaged"), "another model's files": (_other_model, "not the"),
           "file not in the manifest": (_extra_file, "not part of"),
           "checkpoint of a newer version": (_future_spec, "version 2"),
-          "store of a newer version": (_future_store, "version 2")}
+          "store of a newer version": (_future_store, "version 3")}
 
 
 @pytest.mark.parametrize("case", list(DAMAGE), ids=list(DAMAGE))
@@ -329,6 +330,122 @@ def test_publish_refuses_a_damaged_source_and_keeps_the_store(store, published, 
     with pytest.raises(StoreError, match="not the task model of 'b'"):
         store.publish({"b": published["sources"]["a"]})
     Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
+
+
+def _files_of(store):
+    return sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")
+                  if p.is_file() and ".lock" not in p.name)
+
+
+def test_a_new_revision_gets_its_own_directory_and_the_old_one_goes(store, published):
+    store.publish({"a": published["sources"]["a"], ROUTER: published["sources"][ROUTER]})
+    assert store.entry("a")["dir"] == "models/a@2" and store.path("a").name == "a@2"
+    assert store.entry(ROUTER)["dir"] == "router@2"
+    assert sorted(p.name for p in (store.root / "models").iterdir()) == ["a@2", "b@1", "c@1"]
+    assert not (store.root / "router@1").exists()
+    F.verify(store.path("a"), store.entry("a")["files"])
+
+
+@pytest.mark.parametrize("killed", ["before the manifest", "before the sweep"])
+def test_a_killed_publish_leaves_a_servable_store(killed, store, published, tmp_path,
+                                                 monkeypatch):
+    """A publish killed after its new directory is in place (before or after the manifest
+    names it) leaves every manifest entry naming a whole directory; the next publish clears
+    what it left."""
+    def killed_here(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if killed == "before the manifest":
+        monkeypatch.setattr(F, "write_json", killed_here)
+    else:
+        monkeypatch.setattr(ModelStore, "_sweep", killed_here)
+    with pytest.raises(KeyboardInterrupt):
+        store.publish({"a": published["sources"]["a"]})
+    monkeypatch.undo()
+    store = ModelStore(store.root)  # a fresh process's view
+    revision = 1 if killed == "before the manifest" else 2
+    assert store.entry("a")["revision"] == revision
+    for key in TASKS + [ROUTER]:
+        F.verify(store.path(key), store.entry(key)["files"])
+    assert sorted(p.name for p in (store.root / "models").iterdir())[:2] == ["a@1", "a@2"]
+    Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
+    store.publish({"b": published["sources"]["b"]})
+    assert sorted(p.name for p in (store.root / "models").iterdir()) == [
+        f"a@{revision}", "b@2", "c@1"]
+
+
+def test_a_version_1_store_is_read_and_upgraded_by_a_publish(store, published, tmp_path):
+    # Version 1 kept each model at models/<task>/ and the router at router/.
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    for key, entry in manifest["models"].items():
+        old = "router" if key == ROUTER else f"models/{key}"
+        os.rename(store.root / entry["dir"], store.root / old)
+        entry["dir"] = old
+    (store.root / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    store = ModelStore(store.root)
+    assert store.path("b") == store.root / "models" / "b"
+    Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="b", num=1))
+    store.publish({"a": published["sources"]["a"]})
+    assert json.loads((store.root / "manifest.json").read_text())["version"] == 2
+    assert sorted(p.name for p in (store.root / "models").iterdir()) == ["a@2", "b", "c"]
+    Edge(store, Toolbox(tmp_path / "toolbox2")).serve(Request(task="b", num=1))
+
+
+@pytest.mark.parametrize("where", ["models/b@1", "models/a@2", "../outside", "models"])
+def test_a_manifest_entry_naming_another_directory_is_refused(where, store, tmp_path):
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["models"]["a"]["dir"] = where
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="names the directory .* not its own"):
+        Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
+
+
+READ_ONLY = """
+import sys
+from pathlib import Path
+from baim_jax.service.store import ModelStore
+store = ModelStore(sys.argv[1])
+entry, model = store.load("a")
+store.fetch("b", Path(sys.argv[2]))
+print(sorted(store.tasks()), entry["revision"])
+"""
+
+
+@pytest.mark.parametrize("lock", ["kept", "missing"])
+def test_a_read_only_store_can_be_read(lock, store, tmp_path):
+    """Readers write nothing to a store: they read one on a read-only file system (a bind
+    mount in a user namespace; skipped where the machine allows none)."""
+    if lock == "missing":
+        (store.root / ".lock").unlink()
+    before = _files_of(store)
+    mount = f'mount --bind -o ro "{store.root}" "{store.root}"'
+    if subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && ! touch {store.root}/x"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("no read-only bind mount here (unshare -rm)")
+    command = f'{mount} && exec "$0" -c "$1" "$2" "$3"'
+    got = subprocess.run(["unshare", "-rm", "sh", "-c", command, sys.executable, READ_ONLY,
+                          str(store.root), str(tmp_path / "fetched")],
+                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.split("\n")[-2] == "['a', 'b', 'c'] 1"
+    F.verify(tmp_path / "fetched", store.entry("b")["files"])
+    assert _files_of(store) == before
+
+
+@pytest.mark.parametrize("link", ["the directory", "a file"])
+def test_a_refused_publish_makes_no_store(link, published, tmp_path):
+    src = tmp_path / "linked"
+    if link == "the directory":  # a toolkit directory that links to the model
+        os.symlink(published["sources"]["a"], src)
+    else:
+        shutil.copytree(published["sources"]["a"], src)
+        f = next(p for p in sorted((src / "state").rglob("*")) if p.is_file())
+        shutil.move(f, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", f)
+    store = ModelStore(tmp_path / "new", create=True)
+    with pytest.raises(ValueError, match="symbolic link"):
+        store.publish({"a": src})
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("revision", ["x", [1], None, 0])
@@ -384,14 +501,14 @@ def test_unsafe_task_names_are_refused(name, store, published, tmp_path):
     with pytest.raises(ValueError, match="not a safe task name"):
         store.publish({name: published["sources"]["a"]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "toolbox"]
-    assert sorted(p.name for p in (store.root / "models").iterdir()) == TASKS
+    assert sorted(p.name for p in (store.root / "models").iterdir()) == [f"{t}@1" for t in TASKS]
 
 
 def test_symlink_escapes_are_refused(store, tmp_path):
     outside = tmp_path / "outside"
     shutil.copytree(store.path("a"), outside)
-    shutil.rmtree(store.root / "models" / "a")
-    os.symlink(outside, store.root / "models" / "a")
+    shutil.rmtree(store.path("a"))
+    os.symlink(outside, store.root / "models" / "a@1")
     with pytest.raises(ValueError, match="outside"):
         Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
     # A link inside a model directory is refused too.

@@ -23,10 +23,17 @@ def check_key(key: str) -> str:
     return key if key == ROUTER else check_task_name(key)
 
 
-def model_dir(root: Path, key: str) -> Path:
-    """Where the model ``key`` lives under ``root`` (``models/<task>`` or ``router``), checked
-    to stay inside ``root`` (no links, no escapes)."""
-    path = root / "router" if check_key(key) == ROUTER else root / "models" / key
+def model_rel(key: str, revision: int | None = None) -> str:
+    """The model ``key``'s directory relative to its root: ``models/<task>`` or ``router``,
+    with ``@<revision>`` when given (``@`` is in no task name, so no two keys share one)."""
+    rel = "router" if check_key(key) == ROUTER else f"models/{key}"
+    return rel if revision is None else f"{rel}@{revision}"
+
+
+def model_dir(root: Path, key: str, revision: int | None = None) -> Path:
+    """Where the model ``key`` lives under ``root`` (``model_rel``), checked to stay inside
+    ``root`` (no links, no escapes)."""
+    path = root / model_rel(key, revision)
     if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
         raise IntegrityError(f"{key!r}: its directory leads outside {root}, refused")
     return path
@@ -78,8 +85,21 @@ def sweep_incoming(root: Path) -> None:
 
 @contextlib.contextmanager
 def locked(root: Path, exclusive: bool = True):
-    """An advisory lock on ``root/.lock`` shared by every process using ``root``."""
-    with open(root / ".lock", "a") as f:
+    """An advisory lock on ``root/.lock`` shared by every process using ``root``.
+
+    A shared (reader's) lock opens an existing lock file read-only, so reading needs no write
+    permission; where the file is missing and cannot be made (a read-only copy of a store
+    without it), the read goes ahead unlocked.
+    """
+    path = root / ".lock"
+    try:
+        f = open(path, "r" if not exclusive and path.is_file() else "a")
+    except OSError:
+        if exclusive or path.exists():
+            raise
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield

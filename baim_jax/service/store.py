@@ -3,20 +3,24 @@ router, with a manifest that records each model's summary and the SHA-256 of eve
 
 Layout::
 
-    STORE/manifest.json       {"format", "version", "models": {task: entry, "_router": entry}}
-    STORE/models/<task>/      a task model directory (spec.json, state/)
-    STORE/router/             the TaskRouter
+    STORE/manifest.json          {"format", "version", "models": {task: entry, "_router": entry}}
+    STORE/models/<task>@<rev>/   revision <rev> of a task model (spec.json, state/)
+    STORE/router@<rev>/          the TaskRouter
 
-A model is copied into ``.incoming/`` and renamed into place under an exclusive lock, then the
-manifest is rewritten atomically (what a killed publish left in ``.incoming/`` is swept then);
-readers hold a shared lock. Nothing is read back unless every
-file matches the manifest and its spec is the model the manifest names.
+Each entry names its directory (version 1 stores kept one undated ``models/<task>/`` and
+``router/``, read as they are). A model is copied into ``.incoming/`` and renamed to a new
+revision's directory under an exclusive lock; the manifest is then rewritten atomically, and
+only after that are the directories it no longer names removed. A publish killed at any
+point leaves the manifest naming complete directories (the next publish sweeps what it left).
+Readers hold a shared lock. Nothing is read back unless every file matches the manifest and
+its spec is the model the manifest names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from pathlib import Path
 
 from baim_jax import checkpoint
@@ -25,7 +29,8 @@ from baim_jax import files as F
 from baim_jax.service import integrity as I
 from baim_jax.service.integrity import ROUTER
 
-FORMAT, VERSION = "baim_jax-store", 1
+FORMAT, VERSION = "baim_jax-store", 2
+READS = (1, 2)  # version 1: one directory per key, without the revision
 
 
 class StoreError(ValueError):
@@ -106,9 +111,9 @@ class ModelStore:
         m = F.read_json(self.root / "manifest.json", "model store")
         if m.get("format") != FORMAT:
             raise StoreError(f"store: {self.root}/manifest.json is not a {FORMAT} manifest")
-        if m.get("version") != VERSION:
+        if m.get("version") not in READS:
             raise StoreError(f"store: {self.root}/manifest.json has format version "
-                             f"{m.get('version')!r}; this baim_jax reads version {VERSION}")
+                             f"{m.get('version')!r}; this baim_jax reads versions {READS}")
         if not isinstance(m.get("models"), dict):
             raise StoreError(f"store: {self.root}/manifest.json lists no models")
         for key, entry in m["models"].items():
@@ -133,8 +138,16 @@ class ModelStore:
         return models[key]
 
     def path(self, key: str) -> Path:
-        """Where a model lives in the store (checked to stay inside it)."""
-        return I.model_dir(self.root, key)
+        """Where a published model lives in the store (checked to stay inside it)."""
+        return self._dir(key, self.entry(key))
+
+    def _dir(self, key: str, entry: dict) -> Path:
+        """The directory ``entry`` names: its key's, with or without the entry's revision."""
+        revision = {I.model_rel(key): None, I.model_rel(key, entry["revision"]): entry["revision"]}
+        if entry.get("dir") not in revision:
+            raise StoreError(f"store: the manifest entry of {key!r} names the directory "
+                             f"{entry.get('dir')!r}, which is not its own")
+        return I.model_dir(self.root, key, revision[entry["dir"]])
 
     def fetch(self, key: str, dest: Path) -> tuple[dict, int]:
         """Downloads a model to the new directory ``dest``, every file checked on arrival.
@@ -144,7 +157,7 @@ class ModelStore:
         """
         with I.locked(self.root, exclusive=False):
             entry = self.entry(key)
-            copied = F.copy_verified(self.path(key), entry["files"], dest)
+            copied = F.copy_verified(self._dir(key, entry), entry["files"], dest)
         _check_spec(dest, key, entry)
         return entry, copied
 
@@ -152,7 +165,7 @@ class ModelStore:
         """Opens a model in place (no copy): the sensitive path. Checked like ``fetch``."""
         with I.locked(self.root, exclusive=False):
             entry = self.entry(key)
-            path = self.path(key)
+            path = self._dir(key, entry)
             F.verify(path, entry["files"])
             _check_spec(path, key, entry)
             return entry, checkpoint.load(path, check_digests=False)  # verified just above
@@ -163,17 +176,27 @@ class ModelStore:
         """Publishes model directories: ``{task: dir}``, and ``{ROUTER: dir}`` for a router.
 
         Every source is loaded and checked first; only then is anything published, so a bad
-        source leaves the store as it was. A task already in the store gets a new revision.
+        source leaves the store as it was (a store this call would have made is not made).
+        A task already in the store gets a new revision.
         """
         checked = {}
         for key, src in sources.items():
             checked[I.check_key(key)] = Path(src).absolute()
             _check_loadable(checked[key], key)
+            checked[key] = (checked[key], F.digests(checked[key]))  # refuses links, devices
+        made = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._publish(checked, origin)
+        except BaseException:
+            if made and not (self.root / "manifest.json").exists():
+                F.remove(self.root)
+            raise
+
+    def _publish(self, checked: dict[str, tuple[Path, dict]], origin: str) -> list[dict]:
         with contextlib.ExitStack() as temporaries:
             staged = []
-            for key, src in checked.items():
-                files = F.digests(src)
+            for key, (src, files) in checked.items():
                 tmp = temporaries.enter_context(I.incoming(self.root, ".publish-"))
                 F.copy_verified(src, files, tmp / "model")
                 staged.append((key, tmp, files, checkpoint.read_spec(src)))
@@ -183,16 +206,30 @@ class ModelStore:
                 manifest = self.manifest()
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 for key, tmp, files, spec in staged:
-                    final = self.path(key)
-                    F.replace_dir(tmp / "model", final)
+                    revision = manifest["models"].get(key, {}).get("revision", 0) + 1
+                    final = I.model_dir(self.root, key, revision)
+                    F.remove(final)  # left by a killed publish: no manifest names it
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp / "model", final)
                     manifest["models"][key] = {
                         **_summary(spec), "dir": str(final.relative_to(self.root)),
-                        "revision": manifest["models"].get(key, {}).get("revision", 0) + 1,
-                        "files": files,
+                        "revision": revision, "files": files,
                         "bytes": F.size(final), "published": now, "origin": origin}
                     entries.append({"task": key, **manifest["models"][key]})
-                F.write_json(self.root / "manifest.json", manifest)
+                F.write_json(self.root / "manifest.json", {**manifest, "version": VERSION})
+                self._sweep(manifest)
             return entries
+
+    def _sweep(self, manifest: dict) -> None:
+        """Removes the model directories ``manifest`` does not name (earlier revisions, and
+        what a killed publish left). Call under the exclusive lock."""
+        named = {self.root / e["dir"] for e in manifest["models"].values()}
+        models = self.root / "models"
+        found = list(models.iterdir()) if models.is_dir() else []
+        found += [p for p in self.root.iterdir() if p.name.split("@")[0] == "router"]
+        for path in found:
+            if path not in named:
+                F.remove(path)
 
     def export_run(self, workdir) -> list[dict]:
         """Publishes a finished run's toolkit (``toolkit/<task>/``) and router (``router/``)."""

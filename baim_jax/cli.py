@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--capacity", help="toolbox capacity, e.g. 64MB (default: as recorded)")
     gen.add_argument("--task", help="the task; without it the router picks each image's task")
     gen.add_argument("--num", type=int, default=64,
-                     help="samples, or variations per input image (default 64)")
+                     help="samples (at most 4096), or variations per input image (default 64; "
+                          "inputs x (2 + num) at most 65536)")
     gen.add_argument("--input", help="images to reconstruct and vary: .npy or .png")
     gen.add_argument("--out", required=True, help="the PNG grid to write (a .json goes beside)")
     gen.add_argument("--sensitive", action="store_true",

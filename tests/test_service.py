@@ -621,8 +621,10 @@ def published_source(store, tmp_path):
     ({"task": "a", "images": np.full((2, 8, 8, 1), 2.0, np.float32)}, r"\[0, 1\]"),
     ({"task": "a", "images": np.full((2, 8, 8, 1), np.nan, np.float32)}, "finite"),
     ({"task": "a", "images": np.zeros((8, 8, 1), np.float32)}, "H, W, C"),
+    ({"task": "a", "images": np.zeros((1000, 8, 8, 1), np.float32), "num": 64},
+     "66000 images, more than one response holds"),
 ], ids=["nothing", "unknown task", "the router's key", "num zero", "num bool", "wrong shape", "out of range",
-        "nan", "three axes"])
+        "nan", "three axes", "too many images"])
 def test_bad_requests_are_refused_before_any_download(request_kwargs, words, store, tmp_path):
     toolbox = Toolbox(tmp_path / "toolbox")
     with pytest.raises(ValueError, match=words):

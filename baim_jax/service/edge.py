@@ -21,6 +21,7 @@ from baim_jax.service.store import ROUTER, ModelStore
 from baim_jax.service.toolbox import Toolbox
 
 MAX_NUM = 4096
+MAX_IMAGES = 65536  # in one response: inputs, reconstructions and variations together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Request:
             if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all() or (
                     x.min() < 0 or x.max() > 1):
                 raise ValueError("images: values must be finite floats in [0, 1]")
+            if len(x) * (2 + self.num) > MAX_IMAGES:
+                raise ValueError(f"images: {len(x)} images with {self.num} variations each "
+                                 f"make {len(x) * (2 + self.num)} images, more than one "
+                                 f"response holds ({MAX_IMAGES}); send fewer or lower num")
 
 
 @dataclasses.dataclass

@@ -118,3 +118,12 @@ def test_named_dataset_errors(tmp_path):
         D.load_dataset("mnist", size=10, seed=0, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="data.size"):
         D.load_dataset("embedded", size=6000, seed=0)
+
+
+def test_a_partial_preparation_is_one_error_and_no_warning(tmp_path, caplog):
+    # A version folder without its dataset_info.json (an interrupted copy): TFDS logs a
+    # warning through absl before failing; the user sees only our one line.
+    (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not prepared.*tfds build mnist"):
+        D.load_dataset("mnist", size=10, seed=0, data_dir=str(tmp_path))
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []

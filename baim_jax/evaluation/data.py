@@ -4,6 +4,7 @@ class), so that everything runs with no network."""
 from __future__ import annotations
 
 import functools
+import logging
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -83,12 +84,17 @@ def load_dataset(name: str, *, size: int, seed: int, data_dir: str | None = None
         return images[keep], labels[keep]
     import tensorflow_datasets as tfds
 
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # its warnings on a missing preparation precede our one line
     try:
         source = tfds.data_source(name, split="train", data_dir=data_dir or None,
                                   download=False)
         count = len(source)
     except Exception as e:  # tfds raises many types for a missing or partial preparation
         raise _not_prepared(name, data_dir, type(e).__name__) from None
+    finally:
+        absl.setLevel(level)
     if size > count:
         raise ValueError(f"data.size: {size} is more than the {count} images of {name}")
     keep = np.sort(rng.permutation(count)[:size])

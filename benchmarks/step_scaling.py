@@ -145,6 +145,7 @@ def step_call(model: BAIM, selected):
     loss = objective(selected)
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
+    state = jax.tree.map(jnp.copy, state)  # donated below; the other calls share the model's
 
     @functools.partial(jax.jit, donate_argnums=0)  # as strategies.make_train_step
     def step(state):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 
 from baim_jax.core.learners import LearnerSpec
@@ -60,3 +61,30 @@ def test_serve_prints_its_json(tmp_path):
         result["toolkit_bytes"] // 2 // 2)
     assert result["toolbox_capacity_bytes"] < result["toolkit_bytes"]
     assert result["requests_per_second"] > 0 and sum(result["requests_per_task"]) == 6
+
+
+def test_stacked_matmul_times_the_pools_contractions(monkeypatch, capsys):
+    path = ROOT / "benchmarks" / "stacked_matmul.py"
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("stacked_matmul", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # The three gradients are those of the two forwards (what the pool's backward runs).
+    x, h = jax.random.normal(jax.random.key(0), (3, 5, 784)), jax.random.normal(
+        jax.random.key(1), (3, 5, 256))
+    w1, w2 = jax.random.normal(jax.random.key(2), (3, 784, 256)), jax.random.normal(
+        jax.random.key(3), (3, 256, 784))
+    g1, g2 = jax.random.normal(jax.random.key(4), (3, 5, 256)), jax.random.normal(
+        jax.random.key(5), (3, 5, 784))
+    op = {name: fn for name, (fn, _, _) in bench.OPS.items()}
+    _, back1 = jax.vjp(op["enc_forward"], x, w1)
+    _, back2 = jax.vjp(op["out_forward"], h, w2)
+    close = dict(rtol=1e-5, atol=1e-3)
+    chex.assert_trees_all_close(op["enc_kernel_grad"](x, g1), back1(g1)[1], **close)
+    chex.assert_trees_all_close(op["out_input_grad"](g2, w2), back2(g2)[0], **close)
+    chex.assert_trees_all_close(op["out_kernel_grad"](h, g2), back2(g2)[1], **close)
+    monkeypatch.setattr(sys, "argv", [str(path), "--sizes", "4", "32", "--repeats", "1"])
+    bench.main()
+    result = json.loads(capsys.readouterr().out)
+    assert result["4"]["rows_per_learner"] == 128 and result["32"]["rows_per_learner"] == 16
+    assert set(result["32"]["seconds"]) == set(bench.OPS) and result["sum_ratio_32_over_4"] > 0

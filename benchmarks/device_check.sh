@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator checks of the core as one run, for a machine with a GPU (or TPU) and jax:
 #   1. the device and the versions (device.txt);
-#   2. benchmarks/step_scaling.py (step_scaling.json, its log beside it);
+#   2. benchmarks/step_scaling.py (step_scaling.json, its log beside it) and
+#      benchmarks/stacked_matmul.py (stacked_matmul.json);
 #   3. the tests whose numerics an accelerator changes: the fast paths against the loop
 #      reference, training and dispatch (tests.log), in one process (no pytest-xdist needed).
 # Every step runs even if one before it failed; the exit status is the tests'.
@@ -27,6 +28,8 @@ print(jax.devices())"
 "$python" benchmarks/step_scaling.py ${STEP_SCALING_ARGS:---repeats 50} \
   > "$out/step_scaling.json" 2> "$out/step_scaling.log"
 echo "step_scaling: exit $?" >> "$out/device.txt"
+"$python" benchmarks/stacked_matmul.py > "$out/stacked_matmul.json" 2> "$out/stacked_matmul.log"
+echo "stacked_matmul: exit $?" >> "$out/device.txt"
 
 # shellcheck disable=SC2086
 "$python" -m pytest -q -o addopts="" -p no:cacheprovider \

@@ -476,6 +476,19 @@ def test_cloud_trainer_resume_from_state_leaves_is_exact(mlp_specs):
     chex.assert_trees_all_equal(resumed.state_leaves(), a)
 
 
+def test_cloud_trainer_loads_another_trainers_live_state_as_copies(mlp_specs):
+    # Steps consume (donate) their trainer's state; a trainer loaded from another's live
+    # arrays must not consume the other's.
+    data = _split(16)
+    kw = dict(learning_rate=1e-2, batch_size=8, seed=0)
+    source = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", **kw)
+    copy = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", **kw)
+    copy.load_state(source.state_leaves())
+    copy.run_epoch(data, 0)
+    source.run_epoch(data, 0)
+    chex.assert_trees_all_equal(copy.state_leaves(), source.state_leaves())
+
+
 def test_phase_checkpoint_restores_the_image_shaped_kernels_of_earlier_runs(mlp_specs,
                                                                              tmp_path):
     """Runs checkpointed before the pool's dense kernels were flattened stored them shaped

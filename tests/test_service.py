@@ -369,9 +369,10 @@ def test_a_killed_publish_leaves_a_servable_store(killed, store, published, tmp_
         F.verify(store.path(key), store.entry(key)["files"])
     assert sorted(p.name for p in (store.root / "models").iterdir())[:2] == ["a@1", "a@2"]
     Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
-    store.publish({"b": published["sources"]["b"]})
+    store.publish({"a": published["sources"]["a"]})  # over what the killed one left
     assert sorted(p.name for p in (store.root / "models").iterdir()) == [
-        f"a@{revision}", "b@2", "c@1"]
+        f"a@{revision + 1}", "b@1", "c@1"]
+    F.verify(store.path("a"), store.entry("a")["files"])
 
 
 def test_a_version_1_store_is_read_and_upgraded_by_a_publish(store, published, tmp_path):
@@ -391,13 +392,19 @@ def test_a_version_1_store_is_read_and_upgraded_by_a_publish(store, published, t
     Edge(store, Toolbox(tmp_path / "toolbox2")).serve(Request(task="b", num=1))
 
 
-@pytest.mark.parametrize("where", ["models/b@1", "models/a@2", "../outside", "models"])
-def test_a_manifest_entry_naming_another_directory_is_refused(where, store, tmp_path):
+@pytest.mark.parametrize("where", ["models/b@1", "models/a@2", "../outside", "models", ["x"],
+                                   5, None])
+def test_a_manifest_entry_naming_another_directory_is_refused(where, store, published,
+                                                              tmp_path):
     manifest = json.loads((store.root / "manifest.json").read_text())
     manifest["models"]["a"]["dir"] = where
     (store.root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match="names the directory .* not its own"):
-        Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
+    before = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match="entry of 'a' is malformed \\(dir .*not the directory"):
+        Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="b", num=1))
+    with pytest.raises(StoreError, match="entry of 'a' is malformed"):
+        store.publish({"b": published["sources"]["b"]})
+    assert {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()} == before
 
 
 READ_ONLY = """
@@ -446,6 +453,25 @@ def test_a_refused_publish_makes_no_store(link, published, tmp_path):
     with pytest.raises(ValueError, match="symbolic link"):
         store.publish({"a": src})
     assert not (tmp_path / "new").exists()
+
+
+def test_a_first_publish_that_fails_midway_makes_no_store(published, tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(F, "copy_verified", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        ModelStore(tmp_path / "new", create=True).publish({"a": published["sources"]["a"]})
+    assert not (tmp_path / "new").exists()
+
+
+def test_what_a_killed_first_publish_left_is_an_empty_store(published, tmp_path):
+    root = tmp_path / "new"
+    root.mkdir()
+    _killed_download(root)  # leaves .lock and .incoming/ with a dead download in it
+    store = ModelStore(root, create=True)
+    store.publish({"a": published["sources"]["a"]})
+    assert store.tasks() == ["a"] and not any((root / ".incoming").iterdir())
 
 
 @pytest.mark.parametrize("revision", ["x", [1], None, 0])
@@ -630,6 +656,14 @@ def test_bad_requests_are_refused_before_any_download(request_kwargs, words, sto
     with pytest.raises(ValueError, match=words):
         Edge(store, toolbox).serve(Request(**request_kwargs))
     assert toolbox.contents() == {}
+
+
+def test_a_request_may_fill_one_response_exactly():
+    # 1024 images, each with its reconstruction and 62 variations: 1024 * 64 = 65536 images.
+    images = np.zeros((1024, 8, 8, 1), np.float32)
+    Request(task="a", images=images, num=62).validate()
+    with pytest.raises(ValueError, match="65537|more than one response"):
+        Request(task="a", images=np.zeros((1025, 8, 8, 1), np.float32), num=62).validate()
 
 
 def test_store_without_router_needs_a_task(published, tmp_path):

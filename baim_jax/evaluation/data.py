@@ -44,6 +44,18 @@ def _not_prepared(name: str, data_dir: str | None, why: str) -> ValueError:
         f"copy DIR here and pass --config.data.data_dir=DIR")
 
 
+class _Held(logging.Filter):
+    """Holds back every record it sees (``records``), to be passed on or dropped later."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     """Centre square crop, then area-average resize to ``size x size`` (``[n, h, w, c]``)."""
     n, h, w, c = images.shape
@@ -84,9 +96,8 @@ def load_dataset(name: str, *, size: int, seed: int, data_dir: str | None = None
         return images[keep], labels[keep]
     import tensorflow_datasets as tfds
 
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # its warnings on a missing preparation precede our one line
+    absl, held = logging.getLogger("absl"), _Held()
+    absl.addFilter(held)  # TFDS's warnings on a failed open would precede our one line
     try:
         source = tfds.data_source(name, split="train", data_dir=data_dir or None,
                                   download=False)
@@ -94,7 +105,9 @@ def load_dataset(name: str, *, size: int, seed: int, data_dir: str | None = None
     except Exception as e:  # tfds raises many types for a missing or partial preparation
         raise _not_prepared(name, data_dir, type(e).__name__) from None
     finally:
-        absl.setLevel(level)
+        absl.removeFilter(held)
+    for record in held.records:  # the open worked: what it had to say is said
+        absl.handle(record)
     if size > count:
         raise ValueError(f"data.size: {size} is more than the {count} images of {name}")
     keep = np.sort(rng.permutation(count)[:size])

@@ -107,13 +107,16 @@ class Trainer:
         self.step = strategies.make_train_step(model, self.optimizer, strategy)
 
     def state_leaves(self) -> list:
-        """The model's and optimiser's state as a flat list of arrays (for checkpoints)."""
+        """The model's and optimiser's state as a flat list of arrays (for checkpoints). The
+        arrays themselves, not copies: the next step consumes them (its state is donated)."""
         return jax.tree.leaves(nnx.state((self.model, self.optimizer)))
 
     def load_state(self, leaves: list) -> None:
-        """Restores ``state_leaves()`` output into the model and optimiser."""
+        """Restores ``state_leaves()`` output into the model and optimiser, as copies (so the
+        steps, which consume the state, never consume arrays another holder still uses)."""
         treedef = jax.tree.structure(nnx.state((self.model, self.optimizer)))
-        nnx.update((self.model, self.optimizer), jax.tree.unflatten(treedef, leaves))
+        nnx.update((self.model, self.optimizer),
+                   jax.tree.unflatten(treedef, [jnp.array(leaf, copy=True) for leaf in leaves]))
 
     def run_epoch(self, data: Split, epoch: int,
                   on_step: Callable[[], None] | None = None) -> dict:

@@ -31,7 +31,8 @@ class Request:
     Attributes:
       task: the task's name; None lets the router choose per image (needs ``images``).
       images: ``[B, H, W, C]`` float32 in [0, 1] to reconstruct and vary, or None to sample.
-      num: samples to draw (no images), or variations per image.
+      num: samples to draw (no images), or variations per image (at most ``MAX_NUM``;
+        with images, ``len(images) * (2 + num)`` at most ``MAX_IMAGES``).
       sensitive: take the model straight from the store, never caching it at the edge.
       seed: the randomness of samples and variations.
     """
@@ -55,13 +56,13 @@ class Request:
             if not isinstance(x, np.ndarray) or x.ndim != 4 or not len(x):
                 raise ValueError(f"images: expected a non-empty [batch, H, W, C] array, got "
                                  f"shape {np.shape(x)}")
-            if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all() or (
-                    x.min() < 0 or x.max() > 1):
-                raise ValueError("images: values must be finite floats in [0, 1]")
             if len(x) * (2 + self.num) > MAX_IMAGES:
                 raise ValueError(f"images: {len(x)} images with {self.num} variations each "
                                  f"make {len(x) * (2 + self.num)} images, more than one "
                                  f"response holds ({MAX_IMAGES}); send fewer or lower num")
+            if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all() or (
+                    x.min() < 0 or x.max() > 1):
+                raise ValueError("images: values must be finite floats in [0, 1]")
 
 
 @dataclasses.dataclass

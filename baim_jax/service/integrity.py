@@ -97,6 +97,8 @@ def locked(root: Path, exclusive: bool = True):
     except OSError:
         if exclusive or path.exists():
             raise
+        f = None
+    if f is None:
         yield
         return
     with f:

@@ -30,7 +30,8 @@ from baim_jax.service import integrity as I
 from baim_jax.service.integrity import ROUTER
 
 FORMAT, VERSION = "baim_jax-store", 2
-READS = (1, 2)  # version 1: one directory per key, without the revision
+READABLE_VERSIONS = (1, 2)  # version 1: one directory per key, without the revision
+HOUSEKEEPING = (".lock", ".incoming")  # what a store holds besides its models and manifest
 
 
 class StoreError(ValueError):
@@ -59,8 +60,8 @@ def image_shape_ok(v) -> bool:
     return isinstance(v, list) and len(v) == 3 and all(is_count(d, 1) for d in v)
 
 
-def _entry_problem(entry) -> str | None:
-    """What is wrong with a manifest entry (None: nothing)."""
+def _entry_problem(key: str, entry) -> str | None:
+    """What is wrong with the manifest entry of ``key`` (None: nothing)."""
     if not isinstance(entry, dict):
         return "not a record"
     if not isinstance(entry.get("files"), dict) or not all(
@@ -76,6 +77,8 @@ def _entry_problem(entry) -> str | None:
             return f"{field} {entry.get(field)!r}"
     if not image_shape_ok(entry.get("image_shape")):
         return f"image_shape {entry.get('image_shape')!r}"
+    if entry.get("dir") not in (I.model_rel(key), I.model_rel(key, entry["revision"])):
+        return f"dir {entry.get('dir')!r}, not the directory of {key!r}"
     return None
 
 
@@ -97,7 +100,8 @@ class ModelStore:
         if not (self.root / "manifest.json").is_file():
             if not create:
                 raise StoreError(f"store: {self.root} is not a model store (no manifest.json)")
-            if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+            if self.root.exists() and (not self.root.is_dir() or any(
+                    p.name not in HOUSEKEEPING for p in self.root.iterdir())):
                 raise StoreError(f"store: {self.root} exists and is not a model store")
             self._new = True  # made by the first publish
         self.manifest()
@@ -111,13 +115,17 @@ class ModelStore:
         m = F.read_json(self.root / "manifest.json", "model store")
         if m.get("format") != FORMAT:
             raise StoreError(f"store: {self.root}/manifest.json is not a {FORMAT} manifest")
-        if m.get("version") not in READS:
+        if m.get("version") not in READABLE_VERSIONS:
             raise StoreError(f"store: {self.root}/manifest.json has format version "
-                             f"{m.get('version')!r}; this baim_jax reads versions {READS}")
+                             f"{m.get('version')!r}; this baim_jax reads versions "
+                             f"{READABLE_VERSIONS}")
         if not isinstance(m.get("models"), dict):
             raise StoreError(f"store: {self.root}/manifest.json lists no models")
         for key, entry in m["models"].items():
-            problem = _entry_problem(entry)
+            try:
+                problem = _entry_problem(I.check_key(key), entry)
+            except ValueError as e:
+                problem = str(e)
             if problem:
                 raise StoreError(f"store: the manifest entry of {key!r} is malformed "
                                  f"({problem}); nothing was changed")
@@ -142,12 +150,10 @@ class ModelStore:
         return self._dir(key, self.entry(key))
 
     def _dir(self, key: str, entry: dict) -> Path:
-        """The directory ``entry`` names: its key's, with or without the entry's revision."""
-        revision = {I.model_rel(key): None, I.model_rel(key, entry["revision"]): entry["revision"]}
-        if entry.get("dir") not in revision:
-            raise StoreError(f"store: the manifest entry of {key!r} names the directory "
-                             f"{entry.get('dir')!r}, which is not its own")
-        return I.model_dir(self.root, key, revision[entry["dir"]])
+        """The directory ``entry`` names (its key's, with or without the entry's revision;
+        checked by ``manifest``)."""
+        dated = entry["dir"] == I.model_rel(key, entry["revision"])
+        return I.model_dir(self.root, key, entry["revision"] if dated else None)
 
     def fetch(self, key: str, dest: Path) -> tuple[dict, int]:
         """Downloads a model to the new directory ``dest``, every file checked on arrival.
@@ -189,9 +195,24 @@ class ModelStore:
         try:
             return self._publish(checked, origin)
         except BaseException:
-            if made and not (self.root / "manifest.json").exists():
-                F.remove(self.root)
+            if made:
+                self._unmake()
             raise
+
+    def _unmake(self) -> None:
+        """Removes the store a failed first publish made, if it is still empty: under the
+        exclusive lock, and only with ``rmdir``, so another process's publish to the same new
+        store is never touched."""
+        try:
+            with I.locked(self.root):
+                if (self.root / "manifest.json").exists():
+                    return
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / ".incoming").rmdir()
+                (self.root / ".lock").unlink()
+            self.root.rmdir()
+        except OSError:
+            pass  # in use by another publish: left to it (it reads as an empty store)
 
     def _publish(self, checked: dict[str, tuple[Path, dict]], origin: str) -> list[dict]:
         with contextlib.ExitStack() as temporaries:

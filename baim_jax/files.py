@@ -78,9 +78,23 @@ def verify(root: Path, files: dict[str, str]) -> None:
     _compare(root, found, files, lambda rel: sha256(found[rel]))
 
 
-def copy_verified(src: Path, files: dict[str, str], dst: Path) -> int:
+def sync(path: Path) -> None:
+    """Flushes a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_verified(src: Path, files: dict[str, str], dst: Path, *,
+                  durable: bool = False) -> int:
     """Copies the files of ``src`` to the new directory ``dst``, checking each digest on the
-    copy. Returns the bytes copied; on any failure ``dst`` is removed."""
+    copy. Returns the bytes copied; on any failure ``dst`` is removed.
+
+    ``durable``: every file and directory of the copy is flushed to disk before returning
+    (for a copy that a record will name, so that it outlives a power loss as the record does).
+    """
     if src.is_symlink():
         raise IntegrityError(f"{src}: a symbolic link, refused")
     copied = 0
@@ -90,11 +104,16 @@ def copy_verified(src: Path, files: dict[str, str], dst: Path) -> int:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, target)
+        if durable:
+            sync(target)
         copied += target.stat().st_size
         return sha256(target)
 
     try:
         _compare(src, _files(src), files, copy)
+        if durable:
+            for folder in sorted({(dst / rel).parent for rel in files} | {dst}, reverse=True):
+                sync(folder)
         return copied
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
@@ -133,6 +152,7 @@ def write_json(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync(path.parent)
 
 
 def read_json(path: Path, what: str) -> dict:

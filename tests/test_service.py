@@ -346,6 +346,25 @@ def test_a_new_revision_gets_its_own_directory_and_the_old_one_goes(store, publi
     F.verify(store.path("a"), store.entry("a")["files"])
 
 
+def test_a_publish_flushes_every_file_before_the_manifest_names_it(store, published,
+                                                                  monkeypatch):
+    synced, sync = [], F.sync
+
+    def recorded(path):
+        synced.append(Path(path))
+        sync(path)
+
+    monkeypatch.setattr(F, "sync", recorded)
+    write_json = F.write_json
+    monkeypatch.setattr(F, "write_json", lambda path, obj: (synced.append("manifest"),
+                                                            write_json(path, obj)))
+    store.publish({"a": published["sources"]["a"]})
+    before = [str(p) for p in synced[:synced.index("manifest")]]
+    for rel in store.entry("a")["files"]:  # each file of the copy, in .incoming/
+        assert any(p.endswith(f"/model/{rel}") for p in before), rel
+    assert str(store.root / "models") in before  # the rename into place
+
+
 @pytest.mark.parametrize("killed", ["before the manifest", "before the sweep"])
 def test_a_killed_publish_leaves_a_servable_store(killed, store, published, tmp_path,
                                                  monkeypatch):
@@ -456,7 +475,7 @@ def test_a_refused_publish_makes_no_store(link, published, tmp_path):
 
 
 def test_a_first_publish_that_fails_midway_makes_no_store(published, tmp_path, monkeypatch):
-    def full_disk(*args):
+    def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(F, "copy_verified", full_disk)

@@ -11,7 +11,8 @@ Each entry names its directory (version 1 stores kept one undated ``models/<task
 ``router/``, read as they are). A model is copied into ``.incoming/`` and renamed to a new
 revision's directory under an exclusive lock; the manifest is then rewritten atomically, and
 only after that are the directories it no longer names removed. A publish killed at any
-point leaves the manifest naming complete directories (the next publish sweeps what it left).
+point leaves the manifest naming complete directories (the next publish sweeps what it left),
+and every file is flushed to disk before the manifest that names it.
 Readers hold a shared lock. Nothing is read back unless every file matches the manifest and
 its spec is the model the manifest names.
 """
@@ -219,7 +220,7 @@ class ModelStore:
             staged = []
             for key, (src, files) in checked.items():
                 tmp = temporaries.enter_context(I.incoming(self.root, ".publish-"))
-                F.copy_verified(src, files, tmp / "model")
+                F.copy_verified(src, files, tmp / "model", durable=True)
                 staged.append((key, tmp, files, checkpoint.read_spec(src)))
             entries = []
             with I.locked(self.root):
@@ -232,6 +233,7 @@ class ModelStore:
                     F.remove(final)  # left by a killed publish: no manifest names it
                     final.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(tmp / "model", final)
+                    F.sync(final.parent)
                     manifest["models"][key] = {
                         **_summary(spec), "dir": str(final.relative_to(self.root)),
                         "revision": revision, "files": files,

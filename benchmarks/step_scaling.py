@@ -16,7 +16,8 @@ Prints one JSON object: ``seconds_per_grad`` and ``seconds_per_train_step`` keye
 capacity path), ``ratio_32_over_4``, ``grad_flops_per_s`` (useful work of the K active
 learners at N = 4), ``matmul_flops_per_s``, ``fraction_of_matmul``, and for comparison the dense
 reference path and the pool without connections, ``fraction_of_matmul_no_connections`` and
-``fraction_of_matmul_executed`` (every row run counted, the feeders' stages included).
+``fraction_of_matmul_executed`` (every row run counted, the feeders' stages and the
+connections' projections included).
 
 ``seconds_per_grad_pool_only`` times the learner pool alone (``pool.run_pool``) on the same
 buffers and per-position capacities, with no gate, no dispatch and no connections: the cost of
@@ -87,13 +88,19 @@ def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
     model.config = BAIMConfig(k=K, h=H, dispatch=dispatch,
                               capacity_factor=tuple(c * n / (BATCH * K) for c in loads))
     chain = [st for tower in ("enc", "dec") for st in stages(SPEC)[tower]]
-    executed = 3 * n * sum(c * stage_flops(st) for c, st in zip(loads, chain))
+    # Each connection's projection runs on its target position's rows (as a stage does,
+    # counted as 3 times its forward FLOPs, like the learners' work).
+    connection_flops = 3 * sum(
+        2 * probe.param_count(c) * loads[model.layout.position(c.tower, c.tgt, c.tgt_stage)
+                                         + (0 if c.tower == "enc" else depths[0])]
+        for c in chosen)
+    executed = 3 * n * sum(c * stage_flops(st) for c, st in zip(loads, chain)) + connection_flops
     info = {"potential_connections": len(potential), "kept_connections": count,
             "capacity": loads[0], "capacity_per_position": loads,
             "active_learners_per_example": K,
             "needed_learners_per_example": float((depth > 0).sum(1).mean()),
             "largest_share_of_rows": float(loads[0] / BATCH),
-            "executed_flops_per_grad": executed,
+            "executed_flops_per_grad": executed, "connection_flops_per_grad": connection_flops,
             "executed_over_useful": executed / (3 * K * BATCH * learner_flops(SPEC))}
     return model, jnp.asarray(selected), info, D.capacity_layout(depth, loads)
 

@@ -7,6 +7,7 @@ Saved models (``checkpoint``), the run directory and the model store and toolbox
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -79,10 +80,14 @@ def verify(root: Path, files: dict[str, str]) -> None:
 
 
 def sync(path: Path) -> None:
-    """Flushes a file, or a directory's entries, to disk."""
+    """Flushes a file, or a directory's entries, to disk (a file system that cannot flush a
+    directory, as some network ones, is let be)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
     finally:
         os.close(fd)
 

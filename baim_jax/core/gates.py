@@ -139,9 +139,14 @@ def features(params: dict, x: jax.Array) -> jax.Array:
     return jax.nn.relu(jnp.tensordot(x, params["kernel"], axes=3) + params["bias"])
 
 
+def _head(params: dict, phi: jax.Array) -> jax.Array:
+    """A gate's logits from the shared features: ``[B, F] -> [B, N or M]``."""
+    return phi @ params["kernel"] + params["bias"]
+
+
 def task_logits(params: dict, x: jax.Array) -> jax.Array:
     """The TSGate's logits ``[B, M]`` of images ``[B, H, W, C]`` (``params``: the HierGate's)."""
-    return features(params["phi"], x) @ params["ts"]["kernel"] + params["ts"]["bias"]
+    return _head(params["ts"], features(params["phi"], x))
 
 
 def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate: str,
@@ -165,11 +170,11 @@ def hier_gate(params: dict, x: jax.Array, *, segment_of: jax.Array, k: int, gate
         still come from the gate function on the logits.
     """
     phi = features(params["phi"], x)
-    ts_logits = phi @ params["ts"]["kernel"] + params["ts"]["bias"]
+    ts_logits = _head(params["ts"], phi)
     if task is None:
         task = jnp.argmax(ts_logits, axis=-1)
     seg = segment_mask(segment_of, task)
-    raw = phi @ params["ls"]["kernel"] + params["ls"]["bias"]
+    raw = _head(params["ls"], phi)
     logits = jnp.where(seg, raw, -jnp.inf)
     noise = None
     if noise_std > 0.0 and rng is not None:

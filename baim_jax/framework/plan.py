@@ -95,6 +95,11 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _is_positive_number(v) -> bool:
+    """A finite int or float > 0 (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+
 def _int_list(value, where: str, *, minimum: int) -> None:
     if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= minimum
                                                        for v in value):
@@ -142,8 +147,7 @@ def _check_structure(config) -> None:
             raise ValueError(f"edges[{e}].task: expected a task name or index, got "
                              f"{d['task']!r}")
         share = d.get("share", 1.0)
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (
-                0 < share < math.inf):
+        if not _is_positive_number(share):
             raise ValueError(f"edges[{e}].share: must be a finite number > 0, got {share!r}")
 
 
@@ -231,7 +235,7 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     for s, lr in dict(rates).items():
         if s not in chosen:
             raise ValueError(f"cloud.learning_rates: {s!r} is not in strategies {chosen}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        if not _is_positive_number(lr):
             raise ValueError(f"cloud.learning_rates[{s!r}]: must be a finite number > 0, got "
                              f"{lr!r}")
     if config.toolkit_strategy not in chosen:

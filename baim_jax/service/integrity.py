@@ -16,6 +16,13 @@ from baim_jax.files import IntegrityError, remove
 from baim_jax.names import check_task_name
 
 ROUTER = "_router"  # the router's key: not a valid task name, so no task can take it
+HOUSEKEEPING = (".lock", ".incoming")  # what a store or toolbox holds besides its models
+
+
+def only_housekeeping(root: Path) -> bool:
+    """``root`` holds nothing but the lock and incoming directory (what ``locked`` and
+    ``incoming`` make, also before a first publish or fill completed)."""
+    return all(p.name in HOUSEKEEPING for p in root.iterdir())
 
 
 def check_key(key: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 from pathlib import Path
 
 from baim_jax import checkpoint
@@ -32,7 +31,6 @@ from baim_jax.service.integrity import ROUTER
 
 FORMAT, VERSION = "baim_jax-store", 2
 READABLE_VERSIONS = (1, 2)  # version 1: one directory per key, without the revision
-HOUSEKEEPING = (".lock", ".incoming")  # what a store holds besides its models and manifest
 
 
 class StoreError(ValueError):
@@ -101,8 +99,8 @@ class ModelStore:
         if not (self.root / "manifest.json").is_file():
             if not create:
                 raise StoreError(f"store: {self.root} is not a model store (no manifest.json)")
-            if self.root.exists() and (not self.root.is_dir() or any(
-                    p.name not in HOUSEKEEPING for p in self.root.iterdir())):
+            if self.root.exists() and (not self.root.is_dir()
+                                       or not I.only_housekeeping(self.root)):
                 raise StoreError(f"store: {self.root} exists and is not a model store")
             self._new = True  # made by the first publish
         self.manifest()
@@ -230,9 +228,7 @@ class ModelStore:
                 for key, tmp, files, spec in staged:
                     revision = manifest["models"].get(key, {}).get("revision", 0) + 1
                     final = I.model_dir(self.root, key, revision)
-                    F.remove(final)  # left by a killed publish: no manifest names it
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp / "model", final)
+                    F.replace_dir(tmp / "model", final)  # over what a killed publish left
                     F.sync(final.parent)
                     manifest["models"][key] = {
                         **_summary(spec), "dir": str(final.relative_to(self.root)),

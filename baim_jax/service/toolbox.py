@@ -133,7 +133,7 @@ class Toolbox:
 
     def _check_empty(self) -> None:
         """Refuses to make a toolbox in a directory that holds anything else."""
-        if any(p.name not in (".lock", ".incoming") for p in self.root.iterdir()):
+        if not I.only_housekeeping(self.root):
             raise ToolboxError(f"toolbox: {self.root} is not empty and holds no toolbox")
 
     def _dir(self, key: str) -> Path:

@@ -27,7 +27,7 @@ from baim_jax.core.partition import TaskModel
 from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.core.router import TaskRouter
 
-FORMAT, VERSION = "baim_jax", 1
+FORMAT, VERSION = "baim_jax", 2
 KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel, "router": TaskRouter}
 
 
@@ -173,4 +173,4 @@ def _build(spec: dict, tree: dict) -> BAIM | EdgeModel:
             raise ValueError(f"connection {c.to_json()}: non-finite values")
     return cls(members, tasks, config, rngs=nnx.Rngs(0), learner_params=params,
                connections=conns, connection_kernels=kernels, kept=kept,
-               gate_params=tree.get("gate"), prior=tree.get("prior"))
+               gate_params=tree.get("gate"), prior_logits=tree.get("prior"))

@@ -33,10 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (docs/case_study/tuning.json); the test set was not looked at.
     c.edge = ml_collections.ConfigDict({"epochs": 8, "batch_size": 64, "learning_rate": 1e-2})
     c.baim = ml_collections.ConfigDict({
-        "k": 4, "h": 2, "gate": "topk_softmax", "noise_std": 0.5, "feature_dim": 64,
-        "combine": "mixture", "dispatch": "capacity", "capacity_factor": None,
-        "load_balance_weight": 0.01, "z_loss_weight": 0.001, "task_loss_weight": 1.0,
-        "prior_momentum": 0.99})
+        "k": 4, "h": 2, "connect": ["enc", "dec"], "gate": "topk_softmax", "noise_std": 0.5,
+        "feature_dim": 64, "dispatch": "capacity", "capacity_factor": None,
+        "load_balance_weight": 0.01, "z_loss_weight": 0.001, "task_loss_weight": 1.0})
     c.cloud = ml_collections.ConfigDict({
         "epochs": 8, "batch_size": 64, "learning_rate": 1e-3, "learning_rates": {"freeze": 3e-4},
         "rho": 1.0, "prune_start": 0.2,

@@ -3,7 +3,7 @@
 The held-out test set is never looked at. A validation set is cut from the cloud's common data
 (``--val-fraction``, by seed); the cloud and FedAvg's cloud epochs train on the rest. At the
 case study's fixed epoch budget (equal total epochs, DESIGN.md Sec. 1), coordinate search by
-validation negative ELBO (nats/image, ``cloud.test_loss``, routing by task id):
+validation negative ELBO (nats/image, ``likelihood.test_loss``, routing by task id):
 
 1. the edges' learning rate (every edge model's loss on its own task's validation images);
 2. with those uploads, the cloud learning rate of each strategy (finetune, freeze, scratch);
@@ -37,7 +37,7 @@ from baim_jax.cli import load_config
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
 from baim_jax.framework import fedavg, pipeline, plan as plan_lib
-from baim_jax.framework.cloud import test_loss
+from baim_jax.evaluation.likelihood import test_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "case_study.py"
 LADDERS = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "k": [1, 2, 3, 4, 5],

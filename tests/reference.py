@@ -1,22 +1,29 @@
-"""A plain loop reference of the BAIM forward: one learner at a time, unpadded parameters,
-one connection at a time (as maxtext's ``moe_test.py`` checks its fast paths)."""
+"""A plain loop reference of the BAIM forward and its bound: one learner at a time, unpadded
+parameters, one connection at a time (as maxtext's ``moe_test.py`` checks its fast paths).
+Every value carries the set of latents it was computed from, so the latents a path consumes
+are found by following the values, independently of ``dispatch.needed_prefixes``."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from baim_jax.core import connections as C
 from baim_jax.core import learners as L
 from baim_jax.core import losses
 
 
-def reference_forward(model, x, eps, weights):
-    """Returns ``(recon [B, H, W, C], nelbo [B])`` computed learner by learner.
+def reference_paths(model, x, eps):
+    """Every learner of ``model`` run on every example, learner by learner.
 
-    Every learner runs on every example; ``weights [B, N]`` combine their outputs: the
-    mixture bound sums the weighted per-learner bounds; the blend (``model.config.combine``)
-    scores the weighted output, written out here pixel by pixel from its definition.
+    Args:
+      x: ``[B, H, W, C]``; eps: ``[N, B, >= L_n]`` each learner's own noise.
+
+    Returns:
+      per learner n (None for a feeder's missing head): ``{"mean", "logvar", "out", "latents"}``
+      with ``out`` its output stage's raw output (gated learners only) and ``latents`` the
+      learners whose z its output was computed from.
     """
     members = model.layout.members
     tree = model.export_tree()
@@ -24,63 +31,91 @@ def reference_forward(model, x, eps, weights):
                                        model.kept_flat()) if on]
     own = [L.stages(m.spec) for m in members]
 
+    def keeps(n, tower):
+        return len(own[n][tower]) if members[n].keep is None else members[n].keep[
+            L.TOWERS.index(tower)]
+
     @functools.lru_cache(maxsize=None)
     def head(n):
-        return L.apply_stage(own[n]["enc"][-1], tree["learners"][n]["enc"][-1],
-                             mixed(n, "enc", len(own[n]["enc"]) - 1))
+        value, _ = mixed(n, "enc", len(own[n]["enc"]) - 1)
+        return L.apply_stage(own[n]["enc"][-1], tree["learners"][n]["enc"][-1], value)
 
     def z(n):
         mean, logvar = head(n)
-        return mean + jnp.exp(0.5 * logvar) * eps[:, : members[n].spec.latent]
+        return mean + jnp.exp(0.5 * logvar) * eps[n][:, : members[n].spec.latent]
 
     @functools.lru_cache(maxsize=None)
     def a(n, tower, k):
-        """Original input of learner n's own stage k."""
+        """Original input of learner n's own stage k, and the latents it depends on."""
         if k == 0:
-            return x if tower == "enc" else z(n)
+            return (x, frozenset()) if tower == "enc" else (z(n), frozenset([n]))
+        value, latents = mixed(n, tower, k - 1)
         return L.apply_stage(own[n][tower][k - 1], tree["learners"][n][tower][k - 1],
-                             mixed(n, tower, k - 1))
+                             value), latents
 
     @functools.lru_cache(maxsize=None)
     def mixed(n, tower, k):
-        out = a(n, tower, k)
+        out, latents = a(n, tower, k)
         for c, kernel in kept:
             if c.tgt == n and c.tower == tower and c.tgt_stage == k:
-                src = a(c.src, tower, c.src_stage)
+                src, src_latents = a(c.src, tower, c.src_stage)
+                latents = latents | src_latents
                 if src.ndim == 2:
                     out = out + jnp.tensordot(src, kernel, axes=1)
                 else:
                     src = C.resample(src, out.shape[1:3])
                     out = out + jnp.einsum("bhwc,cd->bhwd", src, kernel)
-        return out
+        return out, latents
 
+    paths = []
+    for n, m in enumerate(members):
+        path = {}
+        if keeps(n, "enc") == len(own[n]["enc"]):
+            path["mean"], path["logvar"] = head(n)
+        if m.squad is not None:
+            value, latents = mixed(n, "dec", len(own[n]["dec"]) - 1)
+            path["out"] = L.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1], value)
+            path["latents"] = latents
+        paths.append(path)
+    return paths
+
+
+def reference_log_prior(model):
+    """``log pi`` ``[N]``: a softmax of the prior logits within each squad (numpy)."""
+    logits = np.asarray(model.export_tree()["prior"], np.float64)
+    seg = model.layout.segment_of
+    out = np.full(len(seg), -np.inf)
+    for s in set(seg.tolist()) - {-1}:
+        idx = seg == s
+        out[idx] = logits[idx] - np.log(np.sum(np.exp(logits[idx])))
+    return out
+
+
+def reference_forward(model, x, eps, weights):
+    """Returns ``(recon [B, H, W, C], nelbo [B])`` computed learner by learner.
+
+    ``nelbo = sum_n w_n (rec_n + sum_{m in C(n)} KL_m + log w_n - log pi_n)`` over the learners
+    with a weight (docs/design.md §3b); ``weights [B, N]`` are the gate's.
+    """
+    members = model.layout.members
+    tree = model.export_tree()
+    paths = reference_paths(model, x, eps)
+    log_pi = reference_log_prior(model)
     likelihood = model.layout.likelihood
-    recon = nelbo = blend_out = blend_scale = 0.0
+    kl = {n: losses.kl_standard_normal(p["mean"], p["logvar"], jnp.ones_like(p["mean"], bool))
+          for n, p in enumerate(paths) if "mean" in p}
+    recon = nelbo = 0.0
     for n, m in enumerate(members):
         if m.squad is None:
             continue
-        out = L.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1],
-                            mixed(n, "dec", len(own[n]["dec"]) - 1))
-        mean, logvar = head(n)
+        out = paths[n]["out"]
         log_scale = jnp.asarray(tree["learners"][n].get("log_scale", 0.0))
-        kl = losses.kl_standard_normal(mean, logvar, jnp.ones_like(mean, bool))
         w = weights[:, n]
         recon = recon + w[:, None, None, None] * losses.pixel_mean(out, likelihood)
-        if model.config.combine == "mixture":
-            nelbo = nelbo + w * (losses.nll(out, log_scale, x, likelihood) + kl)
-        else:
-            nelbo = nelbo + w * kl
-            blend_out = blend_out + w[:, None, None, None] * (
-                jax.nn.sigmoid(out) if likelihood == "bernoulli" else out)
-            blend_scale = blend_scale + w * jnp.exp(log_scale)
-    if model.config.combine == "blend":
-        if likelihood == "bernoulli":
-            t = losses.binarize(x)
-            rec = -(t * jnp.log(blend_out) + (1 - t) * jnp.log(1 - blend_out))
-        else:
-            s = blend_scale[:, None, None, None]
-            rec = 0.5 * ((x - blend_out) / s) ** 2 + jnp.log(s) + 0.5 * jnp.log(2 * jnp.pi)
-        nelbo = nelbo + jnp.sum(rec, axis=(1, 2, 3))
+        term = losses.nll(out, log_scale, x, likelihood) + sum(kl[j] for j in paths[n]["latents"])
+        safe = jnp.where(w > 0, w, 1.0)
+        gate = jnp.where(w > 0, jnp.log(safe) - float(log_pi[n]), 0.0)
+        nelbo = nelbo + w * (term + gate)
     return recon, nelbo
 
 

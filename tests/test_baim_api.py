@@ -11,11 +11,13 @@ from flax import nnx
 
 from baim_jax import BAIM, BAIMConfig, LearnerSpec, SpecError, partition
 from baim_jax.core import baim as baim_lib
+from baim_jax.core import bound
 from baim_jax.core import edge_model
 from baim_jax.core import learners as L
 from baim_jax.core import losses
 from baim_jax.core.edge_model import EdgeModel
 from conftest import IMAGE, conv, mlp
+from reference import reference_paths
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]
@@ -63,57 +65,60 @@ def test_task_model_contract(model, images):
         task_model.reconstruct(images, task="b")
 
 
-@pytest.mark.parametrize("mode", ["mixture", "blend"])
-def test_sample_contract(model, mode):
-    x = model.sample(7, task="a", rng=jax.random.key(0), mode=mode)
-    chex.assert_shape(x, (7, *IMAGE))
-    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+def test_sample_contract(model):
+    drawn = model.draw(7, task="a", rng=jax.random.key(0))
+    chex.assert_shape(drawn["images"], (7, *IMAGE))
+    assert float(drawn["images"].min()) >= 0.0 and float(drawn["images"].max()) <= 1.0
+    chex.assert_trees_all_close(drawn["images"],
+                                losses.pixel_mean(drawn["out"], "bernoulli"))
+    chex.assert_trees_all_equal(model.sample(7, task="a", rng=jax.random.key(0)),
+                                drawn["images"])
 
 
-def _decode_alone(model, n, eps):
-    """Learner ``n`` of ``model`` decoding the first d_n coordinates of ``eps`` by itself
-    (its own unpadded parameters; the connections of a fresh model are zero)."""
+def _decode_alone(model, n, z):
+    """Learner ``n`` of ``model`` decoding ``z [B, d_n]`` by itself (its own unpadded
+    parameters; the connections of a fresh model are zero)."""
     spec = model.layout.members[n].spec
     tree = model.export_tree()["learners"][n]
-    a = eps[:, :spec.latent]
+    a = z
     for stage, params in zip(L.stages(spec)["dec"], tree["dec"]):
         a = L.apply_stage(stage, params, a)
     return np.asarray(losses.pixel_mean(a, spec.likelihood))
 
 
-def test_mixture_samples_come_from_single_learners(model):
-    """Each mixture sample is exactly one learner's decoding of the shared noise, a learner of
-    the task's squad (model order: 0, 1 are task a's); with a prior of 1/2 each, 64 draws pick
-    both. The blend is the prior-weighted average of the two decodings."""
+def test_samples_come_from_single_learners_each_on_its_own_noise(model):
+    """Each sample is one learner of the task's squad (model order: 0, 1 are task a's)
+    decoding its own stream of noise; with pi uniform, 64 draws pick both."""
     key, n = jax.random.key(3), 64
-    mixture = np.asarray(model.sample(n, task="a", rng=key))
-    eps = baim_lib.shared_noise(jax.random.split(key)[0], baim_lib.sample_rows(n),
-                                model.layout.latent)[:n]
-    alone = [_decode_alone(model, m, eps) for m in range(4)]
-    match = np.array([[np.allclose(mixture[i], alone[m][i], atol=1e-5) for m in range(4)]
-                      for i in range(n)])
-    assert np.all(match[:, :2].sum(1) == 1) and not match[:, 2:].any()
-    assert match[:, 0].any() and match[:, 1].any()
-    blend = np.asarray(model.sample(n, task="a", rng=key, mode="blend"))
-    np.testing.assert_allclose(blend, 0.5 * alone[0] + 0.5 * alone[1], atol=1e-5)
+    drawn = model.draw(n, task="a", rng=key)
+    rows = baim_lib.sample_rows(n)
+    eps = bound.latent_noise(jax.random.split(key)[1], model.layout.streams, rows,
+                             model.layout.latent)[:, :n]
+    learner = np.asarray(drawn["learner"])
+    assert set(learner.tolist()) == {0, 1}
+    for i in range(n):
+        m = learner[i]
+        alone = _decode_alone(model, m, eps[m, i:i + 1, :model.layout.members[m].spec.latent])
+        np.testing.assert_allclose(np.asarray(drawn["images"][i:i + 1]), alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["mixture", "blend"])
-def test_sample_of_n_is_a_sampler_of_exactly_n_rows(model, mode):
+def test_sample_of_n_is_a_sampler_of_exactly_n_rows(model):
     """``sample`` draws ``sample_rows(n)`` rows (one compile for every n up to 256) and keeps
     the first n: they are the images a sampler of exactly n rows gives, for either task."""
     assert [baim_lib.sample_rows(n) for n in (1, 8, 256, 257, 300)] == [256, 256, 256, 512, 512]
     key = jax.random.key(4)
     for task in (0, 1):
-        exact = baim_lib._sample(model, 7, jnp.int32(task), key, mode)
-        chex.assert_trees_all_close(model.sample(7, task=task, rng=key, mode=mode), exact)
-        chex.assert_trees_all_close(model.sample(300, task=task, rng=key, mode=mode)[:7], exact)
+        exact, _ = baim_lib._draw(model, 7, jnp.int32(task), key)
+        chex.assert_trees_all_close(model.draw(7, task=task, rng=key)["out"], exact, atol=1e-6)
+        chex.assert_trees_all_close(model.draw(300, task=task, rng=key)["out"][:7], exact,
+                                    atol=1e-6)
     edge = EdgeModel(mlp([16], 4, [16]), "a", seed=0)
-    chex.assert_trees_all_close(edge.sample(7, rng=key), edge_model._sample(edge, 7, key))
+    chex.assert_trees_all_close(edge.draw(7, rng=key)["out"], edge_model._draw(edge, 7, key),
+                                atol=1e-6)
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(mode="average"), "mode"), (dict(n=0), "n: must be a positive integer"),
+    (dict(n=0), "n: must be a positive integer"), (dict(n=True), "n: must be a positive"),
     (dict(task="c"), "unknown task 'c'"), (dict(task=5), "task: id 5"),
     (dict(task=None), "task: required to sample from a model of several tasks")])
 def test_sample_refuses_bad_arguments(model, bad, match):
@@ -140,9 +145,9 @@ def test_unknown_task_ids_are_refused(model, images):
 @pytest.mark.parametrize("config,match", [
     (dict(k=3), "k: 3 is larger than squad 'a'"), (dict(k=0), "k: must be"),
     (dict(h=-1), "h: must be"), (dict(gate="sparsest"), "unknown gate function"),
-    (dict(combine="max"), "combine"), (dict(dispatch="ragged"), "dispatch"),
-    (dict(capacity_factor=0.0), "capacity_factor"), (dict(noise_std=-1.0), "noise_std"),
-    (dict(prior_momentum=1.0), "prior_momentum")])
+    (dict(connect=("enc", "middle")), "connect"), (dict(connect=("dec", "dec")), "connect"),
+    (dict(dispatch="ragged"), "dispatch"),
+    (dict(capacity_factor=0.0), "capacity_factor"), (dict(noise_std=-1.0), "noise_std")])
 def test_bad_config_is_refused(mlp_specs, config, match):
     with pytest.raises(ValueError, match=match):
         BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(**config))
@@ -187,18 +192,19 @@ def test_uploads_that_do_not_match_their_spec_are_refused(mlp_specs):
         chex.assert_trees_all_equal(tree, uploads[model.order[n]])
 
 
-def test_blend_equals_mixture_for_one_learner_and_bounds_it_for_more(mlp_specs, images):
-    """K=1: the two combines coincide. K=2: -log(sum w p) <= sum w (-log p) per pixel (Jensen),
-    so the blend's reconstruction term is at most the mixture's."""
-    for k in (1, 2):
-        mix = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=k, h=0))
-        blend = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=k, h=0, combine="blend"))
-        a = mix.reconstruct(images, task="a")["nelbo"]
-        b = blend.reconstruct(images, task="a")["nelbo"]
-        if k == 1:
-            chex.assert_trees_all_close(a, b, rtol=1e-4)
-        else:
-            assert np.all(np.asarray(b) <= np.asarray(a) + 1e-3)
+def test_connect_switches_connections_off_by_tower(mlp_specs):
+    """``connect`` chooses the towers that get connections: both (default), the encoder's
+    only (free for the bound: they shape q alone), or none (the ablation)."""
+    counts = {}
+    for connect in (("enc", "dec"), ("enc",), ("dec",), ()):
+        model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=1, h=1, connect=connect))
+        towers = {c.tower for c in model.conns.connections}
+        assert towers == set(connect)
+        counts[connect] = len(model.conns)
+        if "dec" not in connect:
+            np.testing.assert_array_equal(np.asarray(model.consumed()), np.eye(4, dtype=bool))
+    assert counts[("enc", "dec")] == counts[("enc",)] + counts[("dec",)] > 0
+    assert counts[()] == 0
 
 
 def _saturate_output(model, value):
@@ -211,35 +217,37 @@ def _saturate_output(model, value):
 
 @pytest.mark.parametrize("likelihood,bias", [("bernoulli", 30.0), ("bernoulli", -30.0),
                                              ("gaussian", 1.7), ("gaussian", -0.6)])
-def test_blend_equals_mixture_for_one_learner_outside_the_easy_range(images, likelihood, bias):
-    """K=1 makes the blend's weighted output the learner's own, so loss and gradient equal the
-    mixture's. A saturated logit of +-30 costs 30 nats on a wrong pixel (a blend of clipped
-    probabilities capped it at 13.8 with zero gradient); Gaussian means outside [0, 1] are
-    scored unclipped (a clipped mean lowered the loss and stopped its gradient)."""
+def test_reconstruction_is_scored_outside_the_easy_range(images, likelihood, bias):
+    """A saturated logit of +-30 costs 30 nats on a wrong pixel and keeps its gradient;
+    Gaussian means outside [0, 1] are scored unclipped (a clipped mean would lower the loss
+    and stop its gradient)."""
     specs = [mlp([8], 2, [8], likelihood)] * 2 + [mlp([6], 3, [6], likelihood)] * 2
-    grads, nelbos = [], []
-    for combine in ("mixture", "blend"):
-        model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=0, combine=combine))
-        _saturate_output(model, bias)
-        nelbos.append(model.reconstruct(images, task="a")["nelbo"])
+    model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=0))
+    _saturate_output(model, bias)
+    first = jnp.zeros((len(images), 4), bool).at[:, 0].set(True)
+    rec = np.asarray(model.forward(images, jnp.zeros(len(images), jnp.int32),
+                                   selected=first)["rec"])
 
-        def loss(model):
-            return jnp.mean(model.forward(images, jnp.zeros(len(images), jnp.int32))["nelbo"])
+    def loss(model):
+        return jnp.mean(model.forward(images, jnp.zeros(len(images), jnp.int32))["nelbo"])
 
-        grad = nnx.jit(nnx.grad(loss))(model).learners["dec"]
-        grads.append(grad[len(grad) - 1]["bias"][...])
-    chex.assert_trees_all_close(nelbos[0], nelbos[1], rtol=1e-5)
-    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
-    assert float(jnp.abs(grads[1]).max()) > 0.01
+    grad = nnx.jit(nnx.grad(loss))(model).learners["dec"]
+    assert float(jnp.abs(grad[len(grad) - 1]["bias"][...]).max()) > 0.01
     if likelihood == "bernoulli":
         wrong = np.asarray((images > 0.5) != (bias > 0)).reshape(len(images), -1).sum(1)
-        assert np.all(np.asarray(nelbos[1]) >= 29.0 * wrong)
+        assert np.all(rec >= 29.0 * wrong)
+    else:
+        out = np.asarray(reference_paths(model, images, jnp.zeros((4, len(images), 3)))[0]["out"])
+        assert out.min() < 0 or out.max() > 1
+        x, mean = np.asarray(images).reshape(len(images), -1), out.reshape(len(images), -1)
+        want = np.sum(0.5 * (x - mean) ** 2 + 0.5 * np.log(2 * np.pi), axis=1)
+        np.testing.assert_allclose(rec, want, rtol=1e-5)
 
 
 def test_gaussian_learners(images):
     specs = [mlp([8], 2, [8], "gaussian")] * 2 + [mlp([6], 3, [6], "gaussian")] * 2
     model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=1))
-    out = model.reconstruct(images, task="a")
+    out = model.bound(images, task="a", rng=jax.random.key(0))
     assert np.isfinite(np.asarray(out["nelbo"])).all()
     assert model.spec["learners"][0]["params"] == L.count_params(specs[0])
     assert L.count_params(specs[0]) == L.count_params(mlp([8], 2, [8])) + 1

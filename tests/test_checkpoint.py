@@ -44,12 +44,12 @@ def _randomize_connections(model, seed, scale=0.05):
 
 
 def _trained_like(kind) -> BAIM:
-    """A BAIM with random connections, half of them pruned, and a non-uniform prior gate."""
+    """A BAIM with random connections, half of them pruned, and a non-uniform prior."""
     model = BAIM.assemble(_specs(kind), SQUADS, TASKS, BAIMConfig(k=2, h=1), seed=0)
     _randomize_connections(model, seed=1)
     kept = model.prune_connections(0.5)
     assert 0 < kept < len(model.conns)
-    model.prior[...] = jnp.asarray([0.7, 0.3, 0.2, 0.8], jnp.float32)
+    model.prior[...] = jnp.asarray([0.7, -0.3, 0.2, 0.8], jnp.float32)
     return model
 
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from baim_jax.core import baim as baim_lib
+from baim_jax.core import bound
 from baim_jax.core import dispatch as D
 from baim_jax.core import learners as L
 from baim_jax.core import losses
@@ -37,22 +37,29 @@ def _onehot_route(n, batch, size):
 def test_fresh_baim_routed_to_one_learner_equals_that_learner_alone(kind, mlp_specs, conv_specs,
                                                                     images):
     """Zero-initialised connections + padding: learner n inside the pool computes exactly what
-    it computes alone (its own unpadded parameters, no pool)."""
+    it computes alone (its own unpadded parameters, no pool). Its bound pays, besides its own
+    KL, the KL of every learner whose (zero) decoder connections it keeps, and log 2 for the
+    gate (weight 1 on one learner of a squad of 2, pi uniform)."""
     specs = mlp_specs if kind == "mlp" else conv_specs
     model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=2))
     params = model.export_tree()["learners"]
     zeros = jnp.zeros((images.shape[0], model.layout.latent))
+    alone = [L.learner_forward(m.spec, params[n], images, zeros)
+             for n, m in enumerate(model.layout.members)]
+    kl = [losses.kl_standard_normal(a["mean"], a["logvar"], jnp.ones_like(a["mean"], bool))
+          for a in alone]
+    consumed = np.asarray(model.consumed())
     for n, member in enumerate(model.layout.members):
-        alone = L.learner_forward(member.spec, params[n], images, zeros)
         out = _forward(model, images, jnp.full((images.shape[0],), member.squad),
-                            selected=_onehot_route(n, images.shape[0], model.layout.size))
-        mean_alone = losses.pixel_mean(alone["out"], member.spec.likelihood)
-        nelbo_alone = (losses.nll(alone["out"], params[n].get("log_scale", jnp.zeros(())), images,
-                                  member.spec.likelihood)
-                       + losses.kl_standard_normal(alone["mean"], alone["logvar"],
-                                                   jnp.ones_like(alone["mean"], bool)))
+                       selected=_onehot_route(n, images.shape[0], model.layout.size))
+        mean_alone = losses.pixel_mean(alone[n]["out"], member.spec.likelihood)
+        rec_alone = losses.nll(alone[n]["out"], params[n].get("log_scale", jnp.zeros(())),
+                               images, member.spec.likelihood)
         chex.assert_trees_all_close(out["recon"], mean_alone, atol=1e-6)
-        chex.assert_trees_all_close(out["nelbo"], nelbo_alone, rtol=1e-5)
+        chex.assert_trees_all_close(out["rec"], rec_alone, rtol=1e-5)
+        chex.assert_trees_all_close(out["kl"], sum(kl[m] for m in np.flatnonzero(consumed[n])),
+                                    rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(out["gate_kl"]), np.log(2.0), rtol=1e-5)
 
 
 def test_pool_stack_unstack_round_trip(mlp_specs):
@@ -79,7 +86,7 @@ def test_dense_and_capacity_paths_equal_loop_reference(kind, h, prune, mlp_specs
                                                        images):
     specs = mlp_specs if kind == "mlp" else conv_specs
     model = _connected(specs, h, prune=prune)
-    eps = jnp.zeros((images.shape[0], model.layout.latent))
+    eps = jnp.zeros((model.layout.size, images.shape[0], model.layout.latent))
     for dispatch in ("dense", "capacity"):
         out = _forward(model, images, TASK_OF_ROW, dispatch=dispatch)
         recon, nelbo = reference_forward(model, images, eps, out["gate"].weights)
@@ -88,19 +95,20 @@ def test_dense_and_capacity_paths_equal_loop_reference(kind, h, prune, mlp_specs
         chex.assert_trees_all_close(out["nelbo"], nelbo, rtol=1e-5)
 
 
-@pytest.mark.parametrize("likelihood,combine", [("gaussian", "mixture"), ("bernoulli", "blend"),
-                                                ("gaussian", "blend")])
-def test_likelihoods_and_combines_equal_loop_reference(likelihood, combine, images):
-    """K = 2 of each squad's 2, trained-like connections, a latent draw: both paths equal the
-    loop reference for Gaussian learners (learned scales) and for the blend."""
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_likelihoods_equal_loop_reference_with_latent_draws(likelihood, images):
+    """K = 2 of each squad's 2, trained-like connections, a non-uniform prior, each learner's
+    own latent draw: both paths equal the loop reference, Gaussian learners (learned scales)
+    included."""
     specs = [mlp([8], 2, [8], likelihood), mlp([6], 3, [5], likelihood),
              mlp([7], 2, [6, 4], likelihood), mlp([5], 3, [9], likelihood)]
-    model = _connected(specs, 1, prune=0.5, config=BAIMConfig(k=2, h=1, combine=combine))
+    model = _connected(specs, 1, prune=0.5, config=BAIMConfig(k=2, h=1))
+    model.prior[...] = jnp.array([0.3, -0.4, 0.1, 0.6], jnp.float32)
     if likelihood == "gaussian":
         model.learners["log_scale"][...] = jnp.array([-0.5, 0.2, -1.0, 0.4])
     # forward draws its latent noise from the second half of its key: the reference's eps
-    eps = baim_lib.shared_noise(jax.random.split(jax.random.key(9))[1], images.shape[0],
-                                model.layout.latent)
+    eps = bound.latent_noise(jax.random.split(jax.random.key(9))[1], model.layout.streams,
+                             images.shape[0], model.layout.latent)
     for dispatch in ("dense", "capacity"):
         out = model.forward(images, TASK_OF_ROW, dispatch=dispatch, rng=jax.random.key(9))
         recon, nelbo = reference_forward(model, images, eps, out["gate"].weights)
@@ -220,7 +228,8 @@ def test_partition_equals_baim_for_its_task(kind, h, prune, dispatch, mlp_specs,
         big = model.reconstruct(images, task=name, rng=key)
         small = task_model.reconstruct(images, rng=key)
         chex.assert_trees_all_close(small["mean"], big["mean"], atol=1e-5)
-        chex.assert_trees_all_close(small["nelbo"], big["nelbo"], rtol=1e-5)
+        chex.assert_trees_all_close(task_model.bound(images, rng=key),
+                                    model.bound(images, task=name, rng=key), rtol=1e-5)
         in_squad = np.flatnonzero(model.layout.segment_of == t)
         chex.assert_trees_all_close(small["gate"], big["gate"][:, in_squad], atol=1e-6)
         chex.assert_shape(small["gate"], (images.shape[0], len(in_squad)))
@@ -257,7 +266,9 @@ def test_partition_without_connections_keeps_only_the_squad(mlp_specs, images):
     want = model.reconstruct(images, task="a")
     got = task_model.reconstruct(images)
     chex.assert_trees_all_close(got["mean"], want["mean"], atol=1e-6)
-    chex.assert_trees_all_close(got["nelbo"], want["nelbo"], rtol=1e-6)
+    key = jax.random.key(3)
+    chex.assert_trees_all_close(task_model.bound(images, rng=key),
+                                model.bound(images, task="a", rng=key), rtol=1e-6)
 
 
 def test_partition_carries_capacity_factors_per_position_only_to_the_same_pool():

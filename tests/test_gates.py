@@ -63,24 +63,6 @@ def test_topk_softmax_hand_case():
     np.testing.assert_array_equal(np.asarray(got) > 0, SELECTED)
 
 
-def test_switch_hand_case():
-    # Softmax over the whole row, then kept on the chosen two (rows sum to < 1):
-    #   row 0: denominator e + 1 + e^-1 + e^-2 = 4.2215 -> (e/4.2215, 1/4.2215)
-    #          = (0.6439, 0.2369) at learners 0, 1
-    #   row 1: denominator 1 + 2 e^3 + e = 43.889 -> e^3/43.889 = 0.4576 at 1 and 2
-    #   row 2: denominator 3 + e = 5.7183 -> (1/5.7183, e/5.7183) = (0.1749, 0.4754) at 0, 1
-    d0 = E + 1.0 + math.exp(-1) + math.exp(-2)
-    d1 = 1.0 + 2 * math.exp(3) + E
-    d2 = 3.0 + E
-    want = np.array([[E / d0, 1 / d0, 0.0, 0.0],
-                     [0.0, math.exp(3) / d1, math.exp(3) / d1, 0.0],
-                     [1 / d2, E / d2, 0.0, 0.0]], np.float32)
-    np.testing.assert_allclose(want[0, :2], [0.6439, 0.2369], atol=1e-4)  # the hand numbers
-    got = gates.switch(jnp.asarray(LOGITS), jnp.asarray(SELECTED))
-    chex.assert_trees_all_close(got, jnp.asarray(want), atol=1e-6)
-    assert (np.asarray(got).sum(axis=1) < 1.0).all()
-
-
 def test_uniform_hand_case():
     # 1/K = 0.5 on each chosen learner, whatever the logits.
     want = SELECTED.astype(np.float32) * 0.5
@@ -90,10 +72,9 @@ def test_uniform_hand_case():
 
 def test_gate_functions_are_registered():
     names = gates.gate_names()
-    for name in ("topk_softmax", "switch", "uniform"):
+    for name in ("topk_softmax", "uniform"):
         assert name in names
     assert gates.get_gate("topk_softmax") is gates.topk_softmax
-    assert gates.get_gate("switch") is gates.switch
     assert gates.get_gate("uniform") is gates.uniform
 
 
@@ -218,19 +199,10 @@ def test_hier_gate_tsgate_decides_when_no_task():
     np.testing.assert_array_equal(np.asarray(flipped.selected[0]), [0, 0, 0, 1, 1, 0])
 
 
-def test_hier_gate_switch_and_uniform():
-    # Same routing as the contiguous case; 'switch' normalises over the whole segment:
-    #   row 0: segment logits (3, 1, 2): denominator e^3 + e + e^2 = 30.194
-    #          -> 0.6652 at 0, 0.2447 at 2 (learner 1's 0.0900 is dropped).
-    # 'uniform' gives 0.5, 0.5.
+def test_hier_gate_uniform():
+    # Same routing as the contiguous case; 'uniform' gives 0.5, 0.5.
     seg = jnp.array([0, 0, 0, 1, 1, 1], jnp.int32)
     task = jnp.array([0, 1, 1], jnp.int32)
-    sw = hier_gate(gate_params(), X, segment_of=seg, k=2, gate="switch", task=task)
-    d = math.exp(3) + E + math.exp(2)
-    np.testing.assert_allclose(np.asarray(sw.weights[0]),
-                               [math.exp(3) / d, 0, math.exp(2) / d, 0, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(math.exp(3) / d, 0.6652, atol=1e-4)
-    check_k_in_segment(sw, seg, 2)
     un = hier_gate(gate_params(), X, segment_of=seg, k=2, gate="uniform", task=task)
     want = np.array([[0.5, 0, 0.5, 0, 0, 0],
                      [0, 0, 0, 0.5, 0.5, 0],
@@ -397,30 +369,6 @@ def test_noisy_top_k():
         assert not np.allclose(noisy.weights,
                                gates.topk_softmax(clean.logits, noisy.selected), atol=1e-3)
     assert changed > 0
-
-
-# ---------------------------------------------------------------------------- prior routing
-
-def test_prior_route_hand_case():
-    # prior (0.5, 0.3, 0.2 | 0.1, 0.6, 0.3), segment_of [0,0,0,1,1,1], K = 2.
-    #   task 0: top-2 of (0.5, 0.3, 0.2) = {0, 1}; renormalised 0.5/0.8 = 0.625, 0.3/0.8 = 0.375.
-    #   task 1: top-2 of (0.1, 0.6, 0.3) = {4, 5}; 0.6/0.9 = 0.6667, 0.3/0.9 = 0.3333.
-    # (Learner 4's 0.6 is larger than anything in squad 0: it is never chosen for task 0.)
-    prior = jnp.array([0.5, 0.3, 0.2, 0.1, 0.6, 0.3], jnp.float32)
-    seg = jnp.array([0, 0, 0, 1, 1, 1], jnp.int32)
-    sel, w = gates.prior_route(prior, seg, 0, 2)
-    chex.assert_shape((sel, w), (6,))
-    np.testing.assert_array_equal(np.asarray(sel), [1, 1, 0, 0, 0, 0])
-    np.testing.assert_allclose(np.asarray(w), [0.625, 0.375, 0, 0, 0, 0], atol=1e-6)
-    sel, w = gates.prior_route(prior, seg, 1, 2)
-    np.testing.assert_array_equal(np.asarray(sel), [0, 0, 0, 0, 1, 1])
-    np.testing.assert_allclose(np.asarray(w), [0, 0, 0, 0, 2 / 3, 1 / 3], atol=1e-6)
-    # Non-contiguous squads [0,1,0,1,0,1], task 0 -> learners 0, 2, 4 with prior
-    # (0.5, 0.2, 0.6) -> {4, 0}: 0.6/1.1 = 0.5455, 0.5/1.1 = 0.4545.
-    seg = jnp.array([0, 1, 0, 1, 0, 1], jnp.int32)
-    sel, w = gates.prior_route(prior, seg, 0, 2)
-    np.testing.assert_array_equal(np.asarray(sel), [1, 0, 0, 0, 1, 0])
-    np.testing.assert_allclose(np.asarray(w), [0.5 / 1.1, 0, 0, 0, 0.6 / 1.1, 0], atol=1e-6)
 
 
 def test_top_k_in_segment_ranks_diverged_logits():

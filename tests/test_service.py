@@ -281,7 +281,7 @@ def _extra_file(store):
 def _future_spec(store):
     spec_path = store.path("a") / "spec.json"
     spec = json.loads(spec_path.read_text())
-    spec["version"] = 2
+    spec["version"] = 3
     spec_path.write_text(json.dumps(spec))
     manifest = json.loads((store.root / "manifest.json").read_text())
     manifest["models"]["a"]["files"]["spec.json"] = F.sha256(spec_path)
@@ -298,7 +298,7 @@ DAMAGE = {"truncated file": (_truncate, "damaged"), "flipped byte": (_flip, "dam
           "missing file": (_remove, "missing"), "manifest of another model":
               (_other_manifest, "damaged"), "another model's files": (_other_model, "not the"),
           "file not in the manifest": (_extra_file, "not part of"),
-          "checkpoint of a newer version": (_future_spec, "version 2"),
+          "checkpoint of a newer version": (_future_spec, "format version 3"),
           "store of a newer version": (_future_store, "version 3")}
 
 

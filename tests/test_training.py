@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from baim_jax.core import bound
 from baim_jax.core import strategies
 from baim_jax.core.baim import BAIM, BAIMConfig, values
 from conftest import mlp
@@ -91,31 +92,27 @@ def test_unknown_strategy_is_refused(mlp_specs):
         strategies.make_optimizer(model, "distill", optax.adam(1e-3))
 
 
-def test_prior_gate_update_hand_case(mlp_specs):
-    # Squads in model order: learners 0, 1 (task a), 2, 3 (task b); the prior starts at 1/2.
-    # Batch: two rows of task a with weights (0.8, 0.2) and (0.4, 0.6), one of task b (0.3, 0.7).
-    # Mean weights: a (0.6, 0.4), b (0.3, 0.7); momentum 0.5: 0.5 * 0.5 + 0.5 * mean
-    # = (0.55, 0.45, 0.4, 0.6). A batch of task a alone then leaves b's prior where it was.
-    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, prior_momentum=0.5))
-    np.testing.assert_allclose(np.asarray(model.prior[...]), [0.5] * 4)
-    weights = jnp.array([[0.8, 0.2, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 0.3, 0.7]])
-    model.update_prior(weights, jnp.array([0, 0, 1]))
-    np.testing.assert_allclose(np.asarray(model.prior[...]), [0.55, 0.45, 0.4, 0.6], rtol=1e-6)
-    model.update_prior(jnp.array([[1.0, 0, 0, 0]]), jnp.array([0]))
-    np.testing.assert_allclose(np.asarray(model.prior[...]), [0.775, 0.225, 0.4, 0.6], rtol=1e-6)
+def test_the_bound_moves_the_prior_towards_the_gate_weights():
+    # Squads [0, 0, 1, 1], prior logits 0 (pi = 1/2 each). Rows of weights (0.8, 0.2 | -),
+    # (0.4, 0.6 | -) and (- | 0.3, 0.7). For a row of learner j's squad,
+    # d/dl_j of -sum_n w_n log pi_n is pi_j - w_j; averaged over the 3 rows:
+    #   learner 0: ((0.5 - 0.8) + (0.5 - 0.4)) / 3 = -0.2 / 3, learner 1: +0.2 / 3,
+    #   learner 2: (0.5 - 0.3) / 3 = +0.2 / 3, learner 3: -0.2 / 3.
+    # A descent step raises pi where the gate puts more weight than pi does.
+    seg = jnp.array([0, 0, 1, 1], jnp.int32)
+    w = jnp.array([[0.8, 0.2, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 0.3, 0.7]], jnp.float32)
+    grad = jax.grad(lambda l: jnp.mean(bound.gate_kl(w, bound.log_prior(l, seg))))(
+        jnp.zeros(4, jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad), np.array([-0.2, 0.2, 0.2, -0.2]) / 3,
+                               atol=1e-6)
 
 
-def test_prior_gate_follows_the_lsgate_weights_in_training(mlp_specs):
-    """After training steps the prior has moved off its uniform start and is still a mean of
-    weights: per squad it sums to 1 (topk_softmax weights sum to 1 per row, each row in one
-    squad)."""
-    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, prior_momentum=0.5))
-    _train(model, "finetune")
-    prior = np.asarray(model.prior[...])
-    assert np.abs(prior - 0.5).max() > 1e-3
-    seg = model.layout.segment_of
-    for t in range(2):
-        np.testing.assert_allclose(prior[seg == t].sum(), 1.0, rtol=1e-5)
+@pytest.mark.parametrize("strategy", ["finetune", "freeze"])
+def test_training_moves_the_prior(mlp_specs, strategy):
+    """The prior pi is a gate parameter: both strategies train it, by the bound's gate KL."""
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=1, h=1))
+    _train(model, strategy)
+    assert np.abs(np.asarray(model.prior[...])).max() > 1e-3
 
 
 def test_compacted_model_drops_pruned_connections_and_computes_the_same(mlp_specs, images):

@@ -1,10 +1,13 @@
 """The bottom-up BAIM: learner pool + HierGate + projection connections (paper Sec. III, Fig. 3).
 
-``BAIM`` holds the stacked learner pool (``LearnerParam``), the gate (``GateParam``) and the
-connection kernels (``ConnectionParam``) as NNX variables, plus non-trainable state: padding
-masks, kept-connection masks and the prior gate. Its forward advances all learners stage by
-stage in lockstep (DESIGN.md Sec. 2); which learners run on which rows is the dispatch layout
-(``dispatch.py``): ``"dense"`` (the reference) or ``"capacity"`` (the fast path).
+``BAIM`` holds the stacked learner pool (``LearnerParam``), the gate and the prior over each
+squad's learners (``GateParam``, ``PriorParam``) and the connection kernels
+(``ConnectionParam``) as NNX variables, plus non-trainable state: padding masks and
+kept-connection masks. Its forward advances all learners stage by stage in lockstep
+(docs/design.md §2); which learners run on which rows is the dispatch layout (``dispatch.py``):
+``"dense"`` (the reference) or ``"capacity"`` (the fast path). Its loss is the bound of
+docs/design.md §3b (``bound.py``): every latent a selected decoder consumes pays its KL, each
+latent has its own noise, and the gate pays ``KL(w || pi)``.
 
 A ``TaskModel`` (``partition.py``) is the same machine with one squad, its feeders and its kept
 connections only.
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from baim_jax.core import bound
 from baim_jax.core import connections as C
 from baim_jax.core import dispatch as D
 from baim_jax.core import gates as G
@@ -48,8 +52,9 @@ class KeptMask(nnx.Variable):
     """Which connections survive pruning ``[G]`` per group."""
 
 
-class PriorGate(nnx.Variable):
-    """Running mean of the LSGate weights ``[N]``, for sampling without an input."""
+class PriorParam(GateParam):
+    """Logits ``[N]`` of the prior pi over each squad's learners: the mixture's weights, from
+    which the sampler draws a learner (``bound.log_prior``). Trained with the bound."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,42 +64,44 @@ class BAIMConfig:
     Attributes:
       k: learners per input (top-K of the task's LSGate).
       h: connection reach, ``0 <= j - i <= h``.
+      connect: the towers whose stages are connected: ``("enc", "dec")``, one of them, or
+        ``()`` (no connections: the ablation every result is read against).
       gate: registered gate function (``gates.gate_names()``).
       noise_std: noisy top-K std in training (0: off).
       feature_dim: width of the gate's feature map phi.
-      combine: ``"mixture"`` (gated mixture bound) or ``"blend"``.
       dispatch: ``"capacity"`` (fast path) or ``"dense"`` (reference).
       capacity_factor: rows per learner = factor * B * K / N; one factor, or one per stage
         position (encoder then decoder; ``dispatch.capacities``); None: B (never drops).
       load_balance_weight, z_loss_weight, task_loss_weight: auxiliary loss weights.
-      prior_momentum: momentum of the prior gate's running mean.
     """
 
     k: int = 2
     h: int = 1
+    connect: tuple[str, ...] = L.TOWERS
     gate: str = "topk_softmax"
     noise_std: float = 0.0
     feature_dim: int = 64
-    combine: str = "mixture"
     dispatch: str = "capacity"
     capacity_factor: float | tuple[float, ...] | None = None
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     task_loss_weight: float = 1.0
-    prior_momentum: float = 0.99
 
     def __post_init__(self):
-        if isinstance(self.capacity_factor, list):  # from JSON or a config file
-            object.__setattr__(self, "capacity_factor", tuple(self.capacity_factor))
+        for name in ("capacity_factor", "connect"):  # lists from JSON or a config file
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k: must be an integer >= 1, got {self.k!r}")
         if not isinstance(self.h, int) or self.h < 0:
             raise ValueError(f"h: must be an integer >= 0, got {self.h!r}")
+        if (not isinstance(self.connect, tuple) or len(set(self.connect)) != len(self.connect)
+                or not set(self.connect) <= set(L.TOWERS)):
+            raise ValueError(f"connect: must be a list of distinct towers from {L.TOWERS}, "
+                             f"got {self.connect!r}")
         G.get_gate(self.gate)
-        if self.combine not in losses.COMBINES:
-            raise ValueError(f"combine: {self.combine!r} is not one of {losses.COMBINES}")
         if self.dispatch not in ("capacity", "dense"):
             raise ValueError(f"dispatch: {self.dispatch!r} is not 'capacity' or 'dense'")
         factors = (self.capacity_factor if isinstance(self.capacity_factor, tuple)
@@ -107,8 +114,6 @@ class BAIMConfig:
             raise ValueError(f"noise_std: must be >= 0, got {self.noise_std}")
         if self.feature_dim < 1:
             raise ValueError(f"feature_dim: must be >= 1, got {self.feature_dim}")
-        if not 0.0 <= self.prior_momentum < 1.0:
-            raise ValueError(f"prior_momentum: must be in [0, 1), got {self.prior_momentum}")
 
 
 def _check_params(spec: L.LearnerSpec, params: Any, where: str, keep=None) -> None:
@@ -166,21 +171,11 @@ def init_learners(members: Sequence[Member], key: jax.Array) -> list[L.Params]:
     return [L.init_learner(m.spec, jax.random.fold_in(key, n)) for n, m in enumerate(members)]
 
 
-def shared_noise(key: jax.Array, batch: int, size: int) -> jax.Array:
-    """Standard normal ``[batch, size]`` whose coordinate d depends only on (key, d).
-
-    Learner n takes the first d_n coordinates, so its noise does not depend on the pool's
-    padded latent size: a task model draws exactly the BAIM's noise from the same key.
-    """
-    cols = jax.vmap(lambda d: jax.random.normal(jax.random.fold_in(key, d), (batch,)))
-    return cols(jnp.arange(size)).T
-
-
 def sample_rows(n: int) -> int:
     """The rows a sampler draws for ``n`` images: the least power of two >= n, at least 256.
 
     One compiled sampler then serves every n up to that size (a run samples 8 images for its
-    report and as many as a task's test images for its FID). Row i's noise and mixture pick do
+    report and as many as a task's test images for its FID). Row i's noise and learner draw do
     not depend on the number of rows drawn (``jax.random`` draws by position), so the first n
     rows are the n images a sampler of exactly n rows would give.
     """
@@ -210,7 +205,7 @@ class BAIM(nnx.Module):
                  connections: Sequence[C.Connection] | None = None,
                  connection_kernels: Sequence[Any] | None = None,
                  kept: Sequence[bool] | None = None, gate_params: dict | None = None,
-                 prior: Any = None):
+                 prior_logits: Any = None):
         config.validate()
         self.config = config
         self.tasks = tuple(tasks)
@@ -240,8 +235,8 @@ class BAIM(nnx.Module):
         self.learners = nnx.data(jax.tree.map(LearnerParam, stacked))
 
         self.conns = C.ConnectionSet(
-            self.layout, C.potential_set(self.layout, config.h) if connections is None
-            else list(connections))
+            self.layout, C.potential_set(self.layout, config.h, config.connect)
+            if connections is None else list(connections))
         kernels = (self.conns.zeros() if connection_kernels is None
                    else self.conns.stack(list(connection_kernels)))
         self.connections = nnx.data([ConnectionParam(k) for k in kernels])
@@ -256,12 +251,14 @@ class BAIM(nnx.Module):
                     config.feature_dim)
         gate_params = _pad_gate_columns(gate_params, self.layout.size)
         self.gate = nnx.data(jax.tree.map(GateParam, gate_params))
-        if prior is None:
-            sizes = np.array([max(squads.count(s), 1) for s in squads], np.float32)
-            prior = np.where(self.layout.segment_of >= 0, 1.0 / sizes, 0.0)
-        if np.shape(prior) != (self.layout.size,):
-            raise ValueError(f"prior: shape {np.shape(prior)}, expected ({self.layout.size},)")
-        self.prior = PriorGate(jax.device_put(np.asarray(prior, np.float32)))
+        if prior_logits is None:
+            prior_logits = np.zeros(self.layout.size, np.float32)
+        if np.shape(prior_logits) != (self.layout.size,):
+            raise ValueError(f"prior: shape {np.shape(prior_logits)}, expected "
+                             f"({self.layout.size},)")
+        if not np.isfinite(np.asarray(prior_logits)).all():
+            raise ValueError("prior: non-finite values")
+        self.prior = PriorParam(jax.device_put(np.asarray(prior_logits, np.float32)))
         self.order = tuple(range(self.layout.size))
 
     # ----------------------------------------------------------------------------- assembly
@@ -320,9 +317,10 @@ class BAIM(nnx.Module):
         return jnp.asarray(self.layout.latent_mask())
 
     def _buffers(self, x: jax.Array, eps: jax.Array, layout: D.Layout) -> dict:
-        """Runs every learner on its buffer rows. Returns ``[N, R, ...]`` arrays and losses."""
+        """Runs every learner on its buffer rows (``eps [N, B, L]``, each learner's own noise).
+        Returns ``[N, R, ...]`` arrays and losses."""
         return run_pool(self.layout, values(self.learners), D.gather_rows(x, layout.rows_of),
-                        D.gather_rows(eps, layout.rows_of),
+                        D.gather_own_rows(eps, layout.rows_of),
                         lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout), layout.caps)
 
     def _layout(self, selected: jax.Array, dispatch: str, dropless: bool) -> D.Layout:
@@ -336,6 +334,21 @@ class BAIM(nnx.Module):
                             None if dropless else self.config.capacity_factor, sum(depths))
         return D.capacity_layout(D.chained_depth(prefixes), caps)
 
+    def _noise(self, rng: jax.Array | None, batch: int) -> jax.Array:
+        """Each learner's latent noise ``[N, batch, L]`` (zeros without a key: posterior means)."""
+        if rng is None:
+            return jnp.zeros((self.layout.size, batch, self.layout.latent))
+        return bound.latent_noise(rng, self.layout.streams, batch, self.layout.latent)
+
+    def consumed(self) -> jax.Array:
+        """``[N, N]`` bool: row n marks the latents learner n's path consumes (``bound.consumed``)."""
+        return bound.consumed(self.conns.flat_arrays(), self.kept_by_group(), self.layout.depths,
+                              self.layout.size)
+
+    def log_prior(self) -> jax.Array:
+        """``log pi`` ``[N]`` over each squad's learners (-inf for feeders)."""
+        return bound.log_prior(self.prior[...], jnp.asarray(self.layout.segment_of))
+
     def route(self, x: jax.Array, task=None, *, rng=None, train=False,
               selected=None) -> G.GateOutput:
         """The HierGate's routing of ``x [B, H, W, C]`` (see ``gates.hier_gate``)."""
@@ -348,12 +361,13 @@ class BAIM(nnx.Module):
     def forward(self, x: jax.Array, task=None, *, rng: jax.Array | None = None,
                 train: bool = False, dispatch: str | None = None,
                 selected: jax.Array | None = None, dropless: bool = False) -> dict:
-        """Full forward: routing, learners on their rows, combination and losses.
+        """Full forward: routing, learners on their rows, combination and the bound.
 
         Args:
           x: ``[B, H, W, C]`` in [0, 1].
           task: ``[B]`` int task ids, or None (the TSGate chooses).
-          rng: key for the latent noise (and gate noise in training); None: posterior means.
+          rng: key for the latent noise (and gate noise in training); None: posterior means
+            (then ``nelbo`` is not a bound).
           train: adds the gate's noise.
           dispatch: overrides the config's dispatch (``"dense"`` or ``"capacity"``).
           selected: ``[B, N]`` imposed learner choice (benchmarks, tests).
@@ -361,38 +375,51 @@ class BAIM(nnx.Module):
             so that reported outputs and losses never miss a dropped learner.
 
         Returns:
-          dict with ``recon`` ``[B, H, W, C]`` (mean image), ``nelbo``, ``rec``, ``kl`` ``[B]``,
-          ``gate`` (GateOutput), ``dropped`` and the auxiliary losses.
+          dict with ``recon`` ``[B, H, W, C]`` (mean image); the bound's parts ``rec``
+          (reconstruction), ``kl`` (every consumed latent's KL), ``gate_kl`` (``KL(w || pi)``)
+          and their sum ``nelbo``, each ``[B]`` nats; ``gate`` (GateOutput), ``dropped`` and
+          the auxiliary losses.
         """
         rng_gate, rng_eps = (None, None) if rng is None else jax.random.split(rng)
         out = self.route(x, task, rng=rng_gate, train=train, selected=selected)
         layout = self._layout(out.selected, dispatch or self.config.dispatch, dropless)
-        batch = x.shape[0]
-        eps = (jnp.zeros((batch, self.layout.latent)) if rng_eps is None
-               else shared_noise(rng_eps, batch, self.layout.latent))
-        buf = self._buffers(x, eps, layout)
-        log_scale = self.learners["log_scale"][...]
-        rec_n, kl_n = buf["rec"], buf["kl"]
+        buf = self._buffers(x, self._noise(rng_eps, x.shape[0]), layout)
         weights = D.surviving_weights(out.weights, out.selected, layout)
-        pix = losses.pixel_mean(buf["out"], self.layout.likelihood)
-        recon = D.combine(pix, weights, layout)
-        # KL on the rows that also ran the output stage: a learner dropped there loses both terms.
-        kl = D.combine(kl_n[:, :rec_n.shape[1]], weights, layout)
-        if self.config.combine == "mixture":
-            rec = D.combine(rec_n, weights, layout)
-        else:
-            scale = D.combine(jnp.broadcast_to(jnp.exp(log_scale)[:, None], rec_n.shape),
-                              weights, layout)
-            parts = D.combine(losses.blend_parts(buf["out"], self.layout.likelihood),
-                              weights, layout)
-            rec = losses.blend_nll(parts, scale, x, self.layout.likelihood)
+        recon = D.combine(losses.pixel_mean(buf["out"], self.layout.likelihood), weights, layout)
+        rec = D.combine(buf["rec"], weights, layout)
+        # Latent m's KL counts once for every selected path that consumes z_m, by its weight.
+        kl = D.combine(buf["kl"], weights @ self.consumed().astype(weights.dtype), layout)
+        gate_kl = bound.gate_kl(weights, self.log_prior())
         seg = jnp.asarray(self.layout.segment_of)
         return {
-            "recon": recon, "rec": rec, "kl": kl, "nelbo": rec + kl, "gate": out,
-            "dropped": layout.dropped,
+            "recon": recon, "rec": rec, "kl": kl, "gate_kl": gate_kl,
+            "nelbo": rec + kl + gate_kl, "gate": out, "dropped": layout.dropped,
             "load_balance": G.load_balancing_loss(out, seg, len(self.tasks), self.config.k),
             "z_loss": G.router_z_loss(out),
         }
+
+    def log_weights(self, x: jax.Array, task: jax.Array, rng: jax.Array) -> tuple:
+        """One importance draw for every learner of each row's squad (``bound.mixture_log_likelihood``).
+
+        Every learner of the task's squad runs (not only the gate's top K), each path on its
+        own posterior draws of the latents it consumes.
+
+        Args:
+          x: ``[B, H, W, C]``; task: ``[B]`` int task ids; rng: the draw's key.
+
+        Returns:
+          ``(log_w, log_pi)``, each ``[B, N]``: ``log p_n(x | z) + sum_{m in C(n)}
+          (log p(z_m) - log q(z_m | x))`` and ``log pi_n``, -inf outside the row's squad.
+        """
+        seg = jnp.asarray(self.layout.segment_of)
+        in_squad = G.segment_mask(seg, task)
+        layout = self._layout(in_squad, self.config.dispatch, dropless=True)
+        buf = self._buffers(x, self._noise(rng, x.shape[0]), layout)
+        rec = D.row_values(buf["rec"], layout)
+        ratio = D.row_values(buf["log_ratio"], layout)
+        log_w = -rec - ratio @ self.consumed().T.astype(ratio.dtype)
+        log_pi = jnp.broadcast_to(self.log_prior(), log_w.shape)
+        return (jnp.where(in_squad, log_w, -jnp.inf), jnp.where(in_squad, log_pi, -jnp.inf))
 
     def loss(self, x: jax.Array, task: jax.Array, rng: jax.Array,
              selected: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -405,33 +432,17 @@ class BAIM(nnx.Module):
 
         Returns:
           ``(total, metrics)``: the scalar objective, and scalars ``loss``, ``nelbo``, ``rec``,
-          ``kl``, ``load_balance``, ``z_loss``, ``task_loss``, ``dropped`` with the batch's
-          ``gate_weights`` ``[B, N]`` (for the prior gate's update).
+          ``kl``, ``gate_kl``, ``load_balance``, ``z_loss``, ``task_loss``, ``dropped``.
         """
         out = self.forward(x, task, rng=rng, train=True, selected=selected)
         cfg = self.config
         ts = G.task_loss(out["gate"], task) if len(self.tasks) > 1 else jnp.zeros(())
         total = (jnp.mean(out["nelbo"]) + cfg.load_balance_weight * out["load_balance"]
                  + cfg.z_loss_weight * out["z_loss"] + cfg.task_loss_weight * ts)
-        metrics = {"loss": total, "nelbo": jnp.mean(out["nelbo"]), "rec": jnp.mean(out["rec"]),
-                   "kl": jnp.mean(out["kl"]), "load_balance": out["load_balance"],
-                   "z_loss": out["z_loss"], "task_loss": ts, "dropped": out["dropped"],
-                   "gate_weights": out["gate"].weights}
+        metrics = {"loss": total, "load_balance": out["load_balance"], "z_loss": out["z_loss"],
+                   "task_loss": ts, "dropped": out["dropped"],
+                   **{k: jnp.mean(out[k]) for k in ("nelbo", "rec", "kl", "gate_kl")}}
         return total, metrics
-
-    def update_prior(self, weights: jax.Array, task: jax.Array) -> None:
-        """Moves the prior gate ``[N]`` towards the batch's mean LSGate weights, per squad.
-
-        Args:
-          weights: ``[B, N]`` the batch's gate weights; task: ``[B]`` int.
-        """
-        seg = jnp.asarray(self.layout.segment_of)
-        count = jnp.sum(jax.nn.one_hot(task, len(self.tasks)), axis=0)
-        per_learner = jnp.where(seg >= 0, count[jnp.maximum(seg, 0)], 0.0)
-        mean_w = jnp.sum(weights, axis=0) / jnp.maximum(per_learner, 1.0)
-        m = self.config.prior_momentum
-        self.prior[...] = jnp.where(per_learner > 0, m * self.prior[...] + (1 - m) * mean_w,
-                                    self.prior[...])
 
     def reinit_learners(self, seed: int) -> None:
         """Re-initialises every learner at random with the same specs (the scratch strategy)."""
@@ -484,13 +495,13 @@ class BAIM(nnx.Module):
         model = type(self)(self.layout.members, self.tasks, self.config, rngs=nnx.Rngs(0),
                            learner_params=tree["learners"], connections=conns,
                            connection_kernels=kernels, gate_params=tree["gate"],
-                           prior=tree["prior"])
+                           prior_logits=tree["prior"])
         model.order = self.order
         return model
 
     # ------------------------------------------------------------------------- public API
 
-    def _task_ids(self, task, batch: int) -> jax.Array | None:
+    def task_ids(self, task, batch: int) -> jax.Array | None:
         """Resolves a task given as None, a name, an int or ``[B]`` ints; refuses unknown ones."""
         if task is None:
             return None
@@ -508,6 +519,11 @@ class BAIM(nnx.Module):
                              f" is unknown; this model has tasks 0..{len(self.tasks) - 1}")
         return jnp.asarray(ids, jnp.int32)
 
+    def _images(self, x) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
+        L.check_image_shape(self.layout.image_shape, x.shape)
+        return x
+
     def reconstruct(self, x, *, task=None, rng: jax.Array | None = None) -> dict:
         """Reconstructs images.
 
@@ -518,45 +534,63 @@ class BAIM(nnx.Module):
 
         Returns:
           ``{"mean": [B, H, W, C] in [0, 1], "gate": [B, N gated], "task": [B],
-          "nelbo": [B], "dropped": int}``.
+          "dropped": int}``.
         """
-        x = jnp.asarray(x, jnp.float32)
-        L.check_image_shape(self.layout.image_shape, x.shape)
-        out = _reconstruct(self, x, self._task_ids(task, x.shape[0]), rng)
+        x = self._images(x)
+        out = _forward(self, x, self.task_ids(task, x.shape[0]), rng)
         return {"mean": out["recon"], "gate": out["gate"].weights[:, : self.num_gated],
-                "task": out["gate"].task, "nelbo": out["nelbo"], "dropped": out["dropped"]}
+                "task": out["gate"].task, "dropped": out["dropped"]}
 
-    def sample(self, n: int, *, task, rng: jax.Array, mode: str = "mixture") -> jax.Array:
-        """Draws ``n`` images ``[n, H, W, C]`` in [0, 1] without an input.
+    def bound(self, x, *, task=None, rng: jax.Array) -> dict:
+        """One-draw estimate of the negative bound of docs/design.md §3b, per image.
 
-        ``task`` (a name or id) may be None only for a model of one task (a task model).
-        The squad's prior gate picks its top-K learners; every learner decodes the first d_n
-        coordinates of one shared standard normal vector (so connected decoders see consistent
-        noise). ``mode="mixture"`` (default) returns, per image, the output of ONE learner drawn
-        with the prior weights: a sample of the mixture. ``mode="blend"`` returns the
-        prior-weighted average of the K outputs, which superimposes unrelated images when the
-        learners' latent spaces differ.
+        Args:
+          x: ``[B, H, W, C]`` float32 in [0, 1].
+          task: a task name or id (or ``[B]`` ids); None lets the TSGate choose.
+          rng: the draw's key (latent noise; the gate has none outside training).
+
+        Returns:
+          ``{"nelbo", "rec", "kl", "gate_kl"}``, each ``[B]`` nats: ``nelbo = rec + kl +
+          gate_kl``, an unbiased estimate of ``-sum_n w_n (ELBO_n + log pi_n - log w_n)``.
         """
-        if mode not in ("mixture", "blend"):
-            raise ValueError(f"mode: {mode!r} is not 'mixture' or 'blend'")
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n: must be a positive integer, got {n!r}")
+        x = self._images(x)
+        out = _forward(self, x, self.task_ids(task, x.shape[0]), rng)
+        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+
+    def _sample_task(self, task) -> jax.Array:
         if task is None and len(self.tasks) > 1:
             raise ValueError(f"task: required to sample from a model of several tasks "
                              f"{list(self.tasks)}")
-        t = self._task_ids(task, 1)[0] if task is not None else jnp.int32(0)
-        return _sample(self, sample_rows(n), t, rng, mode)[:n]
+        return self.task_ids(task, 1)[0] if task is not None else jnp.int32(0)
 
-    def evaluate(self, x, task) -> dict:
-        """Posterior-mean negative ELBO per image ``[B]`` (``nelbo``; z at the posterior mean
-        is not a bound and reads lower than the test loss, ``cloud.image_losses``), routed by
-        ``task``, and the TSGate's accuracy on ``task`` (``task_accuracy``, a scalar)."""
-        x = jnp.asarray(x, jnp.float32)
-        L.check_image_shape(self.layout.image_shape, x.shape)
-        ids = self._task_ids(task, x.shape[0])
-        out = _reconstruct(self, x, ids, None)
-        routed = _route(self, x).task
-        return {"nelbo": out["nelbo"], "task_accuracy": jnp.mean(routed == ids)}
+    def draw(self, n: int, *, task, rng: jax.Array) -> dict:
+        """Ancestral samples of the model (docs/design.md §3b): a learner ``n ~ pi`` of the
+        task's squad, an independent ``z_m ~ N(0, I)`` for every latent its path consumes, and
+        the decoders stage by stage with the connections.
+
+        Args:
+          n: how many samples.
+          task: a task name or id; None only for a model of one task (a task model).
+          rng: the samples' key.
+
+        Returns:
+          ``{"images": [n, H, W, C] mean images in [0, 1], "out": [n, H, W, C] the drawn
+          decoder's raw output (logits or Gaussian means), "learner": [n] int}``.
+        """
+        check_count(n)
+        t = self._sample_task(task)
+        out, learner = _draw(self, sample_rows(n), t, rng)
+        return {"images": losses.pixel_mean(out[:n], self.layout.likelihood), "out": out[:n],
+                "learner": learner[:n]}
+
+    def sample(self, n: int, *, task, rng: jax.Array) -> jax.Array:
+        """``n`` mean images ``[n, H, W, C]`` in [0, 1] drawn from the model (``draw``)."""
+        return self.draw(n, task=task, rng=rng)["images"]
+
+    def task_accuracy(self, x, task) -> jax.Array:
+        """The TSGate's accuracy on images ``x`` of the tasks ``task`` (a scalar)."""
+        x = self._images(x)
+        return jnp.mean(_route(self, x).task == self.task_ids(task, x.shape[0]))
 
     # ---------------------------------------------------------------------------- spec/save
 
@@ -574,12 +608,12 @@ class BAIM(nnx.Module):
         return out
 
     def gate_param_count(self) -> int:
-        """Real HierGate parameters: phi, the LSGate columns of the gated learners and the
-        TSGate (0 for a model of one task, which routes by id)."""
+        """Real HierGate parameters: phi, the LSGate columns and prior logits of the gated
+        learners and the TSGate (0 for a model of one task, which routes by id)."""
         cols = self.num_gated
         g = self.gate
         phi = g["phi"]["kernel"][...].size + g["phi"]["bias"][...].size
-        ls = (g["ls"]["kernel"][...].shape[0] + 1) * cols
+        ls = (g["ls"]["kernel"][...].shape[0] + 2) * cols
         ts = (g["ts"]["kernel"][...].size + g["ts"]["bias"][...].size) if len(self.tasks) > 1 else 0
         return int(phi + ls + ts)
 
@@ -592,11 +626,12 @@ class BAIM(nnx.Module):
         learners = [{"spec": m.spec.to_json(), "squad": m.squad,
                      "task": None if m.squad is None else self.tasks[m.squad],
                      "keep": None if m.keep is None else list(m.keep),
-                     "params": m.param_count()} for m in self.layout.members]
+                     "stream": int(stream), "params": m.param_count()}
+                    for m, stream in zip(self.layout.members, self.layout.streams)]
         learner_params = sum(d["params"] for d in learners)
         gate_params = self.gate_param_count()
         return {
-            "format": "baim_jax", "version": 1, "kind": self.kind, "tasks": list(self.tasks),
+            "format": "baim_jax", "version": 2, "kind": self.kind, "tasks": list(self.tasks),
             "config": dataclasses.asdict(self.config), "k": self.config.k, "h": self.config.h,
             "learners": learners,
             "connections": {"potential": len(self.conns), "kept": int(kept.sum()),
@@ -609,7 +644,7 @@ class BAIM(nnx.Module):
         }
 
     def export_tree(self) -> dict:
-        """Unpadded state: per-learner parameters, gate, connection kernels, prior."""
+        """Unpadded state: per-learner parameters, gate, connection kernels, prior logits."""
         stacked = values(self.learners)
         gate = jax.tree.map(np.asarray, values(self.gate))
         gate["ls"] = {"kernel": gate["ls"]["kernel"][:, : self.num_gated],
@@ -618,7 +653,8 @@ class BAIM(nnx.Module):
             "learners": self.layout.unstack(stacked),
             "gate": gate,
             "connections": self.conns.unstack([k[...] for k in self.connections]),
-            "prior": np.asarray(self.prior[...]),
+            "prior": np.where(self.layout.segment_of >= 0, np.asarray(self.prior[...]), 0.0
+                              ).astype(np.float32),
         }
 
     def save(self, path) -> None:
@@ -627,8 +663,14 @@ class BAIM(nnx.Module):
         checkpoint.save(self, path)
 
 
+def check_count(n) -> None:
+    """Refuses a sample count that is not a positive integer."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n: must be a positive integer, got {n!r}")
+
+
 @nnx.jit
-def _reconstruct(model: BAIM, x, task, rng):
+def _forward(model: BAIM, x, task, rng):
     return model.forward(x, task, rng=rng, dropless=True)
 
 
@@ -637,20 +679,14 @@ def _route(model: BAIM, x):
     return model.route(x)
 
 
-@nnx.jit(static_argnums=(1, 4))
-def _sample(model: BAIM, n: int, task: jax.Array, rng, mode: str):
+@nnx.jit(static_argnums=(1,))
+def _draw(model: BAIM, n: int, task: jax.Array, rng):
+    """``n`` ancestral samples of ``task``: raw outputs ``[n, H, W, C]``, learners ``[n]``."""
     seg = jnp.asarray(model.layout.segment_of)
-    selected, weights = G.prior_route(model.prior[...], seg, task, model.config.k)
-    rng_eps, rng_pick = jax.random.split(rng)
-    eps = shared_noise(rng_eps, n, model.layout.latent)
-    z = jnp.broadcast_to(eps, (model.layout.size, n, model.layout.latent))
-    z = jnp.where(model._latent_mask()[:, None, :], z, 0.0)
+    rng_pick, rng_z = jax.random.split(rng)
+    pi = jnp.where(seg == task, jnp.exp(model.log_prior()), 0.0)
+    learner = bound.draw_learners(pi, jax.random.uniform(rng_pick, (n,)))
+    z = jnp.where(model._latent_mask()[:, None, :], model._noise(rng_z, n), 0.0)
     layout = D.dense_layout(n, model.layout.size, sum(model.layout.depths))
-    out = losses.pixel_mean(model._tower("dec", z, layout), model.layout.likelihood)
-    if mode == "blend":
-        w = jnp.broadcast_to(weights, (n, model.layout.size))
-    else:
-        pick = jax.random.categorical(rng_pick, jnp.log(jnp.where(selected, weights, 0.0)),
-                                      shape=(n,))
-        w = jax.nn.one_hot(pick, model.layout.size)
-    return D.combine(out, w, layout)
+    out = model._tower("dec", z, layout)                                     # [N, n, ...]
+    return out[learner, jnp.arange(n)], learner

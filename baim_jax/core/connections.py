@@ -1,4 +1,4 @@
-"""Projection connections between learners' stages, and their pruning (DESIGN.md Sec. 2).
+"""Projection connections between learners' stages, and their pruning (docs/design.md §2).
 
 A connection ``(m, i) -> (n, j)`` linearly projects ``a[m, i]``, the ORIGINAL input of learner
 m's stage at pool position ``i``, to the input size of learner n's stage at position ``j`` and
@@ -45,12 +45,14 @@ class Connection:
         return [self.tower, self.src, self.src_stage, self.tgt, self.tgt_stage]
 
 
-def potential_set(layout: PoolLayout, h: int) -> list[Connection]:
-    """All connections the rule allows, sorted (tower, src, src_stage, tgt, tgt_stage)."""
+def potential_set(layout: PoolLayout, h: int,
+                  towers: tuple[str, ...] = L.TOWERS) -> list[Connection]:
+    """All connections the rule allows inside ``towers``, sorted (tower, src, src_stage, tgt,
+    tgt_stage)."""
     if h < 0:
         raise ValueError(f"h: must be >= 0, got {h}")
     out = []
-    for tower in L.TOWERS:
+    for tower in towers:
         status, index = layout.status[tower], layout.stage_index[tower]
         depth = len(layout.stages[tower])
         first = 1 if tower == "enc" else 0

@@ -169,6 +169,22 @@ def gather_rows(x: jax.Array, rows_of: jax.Array) -> jax.Array:
     return padded[rows_of]
 
 
+def gather_own_rows(x: jax.Array, rows_of: jax.Array) -> jax.Array:
+    """``x [N, B, ...] -> [N, R, ...]``: each learner's own values of its rows (its latent
+    noise, say); empty slots get zeros."""
+    padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+    return padded[jnp.arange(x.shape[0])[:, None], rows_of]
+
+
+def row_values(values: jax.Array, layout: Layout) -> jax.Array:
+    """``values [N, R'] -> [B, N]``: each example's value in each learner's buffer, 0 where
+    the learner did not run it (the inverse of ``gather_rows``, without combining)."""
+    rows = values.shape[1]
+    padded = jnp.concatenate([values, jnp.zeros_like(values[:, :1])], axis=1)
+    learner = jnp.arange(values.shape[0])[None, :]
+    return padded[learner, jnp.minimum(layout.slot_of[:-1], rows)]
+
+
 def combine(values: jax.Array, weights: jax.Array, layout: Layout) -> jax.Array:
     """``sum_n weights[b, n] * values[n, slot_of[b, n]]`` by scattering from the buffers.
 

@@ -2,8 +2,8 @@
 
 Edges train it on their local data and upload it once; it becomes one learner of the BAIM.
 The FedAvg baseline's homogeneous model is one too. It has the BAIM's public surface
-(``reconstruct``, ``sample``, ``evaluate``, ``spec``, ``save``; ``baim_jax.load`` reopens it),
-with a one-learner "gate" that always gives weight 1.
+(``reconstruct``, ``bound``, ``log_weights``, ``draw``, ``sample``, ``spec``, ``save``;
+``baim_jax.load`` reopens it), with a one-learner "gate" that always gives weight 1.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from baim_jax.core import bound
 from baim_jax.core import learners as L
 from baim_jax.core import losses
-from baim_jax.core.baim import LearnerParam, sample_rows, shared_noise, values
+from baim_jax.core.baim import LearnerParam, check_count, sample_rows, values
 
 
 class EdgeModel(nnx.Module):
@@ -54,21 +55,32 @@ class EdgeModel(nnx.Module):
         return values(self.params)
 
     def forward(self, x: jax.Array, rng: jax.Array | None = None) -> dict:
-        """``x [B, H, W, C]`` -> ``recon`` ``[B, H, W, C]``, ``rec``, ``kl``, ``nelbo`` ``[B]``.
+        """``x [B, H, W, C]`` -> ``recon`` ``[B, H, W, C]`` and the bound's parts ``rec``,
+        ``kl``, ``gate_kl`` (zeros: one learner), ``nelbo`` and ``log_w`` (the draw's
+        ``log p(x | z) + log p(z) - log q(z | x)``), each ``[B]``.
 
-        ``rng=None`` uses the posterior mean; the noise is ``baim.shared_noise``, so this model
-        draws exactly what it draws as learner of a BAIM.
+        ``rng=None`` uses the posterior mean; the noise is the stream 0 of
+        ``bound.latent_noise``, what a BAIM of this one learner draws.
         """
         spec = self.learner_spec
         eps = (jnp.zeros((x.shape[0], spec.latent)) if rng is None
-               else shared_noise(rng, x.shape[0], spec.latent))
+               else bound.latent_noise(rng, jnp.zeros(1, jnp.int32), x.shape[0], spec.latent)[0])
         p = self.arrays()
         out = L.learner_forward(spec, p, x, eps)
         log_scale = p.get("log_scale", jnp.zeros(()))
         rec = losses.nll(out["out"], log_scale, x, spec.likelihood)
-        kl = losses.kl_standard_normal(out["mean"], out["logvar"], jnp.ones((spec.latent,), bool))
+        real = jnp.ones((spec.latent,), bool)
+        kl = losses.kl_standard_normal(out["mean"], out["logvar"], real)
+        ratio = losses.log_density_ratio(eps, out["z"], out["logvar"], real)
         return {"recon": losses.pixel_mean(out["out"], spec.likelihood), "rec": rec, "kl": kl,
-                "nelbo": rec + kl}
+                "gate_kl": jnp.zeros_like(kl), "nelbo": rec + kl, "log_w": -rec - ratio}
+
+    def log_weights(self, x: jax.Array, task: jax.Array, rng: jax.Array) -> tuple:
+        """One importance draw, as ``BAIM.log_weights``: ``(log_w, log_pi)``, each ``[B, 1]``
+        (``task`` is unused: the model has one task and one learner, ``pi = 1``)."""
+        del task
+        log_w = self.forward(x, rng)["log_w"][:, None]
+        return log_w, jnp.zeros_like(log_w)
 
     def _check(self, x) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
@@ -76,39 +88,52 @@ class EdgeModel(nnx.Module):
         return x
 
     def _task_check(self, task) -> None:
-        if task is not None and task not in (0, self.task):
+        if task is not None and not (isinstance(task, str) and task == self.task) and not (
+                np.ndim(task) <= 1 and np.size(task) and np.all(np.asarray(task) == 0)
+                and np.issubdtype(np.asarray(task).dtype, np.integer)):
             raise ValueError(f"task: {task!r} is not this edge model's task {self.task!r}")
 
+    def task_ids(self, task, batch: int) -> jax.Array:
+        """Task ids ``[batch]`` (zeros) for a task given as None, its name, 0 or ``[B]`` zeros."""
+        self._task_check(task)
+        return jnp.zeros((batch,), jnp.int32)
+
     def reconstruct(self, x, *, task=None, rng: jax.Array | None = None) -> dict:
-        """``{"mean": [B, H, W, C] in [0, 1], "gate": [B, 1] (ones), "task", "nelbo"}``."""
+        """``{"mean": [B, H, W, C] in [0, 1], "gate": [B, 1] (ones), "task", "dropped"}``."""
         self._task_check(task)
         x = self._check(x)
         out = _forward(self, x, rng)
         batch = x.shape[0]
         return {"mean": out["recon"], "gate": jnp.ones((batch, 1)),
-                "task": jnp.zeros((batch,), jnp.int32), "nelbo": out["nelbo"], "dropped": 0}
+                "task": jnp.zeros((batch,), jnp.int32), "dropped": 0}
 
-    def sample(self, n: int, *, task=None, rng: jax.Array, mode: str = "mixture") -> jax.Array:
-        """``[n, H, W, C]`` images decoded from shared standard normal noise."""
+    def bound(self, x, *, task=None, rng: jax.Array) -> dict:
+        """One-draw estimate of the negative ELBO per image (see ``BAIM.bound``)."""
         self._task_check(task)
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n: must be a positive integer, got {n!r}")
-        return _sample(self, sample_rows(n), rng)[:n]
+        out = _forward(self, self._check(x), rng)
+        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
 
-    def evaluate(self, x, task=None) -> dict:
-        """Posterior-mean negative ELBO per image ``[B]`` (see ``BAIM.evaluate``)."""
+    def draw(self, n: int, *, task=None, rng: jax.Array) -> dict:
+        """``n`` samples decoded from ``z ~ N(0, I)`` (see ``BAIM.draw``; ``learner`` is 0)."""
         self._task_check(task)
-        return {"nelbo": _forward(self, self._check(x), None)["nelbo"]}
+        check_count(n)
+        out = _draw(self, sample_rows(n), rng)[:n]
+        return {"images": losses.pixel_mean(out, self.learner_spec.likelihood), "out": out,
+                "learner": jnp.zeros((n,), jnp.int32)}
+
+    def sample(self, n: int, *, task=None, rng: jax.Array) -> jax.Array:
+        """``[n, H, W, C]`` mean images drawn from the model."""
+        return self.draw(n, task=task, rng=rng)["images"]
 
     @property
     def spec(self) -> dict:
         """The same description as a BAIM's: one learner, no gate, no connections."""
         count = L.count_params(self.learner_spec)
         return {
-            "format": "baim_jax", "version": 1, "kind": self.kind, "tasks": list(self.tasks),
+            "format": "baim_jax", "version": 2, "kind": self.kind, "tasks": list(self.tasks),
             "config": None, "k": 1, "h": 0,
             "learners": [{"spec": self.learner_spec.to_json(), "squad": 0, "task": self.task,
-                          "keep": None, "params": count}],
+                          "keep": None, "stream": 0, "params": count}],
             "connections": {"potential": 0, "kept": 0, "list": []},
             "params": {"learners": count, "gate": 0, "connections": 0, "total": count},
             "padding_waste": 1.0,
@@ -129,10 +154,11 @@ def _forward(model: EdgeModel, x, rng):
 
 
 @nnx.jit(static_argnums=(1,))
-def _sample(model: EdgeModel, n: int, rng):
+def _draw(model: EdgeModel, n: int, rng):
+    """Raw decoder outputs ``[n, H, W, C]`` of prior draws; the key splits as ``baim._draw``'s."""
     spec = model.learner_spec
-    z = shared_noise(rng, n, spec.latent)
-    a = z
+    _, rng_z = jax.random.split(rng)
+    a = bound.latent_noise(rng_z, jnp.zeros(1, jnp.int32), n, spec.latent)[0]
     for stage, p in zip(L.stages(spec)["dec"], model.arrays()["dec"]):
         a = L.apply_stage(stage, p, a)
-    return losses.pixel_mean(a, spec.likelihood)
+    return a

@@ -26,6 +26,7 @@ def register_gate(name: str):
 
     ``selected`` marks the K learners chosen for each row (top-K of the logits inside the task's
     segment); the gate function only decides their weights and must return zero elsewhere.
+    The weights are ``q(n | x)`` of the bound (docs/design.md §3b), so each row must sum to 1.
     """
 
     def wrap(fn: GateFn) -> GateFn:
@@ -50,16 +51,6 @@ def topk_softmax(logits: jax.Array, selected: jax.Array) -> jax.Array:
     """Softmax over the K selected logits (Shazeer et al. 2017). Rows sum to 1."""
     masked = jnp.where(selected, logits, -jnp.inf)
     return jnp.where(selected, jax.nn.softmax(masked, axis=-1), 0.0)
-
-
-@register_gate("switch")
-def switch(logits: jax.Array, selected: jax.Array) -> jax.Array:
-    """Softmax over the whole task segment, kept on the K selected (Switch/GShard).
-
-    Rows sum to at most 1, so the gated mixture bound is then not a normalised mixture.
-    The caller sets logits outside the task segment to -inf.
-    """
-    return jnp.where(selected, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
 @register_gate("uniform")
@@ -214,18 +205,3 @@ def task_loss(out: GateOutput, labels: jax.Array) -> jax.Array:
     """TSGate cross-entropy against task labels ``[B]``."""
     logp = jax.nn.log_softmax(out.task_logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-
-
-def prior_route(prior: jax.Array, segment_of: jax.Array, task: int, k: int):
-    """The squad's prior gate for sampling: top-K of the running mean weights, renormalised.
-
-    Args:
-      prior: ``[N]`` running mean weights; segment_of: ``[N]`` squads; task: the squad.
-
-    Returns:
-      ``(selected [N] bool, weights [N])``.
-    """
-    logits = jnp.where(segment_of == task, prior, -jnp.inf)
-    selected = top_k_mask(logits[None], k)[0] & (segment_of == task)
-    w = jnp.where(selected, prior, 0.0)
-    return selected, w / jnp.maximum(jnp.sum(w), 1e-12)

@@ -1,7 +1,4 @@
-"""Likelihoods, KL and the two ways of combining learners (DESIGN.md Sec. 3).
-
-* mixture (default): ``sum_n w_n (reconstruction_n + KL_n)``, the gated mixture bound;
-* blend: reconstruction of the weighted output ``sum_n w_n out_n`` plus ``sum_n w_n KL_n``.
+"""Likelihoods and latent densities of the learners (docs/design.md §3b).
 
 All terms are in nats per image (summed over pixels and latent coordinates).
 """
@@ -12,8 +9,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-COMBINES = ("mixture", "blend")
 
 
 def binarize(x: jax.Array) -> jax.Array:
@@ -71,6 +66,14 @@ def kl_standard_normal(mean: jax.Array, logvar: jax.Array, mask: jax.Array) -> j
     return jnp.sum(jnp.where(mask, kl, 0.0), axis=-1)
 
 
+def log_density_ratio(eps: jax.Array, z: jax.Array, logvar: jax.Array,
+                      mask: jax.Array) -> jax.Array:
+    """``log q(z | x) - log N(z; 0, I)`` of a reparameterised draw ``z = mean + std * eps``,
+    summed over the real (``mask``) coordinates of ``[..., L]``; ``[...]`` nats."""
+    ratio = 0.5 * (z * z - eps * eps - logvar)
+    return jnp.sum(jnp.where(mask, ratio, 0.0), axis=-1)
+
+
 def pixel_mean(out: jax.Array, likelihood: str) -> jax.Array:
     """The mean image in [0, 1] from raw stage output (logits or Gaussian means)."""
     return jax.nn.sigmoid(out) if likelihood == "bernoulli" else jnp.clip(out, 0.0, 1.0)
@@ -82,34 +85,3 @@ def nll(out: jax.Array, log_scale: jax.Array, x: jax.Array, likelihood: str) -> 
     if likelihood == "bernoulli":
         return bernoulli_nll(out, x)
     return gaussian_nll(out, log_scale, x)
-
-
-def blend_parts(out: jax.Array, likelihood: str) -> jax.Array:
-    """What the blend weighs, per learner, from raw output ``[N, R, *image]``.
-
-    Bernoulli: ``sigmoid(out)`` and ``sigmoid(-out)`` stacked on a new last axis, so that the
-    weighted probability of either pixel value keeps its own precision (``1 - p`` rounds to 0
-    in float32 once the logit passes about 17). Gaussian: the raw means, unclipped (clipping
-    would change the likelihood and stop its gradient outside [0, 1]).
-    """
-    if likelihood == "bernoulli":
-        return jnp.stack([jax.nn.sigmoid(out), jax.nn.sigmoid(-out)], axis=-1)
-    return out
-
-
-def blend_nll(parts: jax.Array, scale: jax.Array, x: jax.Array, likelihood: str) -> jax.Array:
-    """Reconstruction term of the blend (DESIGN.md Sec. 3), ``[B]`` nats.
-
-    Args:
-      parts: the gate-weighted ``blend_parts`` of the selected learners, ``[B, *image, 2]``
-        (Bernoulli: weighted probabilities of 1 and of 0) or ``[B, *image]`` (Gaussian means).
-      scale: ``[B]`` the weighted pixel standard deviation (Gaussian).
-      x: ``[B, H, W, C]`` images in [0, 1].
-    """
-    if likelihood == "bernoulli":
-        t = _pixels(binarize(x))
-        tiny = jnp.finfo(parts.dtype).tiny
-        log_p1 = jnp.log(jnp.maximum(_pixels(parts[..., 0]), tiny))
-        log_p0 = jnp.log(jnp.maximum(_pixels(parts[..., 1]), tiny))
-        return -jnp.sum(t * log_p1 + (1.0 - t) * log_p0, axis=-1)
-    return gaussian_nll(parts, jnp.log(scale), x)

@@ -3,7 +3,8 @@
 ``partition(baim, task)`` keeps the task's squad, its LSGate, the kept connections that reach
 the squad (transitively), and of every other learner only the first stages whose inputs feed it
 (a *feeder*). Padding, pruned connections and the rest are dropped. The task model computes
-exactly what the BAIM computes for that task (DESIGN.md Sec. 5).
+exactly what the BAIM computes for that task, its bound and its samples included: its learners
+keep their BAIM noise streams (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def partition(model: BAIM, task) -> TaskModel:
     Returns:
       a ``TaskModel`` whose outputs equal ``model``'s for inputs of that task.
     """
-    t = int(model._task_ids(task, 1)[0])
+    t = int(model.task_ids(task, 1)[0])
     seg = model.layout.segment_of
     squad = [n for n in range(model.layout.size) if seg[n] == t]
     need = kept_stages(model, squad)
@@ -75,9 +76,10 @@ def partition(model: BAIM, task) -> TaskModel:
     keep_idx = squad + feeders
     new_index = {old: new for new, old in enumerate(keep_idx)}
     old = model.export_tree()
-    members = [Member(model.layout.members[n].spec, 0) for n in squad]
-    members += [Member(model.layout.members[n].spec, None, (int(need[n, 0]), int(need[n, 1])))
-                for n in feeders]
+    streams = model.layout.streams
+    members = [Member(model.layout.members[n].spec, 0, stream=int(streams[n])) for n in squad]
+    members += [Member(model.layout.members[n].spec, None, (int(need[n, 0]), int(need[n, 1])),
+                       int(streams[n])) for n in feeders]
     params = [old["learners"][n] for n in keep_idx]
 
     conns, kernels = [], []
@@ -97,9 +99,9 @@ def partition(model: BAIM, task) -> TaskModel:
                           "bias": ls_bias.astype(np.float32)},
                    "ts": {"kernel": gate["ts"]["kernel"][:, t:t + 1],
                           "bias": gate["ts"]["bias"][t:t + 1]}}
-    prior = np.where(seg[cols] == t, old["prior"][cols], 0.0)
+    prior = np.where(seg[cols] == t, old["prior"][cols], 0.0).astype(np.float32)
     return TaskModel(members, [model.tasks[t]], _task_config(model.config, members),
                      rngs=nnx.Rngs(0),
                      learner_params=params, connections=[conns[i] for i in order],
                      connection_kernels=[kernels[i] for i in order], gate_params=gate_params,
-                     prior=prior)
+                     prior_logits=prior)

@@ -39,13 +39,19 @@ REAL, IDENTITY, ABSENT = 0, 1, 2
 class Member:
     """A learner of a pool: its spec, its squad (None for a feeder) and the stages it keeps.
 
-    ``keep`` is ``(encoder stages, decoder stages)`` kept from the start of each tower; None
-    keeps the whole learner.
+    Attributes:
+      spec: the learner's spec.
+      squad: its task's index; None for a feeder (not gated).
+      keep: ``(encoder stages, decoder stages)`` kept from the start of each tower; None keeps
+        the whole learner.
+      stream: its latent noise stream (``bound.latent_noise``); None: its index in the pool.
+        A task model keeps its learners' BAIM streams, so it draws the BAIM's noise.
     """
 
     spec: L.LearnerSpec
     squad: int | None
     keep: tuple[int, int] | None = None
+    stream: int | None = None
 
     def kept(self, tower: str) -> int:
         n = len(L.stages(self.spec)[tower])
@@ -58,13 +64,13 @@ class Member:
 
     def to_json(self) -> dict:
         return {"spec": self.spec.to_json(), "squad": self.squad,
-                "keep": None if self.keep is None else list(self.keep)}
+                "keep": None if self.keep is None else list(self.keep), "stream": self.stream}
 
     @classmethod
     def from_json(cls, d: dict) -> "Member":
         keep = d.get("keep")
         return cls(L.LearnerSpec.from_json(d["spec"]), d["squad"],
-                   None if keep is None else tuple(keep))
+                   None if keep is None else tuple(keep), d.get("stream"))
 
 
 def pad_to(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -173,6 +179,12 @@ class PoolLayout:
     @property
     def size(self) -> int:
         return len(self.members)
+
+    @property
+    def streams(self) -> np.ndarray:
+        """``[N]`` int: each learner's latent noise stream (``Member.stream``)."""
+        return np.array([n if m.stream is None else m.stream
+                         for n, m in enumerate(self.members)], np.int32)
 
     @property
     def depths(self) -> tuple[int, int]:
@@ -342,22 +354,25 @@ def run_pool(layout: PoolLayout, params: dict, x: jax.Array, eps: jax.Array,
 
     Args:
       x: ``[N, R, H, W, C]`` images per learner.
-      eps: ``[N, R, latent]`` standard normal noise (zeros: posterior means).
+      eps: ``[N, R, latent]`` each learner's standard normal noise (zeros: posterior means).
       mix: see ``run_tower``.
       caps: rows run at each chained position (encoder positions, then decoder positions;
         see ``dispatch.Layout``); None: all ``R``.
 
     Returns:
-      dict of ``[N, R', ...]``: ``mean``, ``logvar``, ``z`` and ``kl`` on the rows the latent
-      head ran, ``out`` (logits or means) and ``rec`` (negative log-likelihood) on the rows
-      the output stage ran; ``rec`` and ``kl`` are ``[N, R']`` in nats.
+      dict of ``[N, R', ...]``: ``mean``, ``logvar``, ``z``, ``kl`` and ``log_ratio``
+      (``log q(z | x) - log p(z)`` of the draw) on the rows the latent head ran, ``out``
+      (logits or means) and ``rec`` (negative log-likelihood) on the rows the output stage
+      ran; ``rec``, ``kl`` and ``log_ratio`` are ``[N, R']`` in nats.
     """
     depth = layout.depths[0]
     enc_caps, dec_caps = (None, None) if caps is None else (caps[:depth], caps[depth:])
     mean, logvar = run_tower(layout, params, "enc", x, mix, enc_caps)
     real = jnp.asarray(layout.latent_mask())[:, None, :]
-    z = jnp.where(real, mean + jnp.exp(0.5 * logvar) * eps[:, :mean.shape[1]], 0.0)
+    eps = eps[:, :mean.shape[1]]
+    z = jnp.where(real, mean + jnp.exp(0.5 * logvar) * eps, 0.0)
     out = run_tower(layout, params, "dec", z, mix, dec_caps)
     rec = losses.nll(out, params["log_scale"][:, None], x[:, :out.shape[1]], layout.likelihood)
     return {"mean": mean, "logvar": logvar, "z": z, "out": out, "rec": rec,
-            "kl": losses.kl_standard_normal(mean, logvar, real)}
+            "kl": losses.kl_standard_normal(mean, logvar, real),
+            "log_ratio": losses.log_density_ratio(eps, z, logvar, real)}

@@ -75,7 +75,7 @@ class TaskRouter(nnx.Module):
     def spec(self) -> dict:
         """JSON-serialisable description (the checkpoint's ``spec.json``)."""
         count = sum(int(np.size(v)) for v in jax.tree.leaves(values(self.gate)))
-        return {"format": "baim_jax", "version": 1, "kind": self.kind, "tasks": list(self.tasks),
+        return {"format": "baim_jax", "version": 2, "kind": self.kind, "tasks": list(self.tasks),
                 "image_shape": list(self.image_shape),
                 "feature_dim": int(self.gate["phi"]["bias"][...].shape[0]),
                 "params": {"gate": count, "total": count}}

@@ -57,7 +57,6 @@ def _train_step(graphdef, trains: str, state, x, task, rng):
     (_, metrics), grads = grad_fn(m)
     with jax.numpy_dtype_promotion("standard"):  # optax: float ** int32 step count
         opt.update(m, grads)
-    m.update_prior(metrics.pop("gate_weights"), task)
     return nnx.state((m, opt)), metrics
 
 

@@ -142,39 +142,3 @@ class Trainer:
         idx = epoch_batches(len(data.images), self.batch_size, self.seed, 0)[0]
         return self.step.lower(jnp.asarray(data.images[idx]), jnp.asarray(data.tasks[idx]),
                                jax.random.key(0))
-
-
-ELBO_SAMPLES = 4
-
-
-def image_losses(model: BAIM | EdgeModel, data: Split, batch: int = 500, *,
-                 samples: int = ELBO_SAMPLES, key: jax.Array | None = None) -> np.ndarray:
-    """Negative ELBO of every image of ``data`` ``[n]`` (nats; DESIGN.md Sec. 6).
-
-    The mean of ``samples`` one-draw estimates (z drawn from each posterior): an unbiased
-    estimate of ``E_q[-log p(x | z)] + KL(q || p)``. The draws come from ``key`` (default:
-    key 0) by batch and draw, so every evaluation of a run uses the same noise and epochs
-    and models compare without the draws' own scatter. A BAIM routes by the data's task ids;
-    a task model and an edge model take every image as their own task.
-    """
-    key = jax.random.key(0) if key is None else key
-    out = []
-    for i in range(0, len(data.images), batch):
-        x = data.images[i:i + batch]
-        task = None if isinstance(model, EdgeModel) else (
-            data.tasks[i:i + batch] if len(model.tasks) > 1 else 0)
-        draws = [model.reconstruct(x, task=task, rng=jax.random.fold_in(
-            jax.random.fold_in(key, i), s))["nelbo"] for s in range(samples)]
-        out.append(np.mean(np.asarray(draws, np.float64), axis=0))
-    return np.concatenate(out)
-
-
-def test_loss(model: BAIM | EdgeModel, data: Split) -> float:
-    """Mean negative ELBO (nats per image) of ``data`` (``image_losses``)."""
-    return float(image_losses(model, data).mean())
-
-
-def per_class(losses: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Mean loss per class label (DESIGN.md Sec. 8: with non-IID edges one rare class can
-    dominate a task's score, so the classes are reported too)."""
-    return {str(int(c)): float(losses[labels == c].mean()) for c in np.unique(labels)}

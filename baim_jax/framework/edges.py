@@ -24,7 +24,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from baim_jax.core import learners as L
-from baim_jax.core.baim import shared_noise
+from baim_jax.core import bound
 from baim_jax.core.pool import Member, PoolLayout, run_pool
 
 
@@ -68,10 +68,12 @@ def epoch_plan(sizes: Sequence[int], batch_size: int, seed: int, epoch: int):
 def _nelbo(layout: PoolLayout, params: dict, x: jax.Array, mask: jax.Array, rng: jax.Array):
     """Per-edge mean negative ELBO ``[E]`` of ``x [E, B, H, W, C]`` over the unmasked rows.
 
-    Edge e's latent noise is ``shared_noise(fold_in(rng, e))``: it depends on neither the other
-    edges nor the pool's padded latent size.
+    Edge e's latent noise is ``bound.latent_noise(fold_in(rng, e), [0], ...)``, what its model
+    draws alone (``EdgeModel``): it depends on neither the other edges nor the pool's padded
+    latent size.
     """
-    eps = jax.vmap(lambda e: shared_noise(jax.random.fold_in(rng, e), x.shape[1], layout.latent))(
+    eps = jax.vmap(lambda e: bound.latent_noise(jax.random.fold_in(rng, e), jnp.zeros(1, jnp.int32),
+                                                x.shape[1], layout.latent)[0])(
         jnp.arange(x.shape[0]))
     buf = run_pool(layout, params, x, eps)
     weight = mask.astype(x.dtype)

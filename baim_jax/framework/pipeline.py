@@ -41,12 +41,12 @@ from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
 from baim_jax.core.router import TaskRouter
+from baim_jax.evaluation import likelihood
 from baim_jax.evaluation.data import Split
-from baim_jax.files import read_json, write_json
 from baim_jax.evaluation.fid import fid
+from baim_jax.files import read_json, write_json
 from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
-from baim_jax.framework.cloud import (Pruning, Trainer, aggregate, epoch_batches, image_losses,
-                                      per_class, test_loss)
+from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches
 from baim_jax.framework.plan import Plan, validate
 from baim_jax.framework.storage import PhaseCheckpoint, claim
 
@@ -104,6 +104,21 @@ def fl_trainers(plan: Plan, learning_rate: float, cloud: Split):
     return spec, edges, at_cloud, L.init_learner(spec, jax.random.key(seed + 3))
 
 
+def scores(model, data: Split, suffix: str = "") -> dict:
+    """The held-out likelihood of ``model`` on ``data`` (docs/design.md §6): ``test_loss``
+    (the negative bound), ``test_loss_parts`` (its reconstruction, latent KL and gate KL),
+    ``test_nll`` (importance-weighted, k = 64) and both per class, keys ending in ``suffix``."""
+    bounds = likelihood.image_bounds(model, data)
+    nll = likelihood.image_nll(model, data)
+    record = {"test_loss": float(bounds["nelbo"].mean()),
+              "test_loss_parts": {p: float(bounds[p].mean()) for p in ("rec", "kl", "gate_kl")},
+              "test_nll": float(nll.mean()),
+              "test_loss_per_class": likelihood.per_class(bounds["nelbo"], data.labels),
+              "test_nll_per_class": likelihood.per_class(nll, data.labels)}
+    return {key.replace("test_loss", "test_loss" + suffix, 1).replace(
+        "test_nll", "test_nll" + suffix, 1): value for key, value in record.items()}
+
+
 def _extractor(plan: Plan, workdir: Path):
     return measures.feature_space(
         workdir / "feature_nets", plan.config.data.dataset, plan.train, plan.data.test,
@@ -145,11 +160,9 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
         model = EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], params=params)
         model.save(workdir / "edges" / eid / "initial")
         real = plan.task_test(plan.edge_tasks[e])
-        losses = image_losses(model, real)
         records.append({"id": eid, "task": model.task, "params": L.count_params(plan.specs[e]),
                         "data_size": len(plan.data.edges[e].images),
-                        "test_loss_initial": float(losses.mean()),
-                        "test_loss_initial_per_class": per_class(losses, real.labels),
+                        **scores(model, real, "_initial"),
                         "fid_initial": measures.model_fid(model, real, extract,
                                                           plan.config.seed)})
     for spec, rec in zip(plan.specs, records):  # step_flops compiles once per distinct spec
@@ -198,7 +211,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
         for epoch in range(meta["epoch"], cfg.epochs):
             metrics = trainer.run_epoch(cloud, epoch, bar.update)
             meta = {"epoch": epoch + 1, "elapsed": time.perf_counter() - start,
-                    "curve": meta["curve"] + [test_loss(model, plan.data.test)],
+                    "curve": meta["curve"] + [likelihood.test_loss(model, plan.data.test)],
                     "fid": meta["fid"] + [measures.model_fid(model, plan.data.test, extract,
                                                              seed + epoch)],
                     "train": meta["train"] + [metrics]}
@@ -209,6 +222,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     flops = edges_lib.compiled_flops(trainer.lower(cloud)) * steps
     ckpt.remove()
     return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"], "train": meta["train"],
+            **scores(model, plan.data.test),
             "trainable_params": trainable, "flops_per_epoch": flops,
             "connections": model.spec["connections"]["kept"], "task_model_params": task_params,
             "task_accuracy": _task_accuracy(model, plan.data.test),
@@ -216,7 +230,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
 
 
 def _task_accuracy(model, test: Split) -> float:
-    return float(np.mean(np.asarray(model.evaluate(test.images, test.tasks)["task_accuracy"])))
+    return float(model.task_accuracy(test.images, test.tasks))
 
 
 def phase_toolkit(plan: Plan, workdir: Path, show: bool) -> dict:
@@ -235,7 +249,7 @@ def phase_toolkit(plan: Plan, workdir: Path, show: bool) -> dict:
             "params": spec["params"]["total"],
             "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
             "connections_kept": spec["connections"]["kept"],
-            "test_loss": test_loss(model, plan.task_test(t)), "path": str(path)}
+            **scores(model, plan.task_test(t)), "path": str(path)}
     TaskRouter.from_baim(baim).save(workdir / "router")
     return {"toolkit": toolkit, "wall_seconds": time.perf_counter() - start}
 
@@ -263,11 +277,8 @@ def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
                     trainer.run_epoch(local, epoch, bar.update)
                 model.save(path)
             real = plan.task_test(plan.edge_tasks[e])
-            losses = image_losses(model, real)
             records.append({"id": eid, "params": model.spec["params"]["total"],
-                            "test_loss_personalized": float(losses.mean()),
-                            "test_loss_personalized_per_class": per_class(losses,
-                                                                          real.labels),
+                            **scores(model, real, "_personalized"),
                             "fid_personalized": measures.model_fid(model, real, extract,
                                                                    plan.config.seed)})
     return {"edges": records, "wall_seconds": time.perf_counter() - start}
@@ -296,15 +307,17 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
             params = fedavg.fedavg_round(params, at_edges, at_cloud, r, bar.update)
             model = EdgeModel(spec, "all", params=params)
             meta = {"round": r + 1, "elapsed": time.perf_counter() - start,
-                    "curve": meta["curve"] + [test_loss(model, plan.data.test)],
+                    "curve": meta["curve"] + [likelihood.test_loss(model, plan.data.test)],
                     "fid": meta["fid"] + [measures.model_fid(model, plan.data.test, extract,
                                                              seed + r)]}
             bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
             ckpt.save(r + 1, jax.tree.leaves(params), meta)
-    EdgeModel(spec, "all", params=params).save(workdir / "fl")
+    model = EdgeModel(spec, "all", params=params)
+    model.save(workdir / "fl")
     step = edges_lib.step_flops(spec, cfg.batch_size)
     ckpt.remove()
     return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"],
+            **scores(model, plan.data.test),
             "params": L.count_params(spec),
             "spec": spec.to_json(),
             "edge_flops_per_epoch": [step * math.ceil(len(s) / cfg.batch_size) for s in shards],
@@ -355,6 +368,11 @@ def versions() -> dict:
             "orbax": ocp.__version__, "baim_jax": importlib.metadata.version("baim_jax")}
 
 
+def _likelihood(record: dict) -> dict:
+    return {k: record[k] for k in ("test_nll", "test_loss_parts", "test_loss_per_class",
+                                   "test_nll_per_class")}
+
+
 def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
     """``results.json`` from the phases' records (see the README for the keys)."""
     edge_recs = done["edges"]["edges"]
@@ -374,18 +392,16 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
             test_loss_curve=cloud["test_loss_curve"])
         approaches[s].update(task_accuracy=cloud["task_accuracy"],
                              connections_kept=cloud["connections"], fid=cloud["fid_curve"][-1],
-                             fid_curve=cloud["fid_curve"])
+                             fid_curve=cloud["fid_curve"], **_likelihood(cloud))
     fl = done["fl"]
     approaches["fl"] = accounting.fedavg(
         params=fl["params"], rounds=plan.config.fl.rounds,
         edge_flops_per_epoch=fl["edge_flops_per_epoch"],
         cloud_flops_per_epoch=fl["cloud_flops_per_epoch"], wall_seconds=fl["wall_seconds"],
         test_loss_curve=fl["test_loss_curve"])
-    approaches["fl"].update(fid=fl["fid_curve"][-1], fid_curve=fl["fid_curve"])
-    edges = [{**r, "test_loss_personalized": personal[r["id"]]["test_loss_personalized"],
-              "fid_personalized": personal[r["id"]]["fid_personalized"],
-              "test_loss_personalized_per_class":
-                  personal[r["id"]]["test_loss_personalized_per_class"],
+    approaches["fl"].update(fid=fl["fid_curve"][-1], fid_curve=fl["fid_curve"],
+                            **_likelihood(fl))
+    edges = [{**r, **{k: v for k, v in personal[r["id"]].items() if k not in ("id", "params")},
               "personalized_params": personal[r["id"]]["params"],
               "path": str(workdir / "edges" / r["id"])} for r in edge_recs]
     return {

@@ -1,0 +1,81 @@
+"""Held-out likelihood of any model kind (docs/design.md §6): the test loss (the negative bound
+of §3b, with its parts) and the importance-weighted NLL (``test_nll``), one estimator for the
+BAIM, task models, edge models, FedAvg's and the central model.
+
+Both draw their noise from a fixed key by batch and draw, so every evaluation of a run uses the
+same noise: epochs and models compare without the draws' own scatter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from baim_jax.core import bound
+from baim_jax.evaluation.data import Split
+
+BOUND_SAMPLES = 4
+IW_SAMPLES = 64
+PARTS = ("nelbo", "rec", "kl", "gate_kl")
+
+
+def _batches(model, data: Split, batch: int):
+    """``(start, images, task)`` of each batch; a model of several tasks routes by the data's
+    task ids, a model of one task (task model, edge model) takes every image as its own."""
+    for i in range(0, len(data.images), batch):
+        task = data.tasks[i:i + batch] if len(model.tasks) > 1 else 0
+        yield i, data.images[i:i + batch], task
+
+
+def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_SAMPLES,
+                 key: jax.Array | None = None) -> dict[str, np.ndarray]:
+    """The negative bound of every image and its parts, ``{"nelbo", "rec", "kl", "gate_kl"}``
+    each ``[n]`` nats: the mean of ``samples`` one-draw estimates (unbiased)."""
+    key = jax.random.key(0) if key is None else key
+    out = {p: [] for p in PARTS}
+    for i, x, task in _batches(model, data, batch):
+        draws = [model.bound(x, task=task, rng=jax.random.fold_in(jax.random.fold_in(key, i), s))
+                 for s in range(samples)]
+        for p in PARTS:
+            out[p].append(np.mean([np.asarray(d[p], np.float64) for d in draws], axis=0))
+    return {p: np.concatenate(v) if v else np.zeros(0) for p, v in out.items()}
+
+
+@nnx.jit(static_argnums=(4,))
+def _iw_log_likelihood(model, x, task, key, k: int):
+    def draw(s):
+        return model.log_weights(x, task, jax.random.fold_in(key, s))
+
+    log_w, log_pi = jax.lax.map(draw, jnp.arange(k))
+    return bound.mixture_log_likelihood(log_w, log_pi[0])
+
+
+def image_nll(model, data: Split, *, k: int = IW_SAMPLES, batch: int = 250,
+              key: jax.Array | None = None) -> np.ndarray:
+    """Importance-weighted negative log-likelihood ``-log p(x | t)`` of every image, ``[n]``
+    nats: k posterior draws for every learner of the image's squad
+    (``bound.mixture_log_likelihood``), a stochastic upper bound of the NLL that tightens as
+    k grows (Burda et al. 2016)."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: must be a positive integer, got {k!r}")
+    key = jax.random.key(1) if key is None else key
+    out = []
+    for i, x, task in _batches(model, data, batch):
+        x = jnp.asarray(x, jnp.float32)
+        ids = model.task_ids(task, x.shape[0])
+        out.append(-np.asarray(_iw_log_likelihood(model, x, ids, jax.random.fold_in(key, i), k),
+                               np.float64))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def test_loss(model, data: Split) -> float:
+    """Mean negative bound (nats per image) of ``data`` (``image_bounds``)."""
+    return float(image_bounds(model, data)["nelbo"].mean())
+
+
+def per_class(values: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean of a per-image measure per class label (docs/design.md §8: with non-IID edges one
+    rare class can dominate a task's score, so the classes are reported too)."""
+    return {str(int(c)): float(values[labels == c].mean()) for c in np.unique(labels)}

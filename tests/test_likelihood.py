@@ -1,0 +1,76 @@
+"""Held-out likelihood: the test loss (Monte Carlo negative bound on fixed draws) and the
+importance-weighted NLL, each against the learner computed alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baim_jax.core import bound
+from baim_jax.core import learners as L
+from baim_jax.core import losses
+from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.edge_model import EdgeModel
+from baim_jax.evaluation import likelihood
+from baim_jax.evaluation.data import Split
+from conftest import mlp
+
+
+def _split(n, seed=1):
+    x = np.asarray(jax.random.uniform(jax.random.key(seed), (n, 8, 8, 1)))
+    return Split(x, np.arange(n, dtype=np.int32) % 3, (np.arange(n) % 2).astype(np.int32))
+
+
+def _alone(edge, x, key):
+    """The learner alone on one draw from ``key``: ``(rec + kl, log weight)`` ``[B]``."""
+    spec, params = edge.learner_spec, edge.arrays()
+    eps = bound.latent_noise(key, jnp.zeros(1, jnp.int32), len(x), spec.latent)[0]
+    out = L.learner_forward(spec, params, x, eps)
+    rec = losses.nll(out["out"], jnp.zeros(()), x, spec.likelihood)
+    kl = losses.kl_standard_normal(out["mean"], out["logvar"], jnp.ones(spec.latent, bool))
+    z, mean, var = out["z"], out["mean"], jnp.exp(out["logvar"])
+    log_q = jnp.sum(-0.5 * (z - mean) ** 2 / var - 0.5 * jnp.log(2 * jnp.pi * var), -1)
+    log_p = jnp.sum(-0.5 * z ** 2 - 0.5 * jnp.log(2 * jnp.pi), -1)
+    return np.asarray(rec + kl, np.float64), np.asarray(-rec + log_p - log_q, np.float64)
+
+
+def test_test_loss_is_a_monte_carlo_negative_bound_on_fixed_draws():
+    """Each image's loss is the mean over draws s of -log p(x | z_s) + KL with z_s = mu +
+    sigma * eps_s from its posterior (computed here with the learner alone), the draws coming
+    from key 0 folded by batch start and draw; not the posterior-mean value."""
+    data = _split(6)
+    edge = EdgeModel(mlp([8], 3, [8]), "a", seed=0)
+    x = jnp.asarray(data.images)
+    want = [_alone(edge, x, jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), s))[0]
+            for s in range(3)]
+    got = likelihood.image_bounds(edge, data, samples=3)
+    np.testing.assert_allclose(got["nelbo"], np.mean(want, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(got["rec"] + got["kl"] + got["gate_kl"], got["nelbo"], rtol=1e-6)
+    np.testing.assert_array_equal(got["gate_kl"], 0.0)
+    np.testing.assert_array_equal(got["nelbo"], likelihood.image_bounds(edge, data, samples=3)[
+        "nelbo"])
+    posterior_mean = np.asarray(edge.forward(x)["nelbo"])
+    assert np.abs(got["nelbo"] - posterior_mean).max() > 1e-3
+    model = BAIM.assemble([mlp([8], 3, [8])] * 2, [0, 1], ["a", "b"], BAIMConfig(k=1, h=0))
+    assert likelihood.image_bounds(model, data)["nelbo"].shape == (6,)
+
+
+def test_iw_nll_of_an_edge_model_is_iwae_of_the_learner_alone():
+    """``-log (1/k) sum_s p(x | z_s) p(z_s) / q(z_s | x)`` with the draws of key 1 folded by
+    batch start and draw index, the densities written out here from their definitions."""
+    data = _split(5)
+    edge = EdgeModel(mlp([8], 3, [8]), "a", seed=2)
+    x = jnp.asarray(data.images)
+    key = jax.random.fold_in(jax.random.key(1), 0)
+    log_w = np.stack([_alone(edge, x, jax.random.fold_in(key, s))[1] for s in range(8)])
+    want = -(np.logaddexp.reduce(log_w, axis=0) - np.log(8))
+    np.testing.assert_allclose(likelihood.image_nll(edge, data, k=8), want, rtol=1e-5)
+    bounds = likelihood.image_bounds(edge, data, samples=8)["nelbo"]
+    assert np.mean(likelihood.image_nll(edge, data, k=64)) < np.mean(bounds)
+
+
+def test_per_class_means_and_bad_k():
+    values = np.array([1.0, 2.0, 3.0, 5.0])
+    assert likelihood.per_class(values, np.array([0, 1, 0, 1])) == {"0": 2.0, "1": 3.5}
+    with pytest.raises(ValueError, match="k: must be a positive integer"):
+        likelihood.image_nll(EdgeModel(mlp([8], 3, [8]), "a"), _split(2), k=0)

@@ -1,7 +1,7 @@
 """Does the BAIM's step time follow K (active learners) rather than N (pool size)?
 
 One squad of N equal MLP VAE learners (784-256-2x32 encoder, 32-256-784 decoder), K = 2,
-batch 256, h = 1. Routing is forced balanced (DESIGN.md Sec. 9): example b goes to learners
+batch 256, h = 1. Routing is forced balanced (docs/design.md §9): example b goes to learners
 (b + k N / K) mod N, with the gate's softmax weights there; the load it got is reported.
 
 Connections: a pruned, compacted BAIM (pruned connections are gone) that keeps

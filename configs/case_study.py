@@ -1,4 +1,4 @@
-"""The paper's case study (DESIGN.md Sec. 1), scaled to a 2-core machine and the embedded MNIST
+"""The paper's case study (docs/design.md §1), scaled to a 2-core machine and the embedded MNIST
 digits: 10 edges with heterogeneous VAEs (0.05M to 1.09M parameters, 21x apart) in 2 tasks
 (digits 0-4, digits 5-9), non-IID within each task (Dirichlet alpha = 0.5 over classes), a
 cloud share of 20%, the BAIM trained with each of the three strategies, personalisation of

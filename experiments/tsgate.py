@@ -1,6 +1,6 @@
 """Why does the case study's TSGate route only 68-77% of the test images to their task?
 
-The TSGate (DESIGN.md Sec. 3) is a linear head on phi(x), one ReLU layer shared with the
+The TSGate (docs/design.md §3) is a linear head on phi(x), one ReLU layer shared with the
 LSGates; the cloud trains it with cross-entropy (weight ``baim.task_loss_weight``) beside the
 gated bound, on its own data only, for ``cloud.epochs`` epochs. For a finished run this script
 measures, on the held-out test images:

@@ -2,7 +2,7 @@
 
 The held-out test set is never looked at. A validation set is cut from the cloud's common data
 (``--val-fraction``, by seed); the cloud and FedAvg's cloud epochs train on the rest. At the
-case study's fixed epoch budget (equal total epochs, DESIGN.md Sec. 1), coordinate search by
+case study's fixed epoch budget (equal total epochs, docs/design.md §1), coordinate search by
 validation negative ELBO (nats/image, ``likelihood.test_loss``, routing by task id):
 
 1. the edges' learning rate (every edge model's loss on its own task's validation images);

@@ -1,5 +1,5 @@
 """Projection connections: potential sets counted by hand, pruning schedule and masks, kernel
-stacking, resampling and ``BAIM.prune_connections`` (DESIGN.md Sec. 2)."""
+stacking, resampling and ``BAIM.prune_connections`` (docs/design.md §2)."""
 
 import chex
 import jax.numpy as jnp

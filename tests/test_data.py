@@ -1,4 +1,4 @@
-"""Datasets by name and the test / cloud / edge split (DESIGN.md Sec. 1)."""
+"""Datasets by name and the test / cloud / edge split (docs/design.md §1)."""
 
 import numpy as np
 import pytest

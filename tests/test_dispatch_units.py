@@ -1,5 +1,5 @@
 """Dispatch units worked by hand: capacity, buffer layouts, combination and the stage-level
-closure of what must run for an input (DESIGN.md Sec. 2, "What runs for one input")."""
+closure of what must run for an input (docs/design.md §2, "What runs for one input")."""
 
 import chex
 import jax

@@ -1,4 +1,4 @@
-"""Frechet distance (DESIGN.md Sec. 6): zero for a set against itself, growing with blur and
+"""Frechet distance (docs/design.md §6): zero for a set against itself, growing with blur and
 noise, equal to a scipy reference on Gaussian data."""
 
 import numpy as np

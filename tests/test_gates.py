@@ -1,4 +1,4 @@
-"""Hand-worked routing cases for the HierGate (DESIGN.md Sec. 3), in the style of vmoe's
+"""Hand-worked routing cases for the HierGate (docs/design.md §3), in the style of vmoe's
 ``moe_test.py``: every expected selection and weight is written out and explained."""
 
 import math

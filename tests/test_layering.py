@@ -1,4 +1,4 @@
-"""The package layout reads like the workflow (DESIGN.md Sec. 7): every import points from a
+"""The package layout reads like the workflow (docs/design.md §7): every import points from a
 later step to an earlier one."""
 
 import ast

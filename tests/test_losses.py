@@ -1,4 +1,4 @@
-"""Likelihoods and KL (DESIGN.md Sec. 3), hand-worked: nats per image, summed over pixels."""
+"""Likelihoods and KL (docs/design.md §3), hand-worked: nats per image, summed over pixels."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The service (DESIGN.md Sec. 1, step 7): store, toolbox, request lifecycle, integrity.
+"""The service (docs/design.md §1, step 7): store, toolbox, request lifecycle, integrity.
 
 A tiny BAIM of three tasks (8x8 images) is partitioned, and its toolkit and router are published
 to a store once per module; each test works on its own copy of that store.

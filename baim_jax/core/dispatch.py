@@ -1,4 +1,4 @@
-"""Which learner runs on which example, and where its rows sit (DESIGN.md Sec. 2, Fig. 4).
+"""Which learner runs on which example, and where its rows sit (docs/design.md §2, Fig. 4).
 
 For one input, what runs is its top-K learners plus the stages that feed them through kept
 connections, transitively: a learner it does not pick may have to run only a prefix of its

@@ -1,9 +1,9 @@
-"""VAE learners split into stages (paper Sec. "Bottom-up BAIM", DESIGN.md Sec. 2).
+"""VAE learners split into stages (paper Sec. "Bottom-up BAIM", docs/design.md §2).
 
 A learner is an edge's generative model: an encoder tower (hidden stages, then the latent
 head giving mean and log-variance) and a decoder tower (hidden stages from the latent z, then
 the output stage giving pixel logits or means). Every stage maps one feature array to the next;
-``a[n, i]`` in DESIGN.md is the input of stage ``i``.
+``a[n, i]`` in docs/design.md is the input of stage ``i``.
 
 Stage kinds (``Stage.op``):
   * ``dense``: tensordot over all feature axes, ``[B, *in] -> [B, *out]``; its bias has ``out``'s

@@ -1,4 +1,4 @@
-"""The learner pool: heterogeneous learners in stacked, padded parameter trees (DESIGN.md Sec. 4).
+"""The learner pool: heterogeneous learners in stacked, padded parameter trees (docs/design.md §4).
 
 Every tower is laid out in *positions*: hidden stages sit at positions ``0..e_n-1``, the tower's
 last stage (latent head / output) sits at the pool's last position, and the positions between

@@ -149,7 +149,7 @@ class Partition(NamedTuple):
 def edge_cloud_split(images: np.ndarray, labels: np.ndarray, tasks: Sequence[Sequence[int]],
                      edge_tasks: Sequence[int], edge_shares: Sequence[float], *, test_size: int,
                      cloud_fraction: float, seed: int, alpha: float | None = None) -> Partition:
-    """Deterministic split into test, cloud and edge shards (DESIGN.md Sec. 1).
+    """Deterministic split into test, cloud and edge shards (docs/design.md §1).
 
     The test set is drawn first; of the rest a ``cloud_fraction`` (all tasks) is the cloud's
     common data. What remains of each task is cut among that task's edges class by class:

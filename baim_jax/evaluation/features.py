@@ -1,5 +1,5 @@
 """The default FID feature network: a small CNN classifier trained on the dataset's real
-training images (DESIGN.md Sec. 6; offline, so not Inception: say so in every report).
+training images (docs/design.md §6; offline, so not Inception: say so in every report).
 
 Its features are the 128 activations before the class layer. ``load_or_train`` caches the
 trained network per dataset in a directory (orbax state and a JSON record with its test

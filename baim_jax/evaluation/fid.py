@@ -1,4 +1,4 @@
-"""Frechet distance between feature statistics of two image sets (DESIGN.md Sec. 6).
+"""Frechet distance between feature statistics of two image sets (docs/design.md §6).
 
 ``FID = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1^(1/2) S_2 S_1^(1/2))^(1/2))``. The trace term is
 computed from symmetric positive semi-definite matrices only (two eigendecompositions in

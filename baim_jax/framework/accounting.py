@@ -1,4 +1,4 @@
-"""Cost accounting of the approaches (the table of the paper's Fig. 5b, DESIGN.md Sec. 6).
+"""Cost accounting of the approaches (the table of the paper's Fig. 5b, docs/design.md §6).
 
 Parameters are real (unpadded) counts; bytes are float32 payloads (4 bytes a parameter) of
 what crosses the network; FLOPs per epoch are XLA's cost analysis of one compiled training

@@ -23,7 +23,7 @@ from baim_jax.evaluation.data import Split
 
 def aggregate(uploads: Sequence[EdgeModel], tasks: Sequence[str], config: BAIMConfig, *,
               seed: int = 0, max_upload_params: int | None = None) -> BAIM:
-    """Assembles the BAIM from the edges' uploaded models (DESIGN.md Sec. 5).
+    """Assembles the BAIM from the edges' uploaded models (docs/design.md §5).
 
     Each upload is checked first (its task is one of ``tasks``, its parameters match its spec
     and are finite, its size is within ``max_upload_params``); a bad one raises ``ValueError``

@@ -1,4 +1,4 @@
-"""The run's measures of sample quality (DESIGN.md Sec. 6 and 8): FID of a model's samples
+"""The run's measures of sample quality (docs/design.md §6 and §8): FID of a model's samples
 against held-out real images, in the space of the dataset's feature network.
 
 Fixed choices, stated in every report: the reference is the grayscale real test images (not

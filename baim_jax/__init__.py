@@ -2,17 +2,19 @@
 
 The package reads like the workflow: ``core`` holds the big model (learners, pool, gates,
 connections, dispatch, the BAIM itself, partition into task models, training strategies);
-``checkpoint`` saves and loads (through ``files``); ``framework`` runs the edge-cloud
+``checkpoint`` saves and loads every model kind (``save``, ``load``, through ``files``); ``framework`` runs the edge-cloud
 pipeline (edges, cloud, FedAvg, accounting); ``evaluation`` holds the data, FID and report;
 ``service`` the model store, the edges' toolboxes and requests; ``train`` and ``cli`` run
 jobs.
 """
 
-from baim_jax.checkpoint import CheckpointError, load
-from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.checkpoint import CheckpointError, load, save
+from baim_jax.core.baim import BAIM
+from baim_jax.core.config import BAIMConfig
 from baim_jax.core.learners import LearnerSpec, SpecError
 from baim_jax.core.partition import TaskModel, partition
 from baim_jax.core.pool import Member
+from baim_jax.core.spec import GenerativeModel, Model, ModelSpec
 
-__all__ = ["BAIM", "BAIMConfig", "CheckpointError", "LearnerSpec", "Member", "SpecError",
-           "TaskModel", "load", "partition"]
+__all__ = ["BAIM", "BAIMConfig", "CheckpointError", "GenerativeModel", "LearnerSpec", "Member",
+           "Model", "ModelSpec", "SpecError", "TaskModel", "load", "partition", "save"]

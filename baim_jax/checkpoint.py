@@ -1,5 +1,6 @@
-"""Saving and loading BAIMs and task models: a directory with ``spec.json`` and an orbax
-checkpoint of the unpadded state (``state/``).
+"""Saving and loading models of every kind: a directory with ``spec.json`` (the model's
+``ModelSpec`` with the SHA-256 of every file) and an orbax checkpoint of the unpadded state
+(``state/``). ``save`` and ``load`` are ``baim_jax.save`` and ``baim_jax.load``.
 
 Saving writes into a temporary sibling directory and renames it into place, so an interrupted
 save never leaves a half-written model where a good one was. Loading needs nothing but the
@@ -21,13 +22,13 @@ from flax import nnx
 from baim_jax import files
 from baim_jax.core import connections as C
 from baim_jax.core import learners as L
-from baim_jax.core.baim import BAIM, BAIMConfig
+from baim_jax.core.baim import BAIM
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import TaskModel
-from baim_jax.core.pool import Member, PoolLayout
+from baim_jax.core.pool import PoolLayout
 from baim_jax.core.router import TaskRouter
+from baim_jax.core.spec import Model, ModelSpec
 
-FORMAT, VERSION = "baim_jax", 2
 KINDS = {"baim": BAIM, "task": TaskModel, "edge": EdgeModel, "router": TaskRouter}
 
 
@@ -52,8 +53,10 @@ def _as_list(d, n: int, where: str) -> list:
     return [d.get(str(i)) for i in range(n)]
 
 
-def save(model: BAIM | EdgeModel | TaskRouter, path) -> None:
-    """Writes ``model`` to the directory ``path`` (replaced atomically if it exists)."""
+def save(model: Model, path) -> None:
+    """Writes ``model`` (a BAIM, TaskModel, EdgeModel or TaskRouter) to the directory ``path``:
+    ``spec.json`` and an orbax checkpoint of its unpadded state, replaced atomically if the
+    directory exists (``load`` reopens it)."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -63,7 +66,7 @@ def save(model: BAIM | EdgeModel | TaskRouter, path) -> None:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(tmp / "state", _to_dicts(tree))
         ckpt.wait_until_finished()
-        spec = model.spec
+        spec = model.spec.to_json()
         spec["files"] = files.digests(tmp / "state")
         spec["spec_sha256"] = _spec_digest(spec)
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -78,31 +81,31 @@ def _spec_digest(spec: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def read_spec(path) -> dict:
-    """Reads and checks ``spec.json`` of a model directory: format, version, kind and its own
-    digest (the spec says what the state is; an edited spec would load another model)."""
-    path = Path(path)
+def _read(path: Path) -> tuple[ModelSpec, dict]:
+    """``spec.json`` of a model directory, checked: its own digest (an edited spec would load
+    another model), then its content. Returns the spec and the recorded file digests."""
     if not (path / "spec.json").is_file():
         raise CheckpointError(f"{path}: not a baim_jax model directory (no spec.json)")
     try:
-        spec = json.loads((path / "spec.json").read_text())
+        raw = json.loads((path / "spec.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}/spec.json: unreadable ({e})") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise CheckpointError(f"{path}/spec.json: not a {FORMAT} spec")
-    if spec.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path}/spec.json: format version {spec.get('version')!r}, this baim_jax reads "
-            f"version {VERSION}")
-    if spec.get("kind") not in KINDS:
-        raise CheckpointError(f"{path}/spec.json: unknown model kind {spec.get('kind')!r}")
-    if spec.get("spec_sha256") != _spec_digest(spec):
-        raise CheckpointError(f"{path}/spec.json: altered (its content does not match the "
-                              f"SHA-256 it records)")
-    return spec
+    try:
+        ModelSpec.check_format(raw)
+        if raw.get("spec_sha256") != _spec_digest(raw):
+            raise ValueError("altered (its content does not match the SHA-256 it records)")
+        spec = ModelSpec.from_json(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}/spec.json: {e}") from None
+    return spec, raw.get("files")
 
 
-def load(path, *, check_digests: bool = True) -> BAIM | EdgeModel | TaskRouter:
+def read_spec(path) -> ModelSpec:
+    """The checked description of the model saved in ``path`` (nothing else is read)."""
+    return _read(Path(path))[0]
+
+
+def load(path, *, check_digests: bool = True) -> Model:
     """Opens a saved BAIM, TaskModel, EdgeModel or TaskRouter from its directory.
 
     Every file is checked against the SHA-256 digests in ``spec.json`` before anything is
@@ -115,10 +118,9 @@ def load(path, *, check_digests: bool = True) -> BAIM | EdgeModel | TaskRouter:
         service's store and toolbox, under their locks). Everything else is still checked.
     """
     path = Path(path).absolute()
-    spec = read_spec(path)
+    spec, recorded = _read(path)
     if not (path / "state").is_dir():
         raise CheckpointError(f"{path}: the checkpoint directory 'state' is missing")
-    recorded = spec.get("files")
     if not isinstance(recorded, dict) or not recorded:
         raise CheckpointError(f"{path}/spec.json: no file digests ('files')")
     if check_digests:
@@ -131,23 +133,19 @@ def load(path, *, check_digests: bool = True) -> BAIM | EdgeModel | TaskRouter:
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(f"{path}/state: cannot be restored ({type(e).__name__})") from None
     try:
-        if spec["kind"] == "router":
-            return TaskRouter(spec["tasks"], tree.get("gate"))
+        if spec.kind == "router":
+            return TaskRouter(spec.tasks, tree.get("gate"))
         return _build(spec, tree)
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}/spec.json: malformed ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(e).__name__}: {e})") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _build(spec: dict, tree: dict) -> BAIM | EdgeModel:
+def _build(spec: ModelSpec, tree: dict) -> BAIM | EdgeModel:
     """A BAIM, TaskModel or EdgeModel from its spec and restored tree (ValueError if they
     disagree)."""
-    config = None if spec["kind"] == "edge" else BAIMConfig(**spec["config"])
-    members = [Member.from_json(m) for m in spec["learners"]]
-    conns = [C.Connection(*c[:5]) for c in spec["connections"]["list"]]
-    kept = [bool(c[5]) for c in spec["connections"]["list"]]
-    tasks = spec["tasks"]
+    members = [e.member for e in spec.learners]
     learners = _as_list(tree.get("learners"), len(members), "learners")
     params = []
     for n, p in enumerate(learners):
@@ -157,12 +155,12 @@ def _build(spec: dict, tree: dict) -> BAIM | EdgeModel:
                                           f"learner {n} {t}") if v is not None]
                   for t in L.TOWERS}
         params.append({**towers, **({"log_scale": p["log_scale"]} if "log_scale" in p else {})})
-    kernels = _as_list(tree.get("connections"), len(conns), "connections")
-    cls = KINDS[spec["kind"]]
-    if cls is EdgeModel:
-        if len(members) != 1 or conns:
+    if spec.kind == "edge":
+        if len(members) != 1 or spec.connections:
             raise ValueError("an edge model has exactly one learner and no connections")
-        return EdgeModel(members[0].spec, tasks[0], params=params[0])
+        return EdgeModel(members[0].spec, spec.tasks[0], params=params[0])
+    conns = list(spec.connections)
+    kernels = _as_list(tree.get("connections"), len(conns), "connections")
     probe = C.ConnectionSet(PoolLayout(members), conns)
     for c, k in zip(conns, kernels):
         if k is None or tuple(np.shape(k)) != probe.real_kernel_shape(c):
@@ -171,6 +169,7 @@ def _build(spec: dict, tree: dict) -> BAIM | EdgeModel:
                              f"{probe.real_kernel_shape(c)}")
         if not np.isfinite(k).all():
             raise ValueError(f"connection {c.to_json()}: non-finite values")
-    return cls(members, tasks, config, rngs=nnx.Rngs(0), learner_params=params,
-               connections=conns, connection_kernels=kernels, kept=kept,
-               gate_params=tree.get("gate"), prior_logits=tree.get("prior"))
+    return KINDS[spec.kind](members, spec.tasks, spec.config, rngs=nnx.Rngs(0),
+                            learner_params=params, connections=conns, connection_kernels=kernels,
+                            kept=list(spec.kept), gate_params=tree.get("gate"),
+                            prior_logits=tree.get("prior"))

@@ -268,26 +268,25 @@ def _inspect(args, overrides) -> None:
         _inspect_store(path, args.json)
         return
     spec = checkpoint.read_spec(path)
-    if args.json:
-        print(json.dumps(spec, indent=1))
+    if args.json:  # the checked spec.json as it is, file digests included
+        print(json.dumps(json.loads((path / "spec.json").read_text()), indent=1))
         return
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    if spec["kind"] == "router":
-        print(f"router model (the TSGate), tasks {spec['tasks']}, images "
-              f"{spec['image_shape']}: {spec['params']['total']:,} params; {size:,} bytes on disk")
+    p = spec.params
+    if spec.kind == "router":
+        print(f"router model (the TSGate), tasks {list(spec.tasks)}, images "
+              f"{list(spec.image_shape)}: {p.total:,} params; {size:,} bytes on disk")
         return
-    gate = spec["config"]["gate"] if spec["config"] else "none"
-    print(f"{spec['kind']} model, tasks {spec['tasks']}, K={spec['k']}, h={spec['h']}, "
-          f"gate {gate}")
-    for n, m in enumerate(spec["learners"]):
-        s = m["spec"]
-        role = f"task {m['task']}" if m["task"] is not None else f"feeder, keeps {m['keep']}"
-        print(f"  learner {n}: {s['kind']} enc{s['encoder']} L={s['latent']} dec{s['decoder']}"
-              f" ({role}): {m['params']:,} params")
-    c, p = spec["connections"], spec["params"]
-    print(f"  connections: {c['kept']} kept of {c['potential']}")
-    print(f"  parameters: {p['total']:,} (learners {p['learners']:,}, gate {p['gate']:,}, "
-          f"connections {p['connections']:,}); {size:,} bytes on disk")
+    gate = spec.config.gate if spec.config else "none"
+    print(f"{spec.kind} model, tasks {list(spec.tasks)}, K={spec.k}, h={spec.h}, gate {gate}")
+    for n, e in enumerate(spec.learners):
+        s = e.member.spec
+        role = f"task {e.task}" if e.task is not None else f"feeder, keeps {list(e.member.keep)}"
+        print(f"  learner {n}: {s.kind} enc{list(s.encoder)} L={s.latent} dec{list(s.decoder)}"
+              f" ({role}): {e.params:,} params")
+    print(f"  connections: {spec.connections_kept} kept of {len(spec.connections)}")
+    print(f"  parameters: {p.total:,} (learners {p.learners:,}, gate {p.gate:,}, "
+          f"connections {p.connections:,}); {size:,} bytes on disk")
 
 
 def _inspect_store(path: Path, as_json: bool) -> None:

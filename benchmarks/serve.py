@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import baim_jax
 from baim_jax import BAIM, BAIMConfig, LearnerSpec, partition
 from baim_jax.core.router import TaskRouter
 from baim_jax.service.edge import Edge, Request
@@ -54,10 +55,10 @@ def synthetic_store(root: Path, tasks: int, learners: int, seed: int) -> ModelSt
         var[...] = 0.01 * rng.standard_normal(var[...].shape).astype(np.float32)
     baim.prune_connections(0.5)
     sources = {ROUTER: root / "toolkit" / "router"}
-    TaskRouter.from_baim(baim).save(sources[ROUTER])
+    baim_jax.save(TaskRouter.from_baim(baim), sources[ROUTER])
     for name in names:
         sources[name] = root / "toolkit" / name
-        partition(baim, name).save(sources[name])
+        baim_jax.save(partition(baim, name), sources[name])
     store = ModelStore(root / "store", create=True)
     store.publish(sources)
     return store

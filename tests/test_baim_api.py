@@ -249,12 +249,12 @@ def test_gaussian_learners(images):
     model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=1))
     out = model.bound(images, task="a", rng=jax.random.key(0))
     assert np.isfinite(np.asarray(out["nelbo"])).all()
-    assert model.spec["learners"][0]["params"] == L.count_params(specs[0])
+    assert model.spec.learners[0].params == L.count_params(specs[0])
     assert L.count_params(specs[0]) == L.count_params(mlp([8], 2, [8])) + 1
 
 
 def test_spec_is_json_and_counts_real_parameters(model):
-    spec = json.loads(json.dumps(model.spec))
+    spec = json.loads(json.dumps(model.spec.to_json()))
     assert spec["k"] == 2 and spec["h"] == 1 and spec["tasks"] == TASKS
     assert [m["params"] for m in spec["learners"]] == [
         L.count_params(m.spec) for m in model.layout.members]

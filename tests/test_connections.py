@@ -355,5 +355,5 @@ def test_baim_prune_connections():
     np.testing.assert_array_equal(model.kept_flat(), kept3)
     for k, kern in enumerate(_kernels(model)):
         assert kern.any() == kept3[k], k
-    assert model.spec["connections"]["kept"] == 3
-    assert model.spec["connections"]["potential"] == 9
+    assert model.spec.connections_kept == 3
+    assert len(model.spec.connections) == 9

@@ -233,7 +233,7 @@ def test_partition_equals_baim_for_its_task(kind, h, prune, dispatch, mlp_specs,
         in_squad = np.flatnonzero(model.layout.segment_of == t)
         chex.assert_trees_all_close(small["gate"], big["gate"][:, in_squad], atol=1e-6)
         chex.assert_shape(small["gate"], (images.shape[0], len(in_squad)))
-        assert task_model.spec["params"]["total"] < model.spec["params"]["total"]
+        assert task_model.spec.params.total < model.spec.params.total
 
 
 def test_partition_drops_other_squads_and_truncates_feeders(mlp_specs):
@@ -241,14 +241,12 @@ def test_partition_drops_other_squads_and_truncates_feeders(mlp_specs):
     for name in TASKS:
         task_model = partition(model, name)
         spec = task_model.spec
-        gated = [m for m in spec["learners"] if m["squad"] is not None]
-        feeders = [m for m in spec["learners"] if m["squad"] is None]
-        assert len(gated) == 2 and spec["tasks"] == [name]
-        assert spec["connections"]["kept"] == spec["connections"]["potential"]
-        assert spec["connections"]["kept"] <= model.spec["connections"]["kept"]
-        for f in feeders:
-            full = L.count_params(L.LearnerSpec.from_json(f["spec"]))
-            assert f["params"] <= full
+        assert spec.gated == 2 and spec.tasks == (name,)
+        assert spec.connections_kept == len(spec.connections)
+        assert spec.connections_kept <= model.spec.connections_kept
+        for entry in spec.learners:
+            if entry.member.squad is None:
+                assert entry.params <= L.count_params(entry.member.spec)
 
 
 def test_partition_without_connections_keeps_only_the_squad(mlp_specs, images):
@@ -257,7 +255,7 @@ def test_partition_without_connections_keeps_only_the_squad(mlp_specs, images):
     model = _connected(mlp_specs, 1)
     for kept in model.kept:
         kept[...] = jnp.zeros_like(kept[...])
-    assert model.spec["connections"]["kept"] == 0
+    assert model.spec.connections_kept == 0
     task_model = partition(model, "a")
     members = task_model.layout.members
     assert [m.spec for m in members] == [mlp_specs[0], mlp_specs[2]]

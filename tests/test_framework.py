@@ -258,7 +258,7 @@ def test_aggregate_refuses_bad_uploads_naming_them():
     with pytest.raises(ValueError, match=r"upload 2: task 'c'"):
         cloud.aggregate(_uploads(("a", "b", "c", "a")), TASKS, config)
     uploads = _uploads()
-    sizes = [u.spec["params"]["total"] for u in uploads]
+    sizes = [u.spec.params.total for u in uploads]
     biggest = int(np.argmax(sizes))
     with pytest.raises(ValueError, match=f"upload {biggest}: {sizes[biggest]} parameters"):
         cloud.aggregate(uploads, TASKS, config, max_upload_params=sorted(sizes)[-2])
@@ -278,16 +278,17 @@ def test_edge_model_spec_counts_its_parameters_by_hand():
     model = EdgeModel(TINY, "a")
     spec = model.spec
     assert TINY_PARAMS == 612
-    assert spec["params"] == {"learners": 612, "gate": 0, "connections": 0, "total": 612}
+    assert spec.params.to_json() == {"learners": 612, "gate": 0, "connections": 0,
+                                     "total": 612}
     assert sum(np.size(v) for v in jax.tree.leaves(model.arrays())) == 612
     # A Gaussian learner adds its one log-scale.
-    assert EdgeModel(mlp([4], 2, [4], "gaussian"), "a").spec["params"]["total"] == 613
+    assert EdgeModel(mlp([4], 2, [4], "gaussian"), "a").spec.params.total == 613
 
 
 def test_edge_model_save_load_reconstruct_and_sample(tmp_path, images):
     model = EdgeModel(mlp([12, 10], 3, [8]), "digits", seed=4)
     path = tmp_path / "edge"
-    model.save(path)
+    baim_jax.save(model, path)
     loaded = baim_jax.load(path)
     assert isinstance(loaded, EdgeModel) and loaded.task == "digits"
     assert loaded.spec == model.spec
@@ -364,7 +365,7 @@ def test_cloud_trainable_params_hand_counted():
     # enc position 1 (head input, 4 features; position 0 reads the image and is no source):
     # 2 * 4*4 = 32; dec position 0 (z, 2 -> 2): 2 * 2*2 = 8; dec position 1 (4 -> 4): 2 * 16 = 32.
     conns = 2 * 4 * 4 + 2 * 2 * 2 + 2 * 4 * 4
-    assert model.spec["params"]["gate"] == gate == 282
+    assert model.spec.params.gate == gate == 282
     assert len(model.conns) == 6
     assert sum(model.conns.param_count(c) for c in model.conns.connections) == conns == 72
     assert accounting.cloud_trainable_params(model, "freeze") == gate + conns == 354
@@ -373,7 +374,7 @@ def test_cloud_trainable_params_hand_counted():
                 == 2 * TINY_PARAMS + gate + conns == 1578)
     # Pruned connections still count (every potential connection trains until pruned).
     model.prune_connections(0.5)
-    assert model.spec["params"]["connections"] < conns
+    assert model.spec.params.connections < conns
     assert accounting.cloud_trainable_params(model, "freeze") == 354
 
 
@@ -539,7 +540,7 @@ def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):
     trainer = cloud.Trainer(model, "freeze", learning_rate=1e-2, batch_size=8, seed=0,
                             pruning=cloud.Pruning(rho=0.25, start=0, end=1, every=2))
     trainer.run_epoch(_split(24), 0)
-    assert model.spec["connections"]["kept"] == math.ceil(0.25 * potential)
+    assert model.spec.connections_kept == math.ceil(0.25 * potential)
 
 
 def test_cloud_trainer_resume_is_exact_with_pruning(mlp_specs):
@@ -598,11 +599,11 @@ def test_the_cloud_takes_only_the_uploads_its_config_trained(tmp_path):
     plan = plan_lib.validate(load_config(SMOKE, []))
     ids = plan.edge_ids
     for e, eid in enumerate(ids):
-        EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], seed=e).save(
-            tmp_path / "edges" / eid / "initial")
+        baim_jax.save(EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], seed=e),
+                      tmp_path / "edges" / eid / "initial")
     assert len(pipeline._uploads(plan, tmp_path)) == len(ids)
     other = next(e for e in range(1, len(ids)) if plan.specs[e] != plan.specs[0])
-    EdgeModel(plan.specs[other], plan.tasks[plan.edge_tasks[0]], seed=9).save(
-        tmp_path / "edges" / ids[0] / "initial")
+    baim_jax.save(EdgeModel(plan.specs[other], plan.tasks[plan.edge_tasks[0]], seed=9),
+                  tmp_path / "edges" / ids[0] / "initial")
     with pytest.raises(ValueError, match=f"edges/{ids[0]}/initial: not the upload of {ids[0]}"):
         pipeline._uploads(plan, tmp_path)

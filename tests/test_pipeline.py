@@ -104,13 +104,13 @@ def test_every_model_is_saved_and_loads(smoke_run, results):
     for task in TASKS:
         model = baim_jax.load(results["toolkit"][task]["path"])
         assert isinstance(model, TaskModel) and model.task == task
-        assert model.spec["params"]["total"] == results["toolkit"][task]["params"]
-        assert model.spec["connections"]["kept"] == results["toolkit"][task]["connections_kept"]
+        assert model.spec.params.total == results["toolkit"][task]["params"]
+        assert model.spec.connections_kept == results["toolkit"][task]["connections_kept"]
     for edge in results["edges"]:
         initial = baim_jax.load(workdir / "edges" / edge["id"] / "initial")
         personal = baim_jax.load(workdir / "edges" / edge["id"] / "personalized")
         assert isinstance(initial, EdgeModel) and initial.task == edge["task"]
-        assert initial.spec["params"]["total"] == edge["params"]
+        assert initial.spec.params.total == edge["params"]
         assert isinstance(personal, TaskModel) and personal.task == edge["task"]
     assert isinstance(baim_jax.load(workdir / "fl"), EdgeModel)
 

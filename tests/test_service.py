@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import baim_jax
 import chex
 import jax
 import numpy as np
@@ -45,9 +46,9 @@ def published(tmp_path_factory):
     sources = {}
     for t in TASKS:
         sources[t] = root / "toolkit" / t
-        partition(baim, t).save(sources[t])
+        baim_jax.save(partition(baim, t), sources[t])
     sources[ROUTER] = root / "router"
-    TaskRouter.from_baim(baim).save(sources[ROUTER])
+    baim_jax.save(TaskRouter.from_baim(baim), sources[ROUTER])
     ModelStore(root / "store", create=True).publish(sources)
     return {"store": root / "store", "sources": sources, "baim": baim}
 
@@ -213,16 +214,16 @@ def test_new_revision_replaces_the_cached_one(store, published, tmp_path):
 
 def test_router_round_trip_and_spec(published, tmp_path):
     router = TaskRouter.from_baim(published["baim"])
-    router.save(tmp_path / "router")
+    baim_jax.save(router, tmp_path / "router")
     again = checkpoint.load(tmp_path / "router")
     x = np.asarray(jax.random.uniform(jax.random.key(5), (4, 8, 8, 1)))
     chex.assert_trees_all_close(again.route(x)["probs"], router.route(x)["probs"])
     chex.assert_shape(again.route(x)["probs"], (4, 3))
     spec = again.spec
-    assert spec["kind"] == "router" and spec["tasks"] == TASKS
+    assert spec.kind == "router" and list(spec.tasks) == TASKS
     # phi: 8*8*1*F + F; ts: F*3 + 3.
-    f = spec["feature_dim"]
-    assert spec["params"]["total"] == 64 * f + f + 3 * f + 3
+    f = spec.feature_dim
+    assert spec.params.total == 64 * f + f + 3 * f + 3
     with pytest.raises(ValueError, match="does not fit"):
         again.route(np.zeros((2, 9, 9, 1), np.float32))
 

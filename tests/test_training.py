@@ -120,7 +120,7 @@ def test_compacted_model_drops_pruned_connections_and_computes_the_same(mlp_spec
     randomize_connections(model, jax.random.key(1))
     model.prune_connections(0.3)
     small = model.compacted()
-    assert len(small.conns) == model.spec["connections"]["kept"] < len(model.conns)
+    assert len(small.conns) == model.spec.connections_kept < len(model.conns)
     a = model.reconstruct(images, task="a", rng=jax.random.key(0))
     b = small.reconstruct(images, task="a", rng=jax.random.key(0))
     np.testing.assert_allclose(a["mean"], b["mean"], atol=1e-6)

@@ -29,7 +29,9 @@ from baim_jax.core import dispatch as D
 from baim_jax.core import gates as G
 from baim_jax.core import learners as L
 from baim_jax.core import losses
+from baim_jax.core.config import BAIMConfig
 from baim_jax.core.pool import Member, PoolLayout, run_pool, run_tower
+from baim_jax.core.spec import ModelSpec, ParamCounts, learner_entries
 
 
 class LearnerParam(nnx.Param):
@@ -55,65 +57,6 @@ class KeptMask(nnx.Variable):
 class PriorParam(GateParam):
     """Logits ``[N]`` of the prior pi over each squad's learners: the mixture's weights, from
     which the sampler draws a learner (``bound.log_prior``). Trained with the bound."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BAIMConfig:
-    """Hyper-parameters of a BAIM.
-
-    Attributes:
-      k: learners per input (top-K of the task's LSGate).
-      h: connection reach, ``0 <= j - i <= h``.
-      connect: the towers whose stages are connected: ``("enc", "dec")``, one of them, or
-        ``()`` (no connections: the ablation every result is read against).
-      gate: registered gate function (``gates.gate_names()``).
-      noise_std: noisy top-K std in training (0: off).
-      feature_dim: width of the gate's feature map phi.
-      dispatch: ``"capacity"`` (fast path) or ``"dense"`` (reference).
-      capacity_factor: rows per learner = factor * B * K / N; one factor, or one per stage
-        position (encoder then decoder; ``dispatch.capacities``); None: B (never drops).
-      load_balance_weight, z_loss_weight, task_loss_weight: auxiliary loss weights.
-    """
-
-    k: int = 2
-    h: int = 1
-    connect: tuple[str, ...] = L.TOWERS
-    gate: str = "topk_softmax"
-    noise_std: float = 0.0
-    feature_dim: int = 64
-    dispatch: str = "capacity"
-    capacity_factor: float | tuple[float, ...] | None = None
-    load_balance_weight: float = 0.01
-    z_loss_weight: float = 0.001
-    task_loss_weight: float = 1.0
-
-    def __post_init__(self):
-        for name in ("capacity_factor", "connect"):  # lists from JSON or a config file
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-
-    def validate(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k: must be an integer >= 1, got {self.k!r}")
-        if not isinstance(self.h, int) or self.h < 0:
-            raise ValueError(f"h: must be an integer >= 0, got {self.h!r}")
-        if (not isinstance(self.connect, tuple) or len(set(self.connect)) != len(self.connect)
-                or not set(self.connect) <= set(L.TOWERS)):
-            raise ValueError(f"connect: must be a list of distinct towers from {L.TOWERS}, "
-                             f"got {self.connect!r}")
-        G.get_gate(self.gate)
-        if self.dispatch not in ("capacity", "dense"):
-            raise ValueError(f"dispatch: {self.dispatch!r} is not 'capacity' or 'dense'")
-        factors = (self.capacity_factor if isinstance(self.capacity_factor, tuple)
-                   else (self.capacity_factor,))
-        if self.capacity_factor is not None and not all(
-                isinstance(f, (int, float)) and f > 0 for f in factors):
-            raise ValueError("capacity_factor: must be None, a number > 0 or a list of them, "
-                             f"got {self.capacity_factor!r}")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std: must be >= 0, got {self.noise_std}")
-        if self.feature_dim < 1:
-            raise ValueError(f"feature_dim: must be >= 1, got {self.feature_dim}")
 
 
 def _check_params(spec: L.LearnerSpec, params: Any, where: str, keep=None) -> None:
@@ -195,7 +138,7 @@ class BAIM(nnx.Module):
     """The assembled big model.
 
     Build one with ``BAIM.assemble`` (from edge uploads or fresh specs); ``partition`` cuts it
-    into ``TaskModel``s; ``baim_jax.load`` reopens a saved one.
+    into ``TaskModel``s; ``baim_jax.save`` writes it and ``baim_jax.load`` reopens it.
     """
 
     kind = "baim"
@@ -618,30 +561,22 @@ class BAIM(nnx.Module):
         return int(phi + ls + ts)
 
     @property
-    def spec(self) -> dict:
-        """JSON-serialisable description: learners, tasks, K, h, connections, real parameters."""
+    def spec(self) -> ModelSpec:
+        """The model's description: learners (with their noise streams), tasks, config,
+        connections and which are kept, real parameter counts, padding waste."""
         kept = self.kept_flat()
         conn_params = sum(self.conns.param_count(c)
                           for c, k in zip(self.conns.connections, kept) if k)
-        learners = [{"spec": m.spec.to_json(), "squad": m.squad,
-                     "task": None if m.squad is None else self.tasks[m.squad],
-                     "keep": None if m.keep is None else list(m.keep),
-                     "stream": int(stream), "params": m.param_count()}
-                    for m, stream in zip(self.layout.members, self.layout.streams)]
-        learner_params = sum(d["params"] for d in learners)
-        gate_params = self.gate_param_count()
-        return {
-            "format": "baim_jax", "version": 2, "kind": self.kind, "tasks": list(self.tasks),
-            "config": dataclasses.asdict(self.config), "k": self.config.k, "h": self.config.h,
-            "learners": learners,
-            "connections": {"potential": len(self.conns), "kept": int(kept.sum()),
-                            "list": [c.to_json() + [bool(k)]
-                                     for c, k in zip(self.conns.connections, kept)]},
-            "params": {"learners": learner_params, "gate": gate_params,
-                       "connections": conn_params,
-                       "total": learner_params + gate_params + conn_params},
-            "padding_waste": self.layout.padding_waste(),
-        }
+        members = [dataclasses.replace(m, stream=int(stream))
+                   for m, stream in zip(self.layout.members, self.layout.streams)]
+        entries = learner_entries(members, self.tasks)
+        return ModelSpec(
+            kind=self.kind, tasks=self.tasks,
+            params=ParamCounts(sum(e.params for e in entries), self.gate_param_count(),
+                               conn_params),
+            image_shape=self.layout.image_shape, learners=entries, config=self.config,
+            connections=self.conns.connections, kept=tuple(bool(k) for k in kept),
+            padding_waste=self.layout.padding_waste())
 
     def export_tree(self) -> dict:
         """Unpadded state: per-learner parameters, gate, connection kernels, prior logits."""
@@ -656,11 +591,6 @@ class BAIM(nnx.Module):
             "prior": np.where(self.layout.segment_of >= 0, np.asarray(self.prior[...]), 0.0
                               ).astype(np.float32),
         }
-
-    def save(self, path) -> None:
-        """Writes an orbax checkpoint and ``spec.json`` to the directory ``path`` (atomically)."""
-        from baim_jax import checkpoint
-        checkpoint.save(self, path)
 
 
 def check_count(n) -> None:

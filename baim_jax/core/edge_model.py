@@ -2,8 +2,8 @@
 
 Edges train it on their local data and upload it once; it becomes one learner of the BAIM.
 The FedAvg baseline's homogeneous model is one too. It has the BAIM's public surface
-(``reconstruct``, ``bound``, ``log_weights``, ``draw``, ``sample``, ``spec``, ``save``;
-``baim_jax.load`` reopens it), with a one-learner "gate" that always gives weight 1.
+(``spec.GenerativeModel``: ``reconstruct``, ``bound``, ``log_weights``, ``draw``, ``sample``,
+``spec``), with a one-learner "gate" that always gives weight 1.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from baim_jax.core import bound
 from baim_jax.core import learners as L
 from baim_jax.core import losses
 from baim_jax.core.baim import LearnerParam, check_count, sample_rows, values
+from baim_jax.core.pool import Member
+from baim_jax.core.spec import LearnerEntry, ModelSpec, ParamCounts
 
 
 class EdgeModel(nnx.Module):
@@ -126,26 +128,17 @@ class EdgeModel(nnx.Module):
         return self.draw(n, task=task, rng=rng)["images"]
 
     @property
-    def spec(self) -> dict:
-        """The same description as a BAIM's: one learner, no gate, no connections."""
+    def spec(self) -> ModelSpec:
+        """The same description as a BAIM's: one learner (noise stream 0), no gate, no
+        connections."""
         count = L.count_params(self.learner_spec)
-        return {
-            "format": "baim_jax", "version": 2, "kind": self.kind, "tasks": list(self.tasks),
-            "config": None, "k": 1, "h": 0,
-            "learners": [{"spec": self.learner_spec.to_json(), "squad": 0, "task": self.task,
-                          "keep": None, "stream": 0, "params": count}],
-            "connections": {"potential": 0, "kept": 0, "list": []},
-            "params": {"learners": count, "gate": 0, "connections": 0, "total": count},
-            "padding_waste": 1.0,
-        }
+        return ModelSpec(kind=self.kind, tasks=self.tasks, params=ParamCounts(count, 0, 0),
+                         image_shape=self.learner_spec.image_shape,
+                         learners=(LearnerEntry(Member(self.learner_spec, 0, stream=0),
+                                                self.task, count),))
 
     def export_tree(self) -> dict:
         return {"learners": [jax.tree.map(np.asarray, self.arrays())]}
-
-    def save(self, path) -> None:
-        """Writes an orbax checkpoint and ``spec.json`` to the directory ``path`` (atomically)."""
-        from baim_jax import checkpoint
-        checkpoint.save(self, path)
 
 
 @nnx.jit

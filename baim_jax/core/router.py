@@ -15,6 +15,7 @@ from flax import nnx
 from baim_jax.core import gates as G
 from baim_jax.core import learners as L
 from baim_jax.core.baim import GateParam, values
+from baim_jax.core.spec import ModelSpec, ParamCounts
 
 
 class TaskRouter(nnx.Module):
@@ -72,21 +73,15 @@ class TaskRouter(nnx.Module):
         return {"task": jnp.argmax(probs, axis=-1), "probs": probs}
 
     @property
-    def spec(self) -> dict:
-        """JSON-serialisable description (the checkpoint's ``spec.json``)."""
+    def spec(self) -> ModelSpec:
+        """The router's description (the checkpoint's ``spec.json``)."""
         count = sum(int(np.size(v)) for v in jax.tree.leaves(values(self.gate)))
-        return {"format": "baim_jax", "version": 2, "kind": self.kind, "tasks": list(self.tasks),
-                "image_shape": list(self.image_shape),
-                "feature_dim": int(self.gate["phi"]["bias"][...].shape[0]),
-                "params": {"gate": count, "total": count}}
+        return ModelSpec(kind=self.kind, tasks=self.tasks, params=ParamCounts(0, count, 0),
+                         image_shape=self.image_shape,
+                         feature_dim=int(self.gate["phi"]["bias"][...].shape[0]))
 
     def export_tree(self) -> dict:
         return {"gate": jax.tree.map(np.asarray, values(self.gate))}
-
-    def save(self, path) -> None:
-        """Writes an orbax checkpoint and ``spec.json`` to the directory ``path`` (atomically)."""
-        from baim_jax import checkpoint
-        checkpoint.save(self, path)
 
 
 @nnx.jit

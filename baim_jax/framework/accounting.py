@@ -22,10 +22,10 @@ def span(values: Sequence[float]) -> list:
 def cloud_trainable_params(model: BAIM, strategy: str) -> int:
     """Real parameters the cloud trains: learners (unless frozen), gate, every potential
     connection (all train until pruned)."""
-    spec = model.spec
+    params = model.spec.params
     connections = sum(model.conns.param_count(c) for c in model.conns.connections)
-    learners = 0 if strategy == "freeze" else spec["params"]["learners"]
-    return learners + spec["params"]["gate"] + connections
+    learners = 0 if strategy == "freeze" else params.learners
+    return learners + params.gate + connections
 
 
 def baim_route(*, edge_params: Sequence[int], task_model_params: Sequence[int],

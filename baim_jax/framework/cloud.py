@@ -36,11 +36,11 @@ def aggregate(uploads: Sequence[EdgeModel], tasks: Sequence[str], config: BAIMCo
         raise ValueError("uploads: no edge model to aggregate")
     squads = []
     for e, up in enumerate(uploads):
-        if not isinstance(up, EdgeModel):
+        if getattr(up, "kind", None) != "edge":
             raise ValueError(f"upload {e}: not an edge model ({type(up).__name__})")
         if up.task not in tasks:
             raise ValueError(f"upload {e}: task {up.task!r} is not one of {list(tasks)}")
-        params = up.spec["params"]["total"]
+        params = up.spec.params.total
         if max_upload_params is not None and params > max_upload_params:
             raise ValueError(f"upload {e}: {params} parameters, more than the cloud accepts "
                              f"({max_upload_params})")

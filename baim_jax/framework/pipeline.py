@@ -41,11 +41,11 @@ from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
 from baim_jax.core.router import TaskRouter
-from baim_jax.evaluation import likelihood
+from baim_jax.evaluation import likelihood, measures
 from baim_jax.evaluation.data import Split
 from baim_jax.evaluation.fid import fid
 from baim_jax.files import read_json, write_json
-from baim_jax.framework import accounting, edges as edges_lib, fedavg, measures
+from baim_jax.framework import accounting, edges as edges_lib, fedavg
 from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches
 from baim_jax.framework.plan import Plan, validate
 from baim_jax.framework.storage import PhaseCheckpoint, claim
@@ -158,7 +158,7 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
     extract, _ = _extractor(plan, workdir)
     for e, (eid, params) in enumerate(zip(plan.edge_ids, trainer.params())):
         model = EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], params=params)
-        model.save(workdir / "edges" / eid / "initial")
+        checkpoint.save(model, workdir / "edges" / eid / "initial")
         real = plan.task_test(plan.edge_tasks[e])
         records.append({"id": eid, "task": model.task, "params": L.count_params(plan.specs[e]),
                         "data_size": len(plan.data.edges[e].images),
@@ -180,7 +180,7 @@ def _uploads(plan: Plan, workdir: Path) -> list[EdgeModel]:
         path = workdir / "edges" / eid / "initial"
         model = checkpoint.load(path)
         task = plan.tasks[plan.edge_tasks[e]]
-        if not isinstance(model, EdgeModel) or model.learner_spec != plan.specs[e] or (
+        if model.kind != "edge" or model.learner_spec != plan.specs[e] or (
                 model.task != task):
             raise ValueError(f"{path}: not the upload of {eid} (a {plan.specs[e].kind} edge "
                              f"model of task {task!r} with encoder {list(plan.specs[e].encoder)}"
@@ -217,14 +217,14 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
                     "train": meta["train"] + [metrics]}
             bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
             ckpt.save(epoch + 1, trainer.state_leaves(), meta)
-    model.save(workdir / "baim" / strategy)
-    task_params = {t: partition(model, t).spec["params"]["total"] for t in plan.tasks}
+    checkpoint.save(model, workdir / "baim" / strategy)
+    task_params = {t: partition(model, t).spec.params.total for t in plan.tasks}
     flops = edges_lib.compiled_flops(trainer.lower(cloud)) * steps
     ckpt.remove()
     return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"], "train": meta["train"],
             **scores(model, plan.data.test),
             "trainable_params": trainable, "flops_per_epoch": flops,
-            "connections": model.spec["connections"]["kept"], "task_model_params": task_params,
+            "connections": model.spec.connections_kept, "task_model_params": task_params,
             "task_accuracy": _task_accuracy(model, plan.data.test),
             "wall_seconds": time.perf_counter() - start}
 
@@ -241,16 +241,14 @@ def phase_toolkit(plan: Plan, workdir: Path, show: bool) -> dict:
     for t, name in enumerate(plan.tasks):
         model = partition(baim, name)
         path = workdir / "toolkit" / name
-        model.save(path)
+        checkpoint.save(model, path)
         spec = model.spec
         toolkit[name] = {
-            "learners": sum(m["squad"] is not None for m in spec["learners"]),
-            "feeders": sum(m["squad"] is None for m in spec["learners"]),
-            "params": spec["params"]["total"],
+            "learners": spec.gated, "feeders": spec.feeders, "params": spec.params.total,
             "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-            "connections_kept": spec["connections"]["kept"],
+            "connections_kept": spec.connections_kept,
             **scores(model, plan.task_test(t)), "path": str(path)}
-    TaskRouter.from_baim(baim).save(workdir / "router")
+    checkpoint.save(TaskRouter.from_baim(baim), workdir / "router")
     return {"toolkit": toolkit, "wall_seconds": time.perf_counter() - start}
 
 
@@ -275,9 +273,9 @@ def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
                                   batch_size=cfg.batch_size, seed=plan.config.seed + 10 + e)
                 for epoch in range(cfg.epochs):
                     trainer.run_epoch(local, epoch, bar.update)
-                model.save(path)
+                checkpoint.save(model, path)
             real = plan.task_test(plan.edge_tasks[e])
-            records.append({"id": eid, "params": model.spec["params"]["total"],
+            records.append({"id": eid, "params": model.spec.params.total,
                             **scores(model, real, "_personalized"),
                             "fid_personalized": measures.model_fid(model, real, extract,
                                                                    plan.config.seed)})
@@ -313,7 +311,7 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
             bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
             ckpt.save(r + 1, jax.tree.leaves(params), meta)
     model = EdgeModel(spec, "all", params=params)
-    model.save(workdir / "fl")
+    checkpoint.save(model, workdir / "fl")
     step = edges_lib.step_flops(spec, cfg.batch_size)
     ckpt.remove()
     return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"],

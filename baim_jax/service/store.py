@@ -24,6 +24,7 @@ import datetime
 from pathlib import Path
 
 from baim_jax import checkpoint
+from baim_jax.core.spec import ModelSpec
 from baim_jax.names import check_task_name
 from baim_jax import files as F
 from baim_jax.service import integrity as I
@@ -37,16 +38,14 @@ class StoreError(ValueError):
     """A store, or a request to it, that cannot be served."""
 
 
-def _summary(spec: dict) -> dict:
+def _summary(spec: ModelSpec) -> dict:
     """What the manifest says about a model besides its files."""
-    if spec["kind"] == "router":
-        return {"kind": "router", "tasks": spec["tasks"], "image_shape": spec["image_shape"],
-                "params": spec["params"]["total"]}
-    gated = [m for m in spec["learners"] if m["squad"] is not None]
-    return {"kind": spec["kind"], "tasks": spec["tasks"], "params": spec["params"]["total"],
-            "learners": len(gated), "feeders": len(spec["learners"]) - len(gated),
-            "k": spec["k"], "h": spec["h"], "connections_kept": spec["connections"]["kept"],
-            "image_shape": gated[0]["spec"]["image_shape"]}
+    out = {"kind": spec.kind, "tasks": list(spec.tasks), "image_shape": list(spec.image_shape),
+           "params": spec.params.total}
+    if spec.kind == "router":
+        return out
+    return {**out, "learners": spec.gated, "feeders": spec.feeders, "k": spec.k, "h": spec.h,
+            "connections_kept": spec.connections_kept}
 
 
 def is_count(v, least: int = 0) -> bool:
@@ -281,8 +280,8 @@ def _check_spec(path: Path, key: str, entry: dict | None) -> None:
     """The spec at ``path`` must be the model that ``key`` (and the manifest ``entry``) name."""
     spec = checkpoint.read_spec(path)
     want = "router" if key == ROUTER else "task"
-    if spec["kind"] != want or (key != ROUTER and spec["tasks"] != [key]):
-        raise StoreError(f"{path}: holds a {spec['kind']} model of {spec['tasks']}, not the "
+    if spec.kind != want or (key != ROUTER and list(spec.tasks) != [key]):
+        raise StoreError(f"{path}: holds a {spec.kind} model of {list(spec.tasks)}, not the "
                          f"{want} model of {key!r}")
     summary = _summary(spec)
     if entry is not None and summary != {k: entry.get(k) for k in summary}:

@@ -13,8 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from baim_jax.core.baim import BAIM
-from baim_jax.core.edge_model import EdgeModel
+from baim_jax.core.spec import GenerativeModel
 from baim_jax.evaluation import features
 from baim_jax.evaluation.data import Split
 from baim_jax.evaluation.fid import Extractor, fid
@@ -35,12 +34,11 @@ def feature_space(cache: Path, dataset: str, train: Split, test: Split, *, num_c
     return _LOADED[key]
 
 
-def samples_like(model: BAIM | EdgeModel, real: Split, key: jax.Array) -> np.ndarray:
+def samples_like(model: GenerativeModel, real: Split, key: jax.Array) -> np.ndarray:
     """Samples of ``model`` matching ``real``: per task as many as ``real`` has images of it
     (a one-task model or an edge model: as many as ``real`` holds)."""
-    if isinstance(model, EdgeModel) or len(model.tasks) == 1:
-        task = None if isinstance(model, EdgeModel) else model.tasks[0]
-        return np.asarray(model.sample(len(real.images), task=task, rng=key))
+    if len(model.tasks) == 1:
+        return np.asarray(model.sample(len(real.images), task=model.tasks[0], rng=key))
     out = []
     for t, name in enumerate(model.tasks):
         n = int(np.sum(real.tasks == t))
@@ -49,6 +47,6 @@ def samples_like(model: BAIM | EdgeModel, real: Split, key: jax.Array) -> np.nda
     return np.concatenate(out)
 
 
-def model_fid(model: BAIM | EdgeModel, real: Split, extract: Extractor, seed: int) -> float:
+def model_fid(model: GenerativeModel, real: Split, extract: Extractor, seed: int) -> float:
     """FID of ``model``'s samples against the real images ``real``."""
     return fid(real.images, samples_like(model, real, jax.random.key(seed)), extract)

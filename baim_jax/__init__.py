@@ -1,9 +1,10 @@
 """baim_jax: the edge-cloud BAIM framework of Tian et al. (IEEE Network 2024) in JAX/Flax NNX.
 
 The package reads like the workflow: ``core`` holds the big model (learners, pool, gates,
-connections, dispatch, the BAIM itself, partition into task models, training strategies);
-``checkpoint`` saves and loads every model kind (``save``, ``load``, through ``files``); ``framework`` runs the edge-cloud
-pipeline (edges, cloud, FedAvg, accounting); ``evaluation`` holds the data, FID and report;
+connections, dispatch, the bound, the BAIM itself, partition into task models, training
+strategies, the model description); ``checkpoint`` saves and loads every model kind (``save``,
+``load``, through ``files``); ``framework`` runs the edge-cloud pipeline (edges, cloud, FedAvg,
+accounting); ``evaluation`` holds the data, the likelihood, FID and the report;
 ``service`` the model store, the edges' toolboxes and requests; ``train`` and ``cli`` run
 jobs.
 """

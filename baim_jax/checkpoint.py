@@ -20,8 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from baim_jax import files
-from baim_jax.core import connections as C
-from baim_jax.core import learners as L
+from baim_jax.core import connections, learners
 from baim_jax.core.baim import BAIM
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import TaskModel
@@ -146,14 +145,14 @@ def _build(spec: ModelSpec, tree: dict) -> BAIM | EdgeModel:
     """A BAIM, TaskModel or EdgeModel from its spec and restored tree (ValueError if they
     disagree)."""
     members = [e.member for e in spec.learners]
-    learners = _as_list(tree.get("learners"), len(members), "learners")
+    saved = _as_list(tree.get("learners"), len(members), "learners")
     params = []
-    for n, p in enumerate(learners):
+    for n, p in enumerate(saved):
         if not isinstance(p, dict):
             raise ValueError(f"learner {n}: missing from the checkpoint")
-        towers = {t: [v for v in _as_list(p.get(t), len(L.stages(members[n].spec)[t]),
+        towers = {t: [v for v in _as_list(p.get(t), len(learners.stages(members[n].spec)[t]),
                                           f"learner {n} {t}") if v is not None]
-                  for t in L.TOWERS}
+                  for t in learners.TOWERS}
         params.append({**towers, **({"log_scale": p["log_scale"]} if "log_scale" in p else {})})
     if spec.kind == "edge":
         if len(members) != 1 or spec.connections:
@@ -161,7 +160,7 @@ def _build(spec: ModelSpec, tree: dict) -> BAIM | EdgeModel:
         return EdgeModel(members[0].spec, spec.tasks[0], params=params[0])
     conns = list(spec.connections)
     kernels = _as_list(tree.get("connections"), len(conns), "connections")
-    probe = C.ConnectionSet(PoolLayout(members), conns)
+    probe = connections.ConnectionSet(PoolLayout(members), conns)
     for c, k in zip(conns, kernels):
         if k is None or tuple(np.shape(k)) != probe.real_kernel_shape(c):
             raise ValueError(f"connection {c.to_json()}: kernel shape "
@@ -170,6 +169,6 @@ def _build(spec: ModelSpec, tree: dict) -> BAIM | EdgeModel:
         if not np.isfinite(k).all():
             raise ValueError(f"connection {c.to_json()}: non-finite values")
     return KINDS[spec.kind](members, spec.tasks, spec.config, rngs=nnx.Rngs(0),
-                            learner_params=params, connections=conns, connection_kernels=kernels,
+                            learner_params=params, conns=conns, connection_kernels=kernels,
                             kept=list(spec.kept), gate_params=tree.get("gate"),
                             prior_logits=tree.get("prior"))

@@ -25,7 +25,6 @@ import argparse
 import json
 
 import jax
-
 from step_scaling import BATCH, K, interleaved_medians, matmul_call
 
 IMAGE, HIDDEN = 784, 256

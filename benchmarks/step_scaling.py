@@ -80,7 +80,7 @@ def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
                for c in chosen]
     selected = balanced_selection(BATCH, n, K)
     model = BAIM(members, ["all"], BAIMConfig(k=K, h=H, dispatch=dispatch),
-                 rngs=nnx.Rngs(seed), connections=chosen, connection_kernels=kernels)
+                 rngs=nnx.Rngs(seed), conns=chosen, connection_kernels=kernels)
     depths = model.layout.depths
     depth = np.asarray(D.chained_depth(D.needed_prefixes(
         jnp.asarray(selected), model.conns.flat_arrays(), jnp.ones(len(chosen), bool), depths)))

@@ -32,20 +32,20 @@ import numpy as np
 import optax
 
 import baim_jax
-from baim_jax.core import gates as G
+from baim_jax.core import gates
 from baim_jax.framework import plan as plan_lib
-from baim_jax.framework import storage
+from baim_jax.framework import rundir
 from baim_jax.framework.cloud import epoch_batches
 
 
 def accuracy(gate: dict, x: np.ndarray, tasks: np.ndarray) -> float:
-    return float(np.mean(np.asarray(jnp.argmax(G.task_logits(gate, jnp.asarray(x)), -1))
+    return float(np.mean(np.asarray(jnp.argmax(gates.task_logits(gate, jnp.asarray(x)), -1))
                          == tasks))
 
 
 def init_gate(shape: tuple[int, int, int], features: int, tasks: int, seed: int) -> dict:
     """phi and TSGate initialised as a BAIM's (``gates.init_gate``), without LSGate."""
-    gate = G.init_gate(np.random.default_rng(seed), shape, features, 0, tasks)
+    gate = gates.init_gate(np.random.default_rng(seed), shape, features, 0, tasks)
     return {"phi": gate["phi"], "ts": gate["ts"]}
 
 
@@ -60,7 +60,7 @@ def train(gate: dict, x: np.ndarray, tasks: np.ndarray, *, steps: int, batch_siz
     def step(trainable, state, xb, yb):
         def loss(p):
             full = p if train_phi else {"phi": gate["phi"], "ts": p["ts"]}
-            logp = jax.nn.log_softmax(G.task_logits(full, xb), -1)
+            logp = jax.nn.log_softmax(gates.task_logits(full, xb), -1)
             return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], -1))
         grads = jax.grad(loss)(trainable)
         updates, state = tx.update(grads, state, trainable)
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/case_study/tsgate.json")
     args = parser.parse_args()
     run = Path(args.workdir)
-    config = storage.run_config(run)
+    config = rundir.run_config(run)
     plan = plan_lib.validate(config)
     cloud, test, train_all = plan.data.cloud, plan.data.test, plan.train
     cfg, seed = config.cloud, config.seed

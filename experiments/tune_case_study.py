@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from baim_jax.cli import load_config
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
-from baim_jax.framework import fedavg, pipeline, plan as plan_lib
 from baim_jax.evaluation.likelihood import test_loss
+from baim_jax.framework import pipeline
+from baim_jax.framework import plan as plan_lib
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "case_study.py"
 LADDERS = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "k": [1, 2, 3, 4, 5],
@@ -75,16 +76,16 @@ def train_cloud(plan, uploads, cloud: Split, strategy: str, lr: float, **baim_ch
     trainer = pipeline.cloud_trainer(plan, uploads, strategy, lr, cloud, baim=baim_config,
                                      rho=baim_changes.get("rho"))
     for epoch in range(plan.config.cloud.epochs):
-        trainer.run_epoch(cloud, epoch)
+        trainer.run_epoch(epoch)
     return trainer.model
 
 
 def train_fl(plan, cloud: Split, lr: float) -> EdgeModel:
     """The FL phase's rounds (``pipeline.fl_trainers``) with ``cloud`` as the cloud's data."""
-    spec, at_edges, at_cloud, params = pipeline.fl_trainers(plan, lr, cloud)
+    trainer = pipeline.fl_trainer(plan, lr, cloud)
     for r in range(plan.config.fl.rounds):
-        params = fedavg.fedavg_round(params, at_edges, at_cloud, r)
-    return EdgeModel(spec, "all", params=params)
+        trainer.run_epoch(r)
+    return trainer.model()
 
 
 def main() -> None:

@@ -9,9 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baim_jax.core import connections as C
-from baim_jax.core import learners as L
-from baim_jax.core import losses
+from baim_jax.core import connections, learners, losses
 
 
 def reference_paths(model, x, eps):
@@ -29,16 +27,16 @@ def reference_paths(model, x, eps):
     tree = model.export_tree()
     kept = [(c, k) for c, k, on in zip(model.conns.connections, tree["connections"],
                                        model.kept_flat()) if on]
-    own = [L.stages(m.spec) for m in members]
+    own = [learners.stages(m.spec) for m in members]
 
     def keeps(n, tower):
         return len(own[n][tower]) if members[n].keep is None else members[n].keep[
-            L.TOWERS.index(tower)]
+            learners.TOWERS.index(tower)]
 
     @functools.lru_cache(maxsize=None)
     def head(n):
         value, _ = mixed(n, "enc", len(own[n]["enc"]) - 1)
-        return L.apply_stage(own[n]["enc"][-1], tree["learners"][n]["enc"][-1], value)
+        return learners.apply_stage(own[n]["enc"][-1], tree["learners"][n]["enc"][-1], value)
 
     def z(n):
         mean, logvar = head(n)
@@ -50,7 +48,7 @@ def reference_paths(model, x, eps):
         if k == 0:
             return (x, frozenset()) if tower == "enc" else (z(n), frozenset([n]))
         value, latents = mixed(n, tower, k - 1)
-        return L.apply_stage(own[n][tower][k - 1], tree["learners"][n][tower][k - 1],
+        return learners.apply_stage(own[n][tower][k - 1], tree["learners"][n][tower][k - 1],
                              value), latents
 
     @functools.lru_cache(maxsize=None)
@@ -63,7 +61,7 @@ def reference_paths(model, x, eps):
                 if src.ndim == 2:
                     out = out + jnp.tensordot(src, kernel, axes=1)
                 else:
-                    src = C.resample(src, out.shape[1:3])
+                    src = connections.resample(src, out.shape[1:3])
                     out = out + jnp.einsum("bhwc,cd->bhwd", src, kernel)
         return out, latents
 
@@ -74,7 +72,8 @@ def reference_paths(model, x, eps):
             path["mean"], path["logvar"] = head(n)
         if m.squad is not None:
             value, latents = mixed(n, "dec", len(own[n]["dec"]) - 1)
-            path["out"] = L.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1], value)
+            path["out"] = learners.apply_stage(own[n]["dec"][-1], tree["learners"][n]["dec"][-1],
+                                               value)
             path["latents"] = latents
         paths.append(path)
     return paths

@@ -7,17 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import IMAGE, conv, mlp
 from flax import nnx
+from reference import reference_paths
 
 from baim_jax import BAIM, BAIMConfig, LearnerSpec, SpecError, partition
 from baim_jax.core import baim as baim_lib
-from baim_jax.core import bound
-from baim_jax.core import edge_model
-from baim_jax.core import learners as L
-from baim_jax.core import losses
+from baim_jax.core import bound, edge_model, learners, losses
 from baim_jax.core.edge_model import EdgeModel
-from conftest import IMAGE, conv, mlp
-from reference import reference_paths
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]
@@ -81,8 +78,8 @@ def _decode_alone(model, n, z):
     spec = model.layout.members[n].spec
     tree = model.export_tree()["learners"][n]
     a = z
-    for stage, params in zip(L.stages(spec)["dec"], tree["dec"]):
-        a = L.apply_stage(stage, params, a)
+    for stage, params in zip(learners.stages(spec)["dec"], tree["dec"]):
+        a = learners.apply_stage(stage, params, a)
     return np.asarray(losses.pixel_mean(a, spec.likelihood))
 
 
@@ -178,7 +175,7 @@ def test_learner_spec_names_the_field_it_cannot_build(fields, match):
 
 
 def test_uploads_that_do_not_match_their_spec_are_refused(mlp_specs):
-    uploads = [L.init_learner(s, jax.random.key(n)) for n, s in enumerate(mlp_specs)]
+    uploads = [learners.init_learner(s, jax.random.key(n)) for n, s in enumerate(mlp_specs)]
     wrong = jax.tree.map(lambda a: a, uploads)
     wrong[2]["enc"][0]["kernel"] = np.zeros((8, 8, 1, 5), np.float32)
     with pytest.raises(ValueError, match="learner 1: enc stage 0 'kernel' has shape"):
@@ -249,15 +246,15 @@ def test_gaussian_learners(images):
     model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=1, h=1))
     out = model.bound(images, task="a", rng=jax.random.key(0))
     assert np.isfinite(np.asarray(out["nelbo"])).all()
-    assert model.spec.learners[0].params == L.count_params(specs[0])
-    assert L.count_params(specs[0]) == L.count_params(mlp([8], 2, [8])) + 1
+    assert model.spec.learners[0].params == learners.count_params(specs[0])
+    assert learners.count_params(specs[0]) == learners.count_params(mlp([8], 2, [8])) + 1
 
 
 def test_spec_is_json_and_counts_real_parameters(model):
     spec = json.loads(json.dumps(model.spec.to_json()))
     assert spec["k"] == 2 and spec["h"] == 1 and spec["tasks"] == TASKS
     assert [m["params"] for m in spec["learners"]] == [
-        L.count_params(m.spec) for m in model.layout.members]
+        learners.count_params(m.spec) for m in model.layout.members]
     conn = spec["connections"]
     assert conn["potential"] == conn["kept"] == len(conn["list"]) > 0
     p = spec["params"]

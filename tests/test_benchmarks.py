@@ -50,7 +50,8 @@ def test_step_scaling_prints_its_json(monkeypatch, capsys, tmp_path):
 def test_serve_prints_its_json(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--tasks", "2", "--learners",
-         "2", "--requests", "6", "--num", "2"], capture_output=True, text=True, check=True, timeout=600)
+         "2", "--requests", "6", "--num", "2"], capture_output=True, text=True, check=True,
+        timeout=600)
     result = json.loads(out.stdout)
     latency = result["latency_seconds"]
     # Two tasks, room for one: the first request misses, so does every change of task.

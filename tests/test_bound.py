@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mlp
 from flax import nnx
+from reference import randomize_connections, reference_paths
 
 from baim_jax.core import bound
 from baim_jax.core import connections as C
@@ -16,9 +18,6 @@ from baim_jax.core.learners import LearnerSpec
 from baim_jax.core.pool import Member
 from baim_jax.evaluation import likelihood
 from baim_jax.evaluation.data import Split
-from conftest import mlp
-from reference import randomize_connections, reference_paths
-
 
 # ------------------------------------------------------------------------ hand-worked cases
 
@@ -67,7 +66,7 @@ def _three_learners(connections):
     """Three MLP learners with a hidden decoder stage (decoder stage 0: z -> 3, stage 1:
     3 -> image), one squad, the given connections."""
     members = [Member(mlp([4], 2, [3]), 0) for _ in range(3)]
-    return BAIM(members, ["t"], BAIMConfig(k=1, h=1), rngs=nnx.Rngs(0), connections=connections)
+    return BAIM(members, ["t"], BAIMConfig(k=1, h=1), rngs=nnx.Rngs(0), conns=connections)
 
 
 def test_consumed_latents_follow_decoder_connections_transitively():

@@ -16,7 +16,7 @@ from conftest import IMAGE, conv, mlp
 
 import baim_jax
 from baim_jax import BAIM, BAIMConfig, CheckpointError, TaskModel, checkpoint, partition
-from baim_jax.core import learners as L
+from baim_jax.core import learners
 
 TASKS = ["a", "b"]
 SQUADS = [0, 0, 1, 1]
@@ -164,8 +164,8 @@ def test_spec_is_json_serialisable(saved):
         assert isinstance(params[key], int) and params[key] > 0, key
     assert params["total"] == params["learners"] + params["gate"] + params["connections"]
     assert params["learners"] == sum(m["params"] for m in spec["learners"])
-    assert params["learners"] == sum(L.count_params(s) for s in _specs(spec["learners"][0]["spec"]
-                                                                        ["kind"]))
+    kind = spec["learners"][0]["spec"]["kind"]
+    assert params["learners"] == sum(learners.count_params(s) for s in _specs(kind))
 
 
 def test_task_model_round_trip(saved_task):
@@ -392,7 +392,7 @@ def test_load_refuses_a_state_file_with_a_flipped_bit(saved_mlp, tmp_path):
 
 
 def _nan_params(specs, bad: int):
-    params = [L.init_learner(s, jax.random.key(n)) for n, s in enumerate(specs)]
+    params = [learners.init_learner(s, jax.random.key(n)) for n, s in enumerate(specs)]
     kernel = np.array(params[bad]["enc"][0]["kernel"], np.float32)
     kernel.flat[0] = np.nan
     params[bad]["enc"][0]["kernel"] = kernel
@@ -407,7 +407,7 @@ def test_assemble_refuses_nan_params():
 
 def test_load_refuses_saved_nan_params(tmp_path):
     specs = _specs("mlp")
-    params = [L.init_learner(s, jax.random.key(n)) for n, s in enumerate(specs)]
+    params = [learners.init_learner(s, jax.random.key(n)) for n, s in enumerate(specs)]
     model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=2, h=1), params=params)
     # Poison learner 1's first encoder kernel after assembly, as a diverged run would.
     var = model.learners["enc"][0]["kernel"]

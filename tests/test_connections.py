@@ -5,14 +5,12 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mlp
 
-from baim_jax.core import connections as C
-from baim_jax.core import learners as L
+from baim_jax.core import connections, learners
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.connections import Connection
 from baim_jax.core.pool import Member, PoolLayout
-
-from conftest import mlp
 
 # Three MLP learners of different depths (stage k of a tower sits at pool position k, its
 # last stage at the tower's last position, identity padding in between):
@@ -79,14 +77,15 @@ def layout():
 
 def test_layout_is_as_drawn(layout):
     # Guards the hand counts below: the status table in the comment above (0 REAL, 1 IDENTITY).
-    np.testing.assert_array_equal(layout.status["enc"].T, [[0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(layout.status["enc"].T,
+                                  [[0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
     np.testing.assert_array_equal(layout.status["dec"].T, [[0, 1, 0], [0, 0, 0], [0, 1, 0]])
 
 
 @pytest.mark.parametrize("h, want", [(0, H0), (1, H0 | H1_EXTRA), (2, H0 | H1_EXTRA | H2_EXTRA),
                                      (3, H0 | H1_EXTRA | H2_EXTRA)])
 def test_potential_set_hand_counts(layout, h, want):
-    got = C.potential_set(layout, h)
+    got = connections.potential_set(layout, h)
     assert len(got) == {0: 20, 1: 27, 2: 37, 3: 37}[h]
     assert len(set(got)) == len(got)  # no duplicates
     assert set(got) == want
@@ -94,7 +93,7 @@ def test_potential_set_hand_counts(layout, h, want):
 
 
 def test_potential_set_sources_and_reach(layout):
-    conns = C.potential_set(layout, 2)
+    conns = connections.potential_set(layout, 2)
     dec_z_sources = 0
     for cn in conns:
         assert cn.src != cn.tgt
@@ -106,8 +105,8 @@ def test_potential_set_sources_and_reach(layout):
         else:
             dec_z_sources += i == 0  # z_m is a source
         # both ends are real stages of their own learner, in the same tower
-        n_src = len(L.stages(layout.members[cn.src].spec)[cn.tower])
-        n_tgt = len(L.stages(layout.members[cn.tgt].spec)[cn.tower])
+        n_src = len(learners.stages(layout.members[cn.src].spec)[cn.tower])
+        n_tgt = len(learners.stages(layout.members[cn.tgt].spec)[cn.tower])
         assert 0 <= cn.src_stage < n_src and 0 <= cn.tgt_stage < n_tgt
     assert dec_z_sources == 6 + 2 + 6  # dec (0,0), (0,1), (0,2) above
     assert {cn.tower for cn in conns} == {"enc", "dec"}
@@ -118,7 +117,7 @@ def test_potential_set_skips_absent_feeder_stages():
     # positions 0, 1 only, absent everywhere else. h = 0:
     #   enc (1,1): B <-> C = 2; enc (3,3): A <-> B = 2; dec (0,0): A <-> B = 2; dec (2,2): 2.
     layout = PoolLayout([Member(A, 0), Member(B, 0), Member(CC, None, (2, 0))])
-    got = C.potential_set(layout, 0)
+    got = connections.potential_set(layout, 0)
     assert set(got) == {
         Connection("enc", b, 1, c, 1), Connection("enc", c, 1, b, 1),
         Connection("enc", a, 1, b, 2), Connection("enc", b, 2, a, 1),
@@ -126,7 +125,7 @@ def test_potential_set_skips_absent_feeder_stages():
         Connection("dec", a, 1, b, 2), Connection("dec", b, 2, a, 1)}
     # h = 1 adds enc (1,2) (nothing: C's position 2 is absent, r2 = {}) and enc (2,3) (nothing),
     # dec (0,1) A -> B, dec (1,2) B -> A: 10.
-    assert len(C.potential_set(layout, 1)) == 10
+    assert len(connections.potential_set(layout, 1)) == 10
 
 
 def test_two_identical_learners_h0():
@@ -134,24 +133,24 @@ def test_two_identical_learners_h0():
     # each way at enc positions 1 (the head) and dec positions 0 (z), 1 (out): 2 + 4 = 6.
     spec = mlp([4], 2, [4])
     layout = PoolLayout([Member(spec, 0), Member(spec, 0)])
-    assert len(C.potential_set(layout, 0)) == 6
+    assert len(connections.potential_set(layout, 0)) == 6
     # h = 1 adds dec (0,1) both ways: 8.
-    assert len(C.potential_set(layout, 1)) == 8
+    assert len(connections.potential_set(layout, 1)) == 8
 
 
 def test_potential_set_negative_h_raises(layout):
     with pytest.raises(ValueError, match="h"):
-        C.potential_set(layout, -1)
+        connections.potential_set(layout, -1)
 
 
 def test_connection_set_refuses_backward_connection(layout):
     # C's enc stage 2 (position 2) into B's stage 1 (position 1): deep to shallow.
     with pytest.raises(ValueError, match="back"):
-        C.ConnectionSet(layout, [Connection("enc", c, 2, b, 1)])
+        connections.ConnectionSet(layout, [Connection("enc", c, 2, b, 1)])
 
 
 def test_flat_arrays_follow_groups(layout):
-    cs = C.ConnectionSet(layout, C.potential_set(layout, 1))
+    cs = connections.ConnectionSet(layout, connections.potential_set(layout, 1))
     flat = cs.flat_arrays()
     assert set(flat) == {"src", "tgt", "tower", "i", "j"}
     for v in flat.values():
@@ -166,7 +165,7 @@ def test_flat_arrays_follow_groups(layout):
 # -------------------------------------------------------------------------- kernel stacking
 
 def test_kernel_shapes_by_hand(layout):
-    cs = C.ConnectionSet(layout, C.potential_set(layout, 1))
+    cs = connections.ConnectionSet(layout, connections.potential_set(layout, 1))
     # B's enc stage 1 reads (4,), C's enc stage 1 reads (6,): dense (4, 6).
     assert cs.real_kernel_shape(Connection("enc", b, 1, c, 1)) == (4, 6)
     assert cs.param_count(Connection("enc", b, 1, c, 1)) == 24
@@ -178,7 +177,7 @@ def test_kernel_shapes_by_hand(layout):
 
 
 def test_stack_unstack_round_trip(layout):
-    cs = C.ConnectionSet(layout, C.potential_set(layout, 2))
+    cs = connections.ConnectionSet(layout, connections.potential_set(layout, 2))
     rng = np.random.default_rng(1)
     kernels = [rng.standard_normal(cs.real_kernel_shape(cn)).astype(np.float32) + 0.5
                for cn in cs.connections]
@@ -208,12 +207,12 @@ def test_resample_down_averages():
     # arange(16) as a 4x4 map, pooled to 2x2: the 2x2 blocks
     #   [0 1 / 4 5] -> 2.5   [2 3 / 6 7] -> 4.5   [8 9 / 12 13] -> 10.5   [10 11 / 14 15] -> 12.5
     x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
-    got = C.resample(x, (2, 2))
+    got = connections.resample(x, (2, 2))
     chex.assert_shape(got, (1, 2, 2, 1))
     np.testing.assert_array_equal(np.asarray(got)[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
     # Channels are pooled separately; leading axes pass through.
     x2 = jnp.stack([x, 10 * x], axis=-1).reshape(1, 1, 4, 4, 2)
-    got2 = C.resample(x2, (2, 2))
+    got2 = connections.resample(x2, (2, 2))
     chex.assert_shape(got2, (1, 1, 2, 2, 2))
     np.testing.assert_array_equal(np.asarray(got2)[0, 0, :, :, 1], [[25, 45], [105, 125]])
 
@@ -221,7 +220,7 @@ def test_resample_down_averages():
 def test_resample_up_nearest():
     # [[1, 2], [3, 4]] to 4x4: every value fills its 2x2 block.
     x = jnp.array([[1.0, 2.0], [3.0, 4.0]], jnp.float32).reshape(1, 2, 2, 1)
-    got = C.resample(x, (4, 4))
+    got = connections.resample(x, (4, 4))
     chex.assert_shape(got, (1, 4, 4, 1))
     np.testing.assert_array_equal(np.asarray(got)[0, :, :, 0],
                                   [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]])
@@ -229,7 +228,7 @@ def test_resample_up_nearest():
 
 def test_resample_same_size_is_identity():
     x = jnp.ones((2, 4, 4, 3), jnp.float32)
-    assert C.resample(x, (4, 4)) is x
+    assert connections.resample(x, (4, 4)) is x
 
 
 # --------------------------------------------------------------------------------- pruning
@@ -238,25 +237,25 @@ def test_kept_fraction_schedule():
     rho, start, end = 0.2, 10, 20
     # 1 up to and at start.
     for step in (0, 5, 10):
-        assert C.kept_fraction(step, rho, start, end) == 1.0
+        assert connections.kept_fraction(step, rho, start, end) == 1.0
     # rho at and after end.
     for step in (20, 21, 1000):
-        assert C.kept_fraction(step, rho, start, end) == pytest.approx(rho)
+        assert connections.kept_fraction(step, rho, start, end) == pytest.approx(rho)
     # Midpoint: rho + (1 - rho) (1 - 1/2)^3 = 0.2 + 0.8 / 8 = 0.3.
-    assert C.kept_fraction(15, rho, start, end) == pytest.approx(0.3)
+    assert connections.kept_fraction(15, rho, start, end) == pytest.approx(0.3)
     # A quarter in: 0.2 + 0.8 * 0.75^3 = 0.5375.
-    assert C.kept_fraction(12.5, rho, start, end) == pytest.approx(0.5375)
-    vals = [C.kept_fraction(s, rho, start, end) for s in range(0, 30)]
+    assert connections.kept_fraction(12.5, rho, start, end) == pytest.approx(0.5375)
+    vals = [connections.kept_fraction(s, rho, start, end) for s in range(0, 30)]
     assert all(x >= y for x, y in zip(vals, vals[1:]))  # non-increasing
     assert all(rho <= v <= 1.0 for v in vals)
     # rho = 1: nothing is ever pruned.
-    assert C.kept_fraction(15, 1.0, start, end) == 1.0
+    assert connections.kept_fraction(15, 1.0, start, end) == 1.0
 
 
 @pytest.mark.parametrize("rho", [0.0, -0.1, 1.5])
 def test_kept_fraction_bad_rho(rho):
     with pytest.raises(ValueError, match="rho"):
-        C.kept_fraction(5, rho, 0, 10)
+        connections.kept_fraction(5, rho, 0, 10)
 
 
 def test_prune_mask_hand_case_with_ties():
@@ -264,20 +263,20 @@ def test_prune_mask_hand_case_with_ties():
     # at indices 2 and 3 goes to the lower index, 2.
     norm = np.array([3.0, 1.0, 2.0, 2.0, 5.0])
     kept = np.ones(5, bool)
-    np.testing.assert_array_equal(C.prune_mask(norm, kept, 3), [1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(connections.prune_mask(norm, kept, 3), [1, 0, 1, 0, 1])
     # All tied: the first n_keep.
-    np.testing.assert_array_equal(C.prune_mask(np.ones(5), kept, 2), [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(connections.prune_mask(np.ones(5), kept, 2), [1, 1, 0, 0, 0])
     # Keep 0: nothing.
-    assert not C.prune_mask(norm, kept, 0).any()
+    assert not connections.prune_mask(norm, kept, 0).any()
 
 
 def test_prune_mask_never_revives():
     # Index 0 has the largest norm but was pruned already: it stays pruned.
     norm = np.array([10.0, 1.0, 2.0, 3.0, 4.0])
     kept = np.array([False, True, True, True, True])
-    np.testing.assert_array_equal(C.prune_mask(norm, kept, 2), [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(connections.prune_mask(norm, kept, 2), [0, 0, 0, 1, 1])
     # Asking for more than are kept keeps what is kept, nothing more.
-    np.testing.assert_array_equal(C.prune_mask(norm, kept, 5), kept)
+    np.testing.assert_array_equal(connections.prune_mask(norm, kept, 5), kept)
 
 
 # A two-learner BAIM (assembling one is the expensive part: keep it tiny).
@@ -293,9 +292,9 @@ def _uploads(spec, seed):
     """Edge uploads made with numpy (skips a random-init compile per parameter shape)."""
     rng = np.random.default_rng(seed)
     tree = {tower: [{name: 0.3 * rng.standard_normal(shape).astype(np.float32)
-                     for name, shape in L.stage_param_shapes(stage).items()}
+                     for name, shape in learners.stage_param_shapes(stage).items()}
                     for stage in stages]
-            for tower, stages in L.stages(spec).items()}
+            for tower, stages in learners.stages(spec).items()}
     tree["log_scale"] = np.float32(0.0)
     return tree
 

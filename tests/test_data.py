@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from baim_jax.evaluation import data as D
+from baim_jax.evaluation import data
 
 TASKS = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 EDGE_TASKS = [0, 0, 0, 1, 1, 1]
@@ -13,11 +13,11 @@ SHARES = [1.0, 2.0, 1.0, 1.0, 1.0, 3.0]
 
 @pytest.fixture(scope="module")
 def digits():
-    return D.load_dataset("embedded", size=3000, seed=0)
+    return data.load_dataset("embedded", size=3000, seed=0)
 
 
 def _split(digits, seed=0, alpha=None):
-    return D.edge_cloud_split(*digits, TASKS, EDGE_TASKS, SHARES, test_size=500,
+    return data.edge_cloud_split(*digits, TASKS, EDGE_TASKS, SHARES, test_size=500,
                               cloud_fraction=0.2, seed=seed, alpha=alpha)
 
 
@@ -64,32 +64,32 @@ def test_dirichlet_skew_shrinks_as_alpha_grows(digits):
 
 def test_split_refuses_what_it_cannot_do(digits):
     with pytest.raises(ValueError, match=r"edges\[0\]"):  # a share too small to get an image
-        D.edge_cloud_split(*digits, TASKS, EDGE_TASKS, [1e-9, 1, 1, 1, 1, 1], test_size=500,
+        data.edge_cloud_split(*digits, TASKS, EDGE_TASKS, [1e-9, 1, 1, 1, 1, 1], test_size=500,
                            cloud_fraction=0.2, seed=0)
     with pytest.raises(ValueError, match="task 1 has no edge"):
-        D.edge_cloud_split(*digits, TASKS, [0, 0], [1, 1], test_size=500, cloud_fraction=0.2,
+        data.edge_cloud_split(*digits, TASKS, [0, 0], [1, 1], test_size=500, cloud_fraction=0.2,
                            seed=0)
     with pytest.raises(ValueError, match="test_size"):
-        D.edge_cloud_split(*digits, TASKS, EDGE_TASKS, SHARES, test_size=3000,
+        data.edge_cloud_split(*digits, TASKS, EDGE_TASKS, SHARES, test_size=3000,
                            cloud_fraction=0.2, seed=0)
     with pytest.raises(ValueError, match="alpha"):
         _split(digits, alpha=0.0)
 
 
 def test_embedded_subset_is_deterministic_and_read_only():
-    x1, y1 = D.load_dataset("embedded", size=100, seed=3)
-    x2, y2 = D.load_dataset("embedded", size=100, seed=3)
+    x1, y1 = data.load_dataset("embedded", size=100, seed=3)
+    x2, y2 = data.load_dataset("embedded", size=100, seed=3)
     np.testing.assert_array_equal(x1, x2)
     assert x1.shape == (100, 28, 28, 1) and x1.dtype == np.float32 and y1.dtype == np.int32
     assert 0.0 <= x1.min() and x1.max() <= 1.0
-    assert not D.embedded_digits()[0].flags.writeable
+    assert not data.embedded_digits()[0].flags.writeable
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "kmnist", "emnist"])
 def test_tfds_datasets_through_data_source(name):
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-        x, y = D.load_dataset(name, size=25, seed=0)
-        again, _ = D.load_dataset(name, size=25, seed=0)
+        x, y = data.load_dataset(name, size=25, seed=0)
+        again, _ = data.load_dataset(name, size=25, seed=0)
     assert x.shape == (25, 28, 28, 1) and x.dtype == np.float32 and y.shape == (25,)
     assert 0.0 <= x.min() and x.max() <= 1.0
     np.testing.assert_array_equal(x, again)
@@ -97,9 +97,9 @@ def test_tfds_datasets_through_data_source(name):
 
 def test_celeb_a_is_cropped_resized_and_labelled_by_an_attribute():
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        x, y = D.load_dataset("celeb_a", size=10, seed=0, image_size=16, label="Smiling")
+        x, y = data.load_dataset("celeb_a", size=10, seed=0, image_size=16, label="Smiling")
         with pytest.raises(ValueError, match="data.label"):
-            D.load_dataset("celeb_a", size=10, seed=0, label="Wings")
+            data.load_dataset("celeb_a", size=10, seed=0, label="Wings")
     assert x.shape == (10, 16, 16, 3) and set(np.unique(y)) <= {0, 1}
 
 
@@ -108,16 +108,16 @@ def test_resize_averages_blocks():
     img = np.arange(24, dtype=np.float32).reshape(1, 4, 6, 1)
     crop = img[0, :, 1:5, 0]
     expected = crop.reshape(2, 2, 2, 2).mean(axis=(1, 3))
-    np.testing.assert_allclose(D._resize(img, 2)[0, :, :, 0], expected)
+    np.testing.assert_allclose(data._resize(img, 2)[0, :, :, 0], expected)
 
 
 def test_named_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="not one of"):
-        D.load_dataset("imagenet", size=10, seed=0)
+        data.load_dataset("imagenet", size=10, seed=0)
     with pytest.raises(ValueError, match="not prepared.*tfds build mnist"):
-        D.load_dataset("mnist", size=10, seed=0, data_dir=str(tmp_path))
+        data.load_dataset("mnist", size=10, seed=0, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="data.size"):
-        D.load_dataset("embedded", size=6000, seed=0)
+        data.load_dataset("embedded", size=6000, seed=0)
 
 
 def test_a_partial_preparation_is_one_error_and_no_warning(tmp_path, caplog):
@@ -125,5 +125,5 @@ def test_a_partial_preparation_is_one_error_and_no_warning(tmp_path, caplog):
     # warning through absl before failing; the user sees only our one line.
     (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
     with pytest.raises(ValueError, match="not prepared.*tfds build mnist"):
-        D.load_dataset("mnist", size=10, seed=0, data_dir=str(tmp_path))
+        data.load_dataset("mnist", size=10, seed=0, data_dir=str(tmp_path))
     assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from baim_jax.core import dispatch as D
+from baim_jax.core import dispatch
 
 # One compile per shape instead of one per eager op.
 # Learners with any stage to run, per example: what the layouts are built from.
-needed = jax.jit(lambda active, conn, kept, depths: D.chained_depth(
-    D.needed_prefixes(active, conn, kept, depths)) > 0, static_argnums=3)
-capacity_layout = jax.jit(D.capacity_layout, static_argnums=1)
-combine = jax.jit(D.combine)
+needed = jax.jit(lambda active, conn, kept, depths: dispatch.chained_depth(
+    dispatch.needed_prefixes(active, conn, kept, depths)) > 0, static_argnums=3)
+capacity_layout = jax.jit(dispatch.capacity_layout, static_argnums=1)
+combine = jax.jit(dispatch.combine)
 
 
 # --------------------------------------------------------------------------------- capacity
@@ -32,7 +32,7 @@ combine = jax.jit(D.combine)
     (1, 1, 4, 0.5, 1),
 ])
 def test_capacity(batch, k, n, factor, want):
-    got = D.capacity(batch, k, n, factor)
+    got = dispatch.capacity(batch, k, n, factor)
     assert got == want
     assert isinstance(got, int)
 
@@ -40,7 +40,7 @@ def test_capacity(batch, k, n, factor, want):
 @pytest.mark.parametrize("factor", [0, 0.0, -1.0])
 def test_capacity_bad_factor(factor):
     with pytest.raises(ValueError, match="capacity_factor"):
-        D.capacity(8, 2, 4, factor)
+        dispatch.capacity(8, 2, 4, factor)
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -121,14 +121,14 @@ def test_capacity_layout_sorts_by_depth_and_caps_each_position():
 
 def test_capacities():
     # B = 8, K = 2, N = 4: B K / N = 4 rows per factor.
-    assert D.capacities(8, 2, 4, None, 3) == (8, 8, 8)
-    assert D.capacities(8, 2, 4, 1.0, 3) == (4, 4, 4)
+    assert dispatch.capacities(8, 2, 4, None, 3) == (8, 8, 8)
+    assert dispatch.capacities(8, 2, 4, 1.0, 3) == (4, 4, 4)
     # One factor per position, made nonincreasing: (2 -> 8, 1 -> 4, 1.5 -> 6 cut to 4).
-    assert D.capacities(8, 2, 4, (2.0, 1.0, 1.5), 3) == (8, 4, 4)
+    assert dispatch.capacities(8, 2, 4, (2.0, 1.0, 1.5), 3) == (8, 4, 4)
     with pytest.raises(ValueError, match="capacity_factor: 2 factors given, the pool has 3"):
-        D.capacities(8, 2, 4, (1.0, 1.0), 3)
+        dispatch.capacities(8, 2, 4, (1.0, 1.0), 3)
     with pytest.raises(ValueError, match="capacity_factor"):
-        D.capacities(8, 2, 4, (1.0, 0.0, 1.0), 3)
+        dispatch.capacities(8, 2, 4, (1.0, 0.0, 1.0), 3)
 
 
 def test_combine_reads_only_the_rows_a_position_ran():
@@ -145,11 +145,11 @@ def test_chained_depth():
     # Prefixes (encoder, decoder) of 3 positions + 2: a decoder prefix comes after the whole
     # encoder, so they add up.
     prefixes = jnp.asarray(np.array([[[3, 2], [3, 0], [1, 0], [0, 0]]], np.int32))
-    np.testing.assert_array_equal(np.asarray(D.chained_depth(prefixes)), [[5, 3, 1, 0]])
+    np.testing.assert_array_equal(np.asarray(dispatch.chained_depth(prefixes)), [[5, 3, 1, 0]])
 
 
 def test_dense_layout():
-    lay = D.dense_layout(3, 2, 4)
+    lay = dispatch.dense_layout(3, 2, 4)
     np.testing.assert_array_equal(np.asarray(lay.rows_of), [[0, 1, 2], [0, 1, 2]])
     np.testing.assert_array_equal(np.asarray(lay.slot_of), [[0, 0], [1, 1], [2, 2], [3, 3]])
     assert int(lay.dropped) == 0 and lay.caps == (3, 3, 3, 3)
@@ -159,7 +159,7 @@ def test_gather_rows():
     # Buffers of the hand layout; the empty slot (example 4) reads zeros.
     x = jnp.array([10.0, 11.0, 12.0, 13.0], jnp.float32)
     lay = capacity_layout(DEPTH1, (2,))
-    got = D.gather_rows(x, lay.rows_of)
+    got = dispatch.gather_rows(x, lay.rows_of)
     np.testing.assert_array_equal(np.asarray(got), [[10, 11], [13, 0], [10, 12]])
 
 
@@ -194,24 +194,24 @@ def test_surviving_weights_hand_case():
     weights = jnp.array([[0.5, 0, 0.5], [1.0, 0, 0], [0.25, 0, 0.75], [0, 0.4, 0.6]],
                         jnp.float32)
     lay = capacity_layout(DEPTH1, (2,))
-    got = D.surviving_weights(weights, weights > 0, lay)
+    got = dispatch.surviving_weights(weights, weights > 0, lay)
     np.testing.assert_allclose(np.asarray(got),
                                [[0.5, 0, 0.5], [1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])
     np.testing.assert_allclose(np.asarray(combine(values, got, lay)), [50.5, 2.0, 200.0, 10.0])
     # A row that lost every learner it selected scores nothing (no NaN).
-    alone = D.surviving_weights(jnp.array([[0.0, 0.0, 1.0]] * 4), jnp.array([[0, 0, 1]] * 4,
+    alone = dispatch.surviving_weights(jnp.array([[0.0, 0.0, 1.0]] * 4), jnp.array([[0, 0, 1]] * 4,
                                 bool), lay)
     np.testing.assert_allclose(np.asarray(alone[3]), [0.0, 0.0, 0.0])
     # The dense layout loses nothing: weights come back bit for bit.
-    dense = D.dense_layout(4, 3, 1)
-    chex.assert_trees_all_equal(D.surviving_weights(weights, weights > 0, dense), weights)
+    dense = dispatch.dense_layout(4, 3, 1)
+    chex.assert_trees_all_equal(dispatch.surviving_weights(weights, weights > 0, dense), weights)
 
 
 def test_combine_dense_is_weighted_sum():
     # Dense layout: out[b] = sum_n w[b, n] * values[n, b].
     values = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)  # l0: 0 1 2, l1: 3 4 5
     weights = jnp.array([[1.0, 0.0], [0.5, 0.5], [0.0, 2.0]], jnp.float32)
-    got = combine(values, weights, D.dense_layout(3, 2, 1))
+    got = combine(values, weights, dispatch.dense_layout(3, 2, 1))
     # ex 0: 1*0 = 0; ex 1: 0.5*1 + 0.5*4 = 2.5; ex 2: 2*5 = 10
     np.testing.assert_allclose(np.asarray(got), [0.0, 2.5, 10.0], rtol=1e-6)
 

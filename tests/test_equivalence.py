@@ -7,17 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mlp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from reference import randomize_connections, reference_forward
 
-from baim_jax.core import bound
+from baim_jax.core import bound, losses
 from baim_jax.core import dispatch as D
 from baim_jax.core import learners as L
-from baim_jax.core import losses
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.partition import partition
-from conftest import mlp
-from reference import randomize_connections, reference_forward
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]

@@ -9,7 +9,7 @@ from scipy.ndimage import gaussian_filter
 
 from baim_jax.evaluation import data as data_lib
 from baim_jax.evaluation import features as feat
-from baim_jax.evaluation import fid as F
+from baim_jax.evaluation import fid
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,12 @@ def test_fid_in_feature_space_orders_blur_and_noise(cached, digits):
     _, net, _ = cached
     extract = feat.extractor(net)
     real, other = digits["real"], digits["other"]
-    floor = F.fid(real, other, extract)
-    assert F.fid(real, real, extract) == pytest.approx(0.0, abs=1e-6)
-    blurred = [F.fid(real, gaussian_filter(other, sigma=(0, s, s, 0)), extract)
+    floor = fid.fid(real, other, extract)
+    assert fid.fid(real, real, extract) == pytest.approx(0.0, abs=1e-6)
+    blurred = [fid.fid(real, gaussian_filter(other, sigma=(0, s, s, 0)), extract)
                for s in (0.5, 1.0, 2.0)]
     rng = np.random.default_rng(0)
-    noised = [F.fid(real, np.clip(other + s * rng.standard_normal(other.shape), 0, 1)
+    noised = [fid.fid(real, np.clip(other + s * rng.standard_normal(other.shape), 0, 1)
                     .astype(np.float32), extract) for s in (0.1, 0.3, 0.6)]
     assert floor < blurred[0] < blurred[1] < blurred[2]
     assert floor < noised[0] < noised[1] < noised[2]

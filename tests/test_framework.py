@@ -10,16 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import mlp
 from flax import nnx
+from reference import randomize_connections
 
 import baim_jax
 from baim_jax.core import learners as L
 from baim_jax.core.baim import BAIM, BAIMConfig, values
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
-from baim_jax.framework import accounting, cloud, edges, fedavg, storage
-from conftest import mlp
-from reference import randomize_connections
+from baim_jax.framework import accounting, cloud, edges, fedavg, rundir
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]
@@ -449,8 +449,9 @@ def test_epoch_batches():
 def test_cloud_trainer_freeze_keeps_learners_and_trains_gate(mlp_specs):
     model = _tiny_baim(mlp_specs)
     learners, gate = _leaves(model.learners), _leaves(model.gate)
-    trainer = cloud.Trainer(model, "freeze", learning_rate=1e-2, batch_size=8, seed=0)
-    metrics = trainer.run_epoch(_split(16), 0)
+    trainer = cloud.Trainer(model, "freeze", _split(16), learning_rate=1e-2, batch_size=8,
+                            seed=0)
+    metrics = trainer.run_epoch(0)
     assert np.isfinite(metrics["loss"])
     for before, after in zip(learners, _leaves(model.learners)):
         np.testing.assert_array_equal(before, after)
@@ -463,18 +464,18 @@ def test_cloud_trainer_resume_from_state_leaves_is_exact(mlp_specs):
     The freeze strategy shares the compiled step with the other cloud-trainer tests."""
     data = _split(16)
     kw = dict(learning_rate=1e-2, batch_size=8, seed=0)
-    trainer = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", **kw)
-    trainer.run_epoch(data, 0)
+    trainer = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", data, **kw)
+    trainer.run_epoch(0)
     saved = [np.array(v) for v in trainer.state_leaves()]
-    trainer.run_epoch(data, 1)
+    trainer.run_epoch(1)
     a = trainer.state_leaves()
     assert any(not np.array_equal(u, v) for u, v in zip(a, saved))
 
-    resumed = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", **kw)
+    resumed = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", data, **kw)
     assert any(not np.array_equal(u, v) for u, v in zip(resumed.state_leaves(), saved))
     resumed.load_state(saved)
     chex.assert_trees_all_equal(resumed.state_leaves(), saved)
-    resumed.run_epoch(data, 1)
+    resumed.run_epoch(1)
     chex.assert_trees_all_equal(resumed.state_leaves(), a)
 
 
@@ -483,53 +484,44 @@ def test_cloud_trainer_loads_another_trainers_live_state_as_copies(mlp_specs):
     # arrays must not consume the other's.
     data = _split(16)
     kw = dict(learning_rate=1e-2, batch_size=8, seed=0)
-    source = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", **kw)
-    copy = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", **kw)
+    source = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", data, **kw)
+    copy = cloud.Trainer(_tiny_baim(mlp_specs), "freeze", data, **kw)
     copy.load_state(source.state_leaves())
-    copy.run_epoch(data, 0)
-    source.run_epoch(data, 0)
+    copy.run_epoch(0)
+    source.run_epoch(0)
     chex.assert_trees_all_equal(copy.state_leaves(), source.state_leaves())
 
 
-def test_phase_checkpoint_restores_the_image_shaped_kernels_of_earlier_runs(mlp_specs,
-                                                                             tmp_path):
-    """Runs checkpointed before the pool's dense kernels were flattened stored them shaped
-    ``[N, *in, *out]`` (first layer ``[N, 8, 8, 1, 16]``); both layouts are row-major, so a
-    resume reshapes them. An array of another size is refused, naming the checkpoint."""
-    model = _tiny_baim(mlp_specs)
-    layout, learners = model.layout, values(model.learners)
-    flat = [learners["enc"][0]["kernel"], learners["dec"][-1]["bias"], learners["log_scale"]]
-    old = [flat[0].reshape(-1, *layout.param_shapes("enc", 0)["kernel"]),
-           flat[1].reshape(-1, *layout.param_shapes("dec", len(layout.stages["dec"]) - 1)
-                           ["bias"]), flat[2]]
-    assert old[0].shape[1:] == (8, 8, 1, 16) and old[1].shape[1:] == (8, 8, 1)
-    ckpt = storage.PhaseCheckpoint(tmp_path / "ckpt")
-    ckpt.save(3, old, {"epoch": 3})
-    leaves, meta = ckpt.latest(flat)
-    assert meta == {"epoch": 3}
-    chex.assert_trees_all_equal(leaves, [np.asarray(v) for v in flat])
-    with pytest.raises(ValueError, match=r"array 0 has shape .*remove .*ckpt"):
-        ckpt.latest([flat[0][:, :10]] + flat[1:])
-
-
-def test_damaged_epoch_checkpoints_and_run_records_are_one_error_naming_them(tmp_path):
+def test_a_damaged_epoch_checkpoint_is_set_aside_for_the_one_before(tmp_path):
+    """The last two epochs are kept; a latest one whose record is damaged, whose arrays are
+    not the ones saved or that does not restore is renamed into ``set_aside`` (never
+    deleted), with one warning, and the epoch before it is used; none left: None."""
     fresh = {"epoch": 0, "elapsed": 0.0, "curve": []}
-    ckpt = storage.PhaseCheckpoint(tmp_path / "ckpt")
-    ckpt.save(2, [np.ones(3)], {"epoch": 2, "elapsed": 1.5, "curve": [1.0, 2.0]})
+    warnings = []
+    ckpt = rundir.PhaseCheckpoint(tmp_path / "ckpt" / "phase", warn=warnings.append)
+    for step in (1, 2, 3):
+        ckpt.save(step, [np.full(3, float(step))], {"epoch": step, "elapsed": 1.0,
+                                                    "curve": [1.0] * step})
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "phase").iterdir()) == ["2", "3"]
     leaves, meta = ckpt.latest([np.zeros(3)], fresh)
-    assert meta["curve"] == [1.0, 2.0]
-    for step, damaged in enumerate(({"epoch": "x", "elapsed": 1.5, "curve": []}, {"epoch": 2},
-                                    [2]), start=3):
-        ckpt.save(step, [np.ones(3)], damaged)
-        with pytest.raises(ValueError, match=f"ckpt: epoch checkpoint {step} has a damaged"):
-            ckpt.latest([np.zeros(3)], fresh)
-    shutil.rmtree(tmp_path / "ckpt" / "5" / "state")
-    with pytest.raises(ValueError, match=r"ckpt: epoch checkpoint 5 cannot be restored"):
-        ckpt.latest([np.zeros(3)], fresh)
+    np.testing.assert_array_equal(leaves[0], 3.0)
+    ckpt.save(4, [np.ones(3)], {"epoch": "x", "elapsed": 1.5, "curve": []})
+    leaves, meta = ckpt.latest([np.zeros(3)], fresh)
+    assert meta["epoch"] == 3 and len(warnings) == 1
+    assert "phase/4: its record is damaged; set aside as" in warnings[0]
+    assert (tmp_path / "ckpt" / "set_aside" / "phase-4").is_dir()
+    shutil.rmtree(tmp_path / "ckpt" / "phase" / "3" / "state")  # epoch 2 went when 4 came
+    assert ckpt.latest([np.zeros(3)], fresh) is None
+    assert "phase/3: it cannot be restored" in warnings[1]
+    ckpt.save(5, [np.ones(3)], {"epoch": 5, "elapsed": 1.0, "curve": []})
+    assert ckpt.latest([np.zeros(4)], fresh) is None
+    assert "array 0 has shape (3,), this run needs (4,)" in warnings[2]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "set_aside").iterdir()) == [
+        "phase-3", "phase-4", "phase-5"]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text('{"seed": ')
     with pytest.raises(ValueError, match=r"run/config.json: unreadable"):
-        storage.run_config(tmp_path / "run")
+        rundir.run_config(tmp_path / "run")
 
 
 def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):
@@ -537,9 +529,9 @@ def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):
     randomize_connections(model, jax.random.key(0), 0.3)
     potential = len(model.conns)
     # 3 batches of 8; steps 1, 2, 3; pruning only at step 2 (to rho: end=1), not at step 3.
-    trainer = cloud.Trainer(model, "freeze", learning_rate=1e-2, batch_size=8, seed=0,
-                            pruning=cloud.Pruning(rho=0.25, start=0, end=1, every=2))
-    trainer.run_epoch(_split(24), 0)
+    trainer = cloud.Trainer(model, "freeze", _split(24), learning_rate=1e-2, batch_size=8,
+                            seed=0, pruning=cloud.Pruning(rho=0.25, start=0, end=1, every=2))
+    trainer.run_epoch(0)
     assert model.spec.connections_kept == math.ceil(0.25 * potential)
 
 
@@ -550,16 +542,16 @@ def test_cloud_trainer_resume_is_exact_with_pruning(mlp_specs):
         model = _tiny_baim(mlp_specs)
         randomize_connections(model, jax.random.key(0), 0.3)
         # 2 batches an epoch; global steps 1, 2 | 3, 4; pruning at 2 (end of epoch 0) and 4.
-        return cloud.Trainer(model, "freeze", learning_rate=1e-2, batch_size=8, seed=0,
+        return cloud.Trainer(model, "freeze", data, learning_rate=1e-2, batch_size=8, seed=0,
                              pruning=cloud.Pruning(rho=0.25, start=0, end=2, every=2))
 
     trainer = make()
-    trainer.run_epoch(data, 0)
+    trainer.run_epoch(0)
     saved = [np.array(v) for v in trainer.state_leaves()]
-    trainer.run_epoch(data, 1)
+    trainer.run_epoch(1)
     resumed = make()
     resumed.load_state(saved)
-    resumed.run_epoch(data, 1)
+    resumed.run_epoch(1)
     chex.assert_trees_all_equal(resumed.state_leaves(), trainer.state_leaves())
 
 
@@ -594,7 +586,8 @@ def test_the_cloud_takes_only_the_uploads_its_config_trained(tmp_path):
     from conftest import SMOKE
 
     from baim_jax.cli import load_config
-    from baim_jax.framework import pipeline, plan as plan_lib
+    from baim_jax.framework import pipeline
+    from baim_jax.framework import plan as plan_lib
 
     plan = plan_lib.validate(load_config(SMOKE, []))
     ids = plan.edge_ids

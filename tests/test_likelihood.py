@@ -5,15 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import mlp
 
-from baim_jax.core import bound
-from baim_jax.core import learners as L
-from baim_jax.core import losses
+from baim_jax.core import bound, learners, losses
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation import likelihood
 from baim_jax.evaluation.data import Split
-from conftest import mlp
 
 
 def _split(n, seed=1):
@@ -25,7 +23,7 @@ def _alone(edge, x, key):
     """The learner alone on one draw from ``key``: ``(rec + kl, log weight)`` ``[B]``."""
     spec, params = edge.learner_spec, edge.arrays()
     eps = bound.latent_noise(key, jnp.zeros(1, jnp.int32), len(x), spec.latent)[0]
-    out = L.learner_forward(spec, params, x, eps)
+    out = learners.learner_forward(spec, params, x, eps)
     rec = losses.nll(out["out"], jnp.zeros(()), x, spec.likelihood)
     kl = losses.kl_standard_normal(out["mean"], out["logvar"], jnp.ones(spec.latent, bool))
     z, mean, var = out["z"], out["mean"], jnp.exp(out["logvar"])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMOKE
 
 import baim_jax
 from baim_jax import BAIM, TaskModel
 from baim_jax.cli import main
 from baim_jax.core.edge_model import EdgeModel
-from conftest import SMOKE
 
 APPROACH_KEYS = ("test_loss", "test_loss_parts", "test_nll", "test_loss_curve",
                  "cloud_trainable_params", "edge_params",

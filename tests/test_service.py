@@ -11,18 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import baim_jax
 import chex
 import jax
 import numpy as np
 import pytest
-
 from conftest import mlp
 
-from baim_jax import BAIM, BAIMConfig, checkpoint, partition
+import baim_jax
+from baim_jax import BAIM, BAIMConfig, checkpoint, files, partition
 from baim_jax.core.router import TaskRouter
-from baim_jax import files as F
-from baim_jax.service import integrity as I
+from baim_jax.service import integrity
 from baim_jax.service.edge import Edge, Request
 from baim_jax.service.store import ROUTER, ModelStore, StoreError
 from baim_jax.service.toolbox import Toolbox, ToolboxError, parse_bytes
@@ -85,8 +83,8 @@ def test_a_download_hashes_each_file_once(sensitive, store, tmp_path, monkeypatc
     # A miss checks every file as it is copied (a sensitive request, as it is opened in the
     # store); loading the model then trusts that check instead of hashing it all again.
     hashed = []
-    sha256 = F.sha256
-    monkeypatch.setattr(F, "sha256", lambda path: hashed.append(path) or sha256(path))
+    sha256 = files.sha256
+    monkeypatch.setattr(files, "sha256", lambda path: hashed.append(path) or sha256(path))
     got = Edge(store, Toolbox(tmp_path / "toolbox")).serve(
         Request(task="a", num=1, sensitive=sensitive))
     assert got.sources == {"a": "store, sensitive" if sensitive else "store"}
@@ -111,7 +109,7 @@ def test_a_hit_needs_nothing_from_the_store(store, tmp_path):
     assert set(routed.sources.values()) == {"toolbox"}
     chex.assert_trees_all_close(routed.images, first.images)
     missing = next(t for t in TASKS if t not in cached)
-    with pytest.raises(F.IntegrityError, match="not a model store"):
+    with pytest.raises(files.IntegrityError, match="not a model store"):
         again.serve(Request(task=missing, num=2))
 
 
@@ -285,7 +283,7 @@ def _future_spec(store):
     spec["version"] = 3
     spec_path.write_text(json.dumps(spec))
     manifest = json.loads((store.root / "manifest.json").read_text())
-    manifest["models"]["a"]["files"]["spec.json"] = F.sha256(spec_path)
+    manifest["models"]["a"]["files"]["spec.json"] = files.sha256(spec_path)
     (store.root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -344,20 +342,20 @@ def test_a_new_revision_gets_its_own_directory_and_the_old_one_goes(store, publi
     assert store.entry(ROUTER)["dir"] == "router@2"
     assert sorted(p.name for p in (store.root / "models").iterdir()) == ["a@2", "b@1", "c@1"]
     assert not (store.root / "router@1").exists()
-    F.verify(store.path("a"), store.entry("a")["files"])
+    files.verify(store.path("a"), store.entry("a")["files"])
 
 
 def test_a_publish_flushes_every_file_before_the_manifest_names_it(store, published,
                                                                   monkeypatch):
-    synced, sync = [], F.sync
+    synced, sync = [], files.sync
 
     def recorded(path):
         synced.append(Path(path))
         sync(path)
 
-    monkeypatch.setattr(F, "sync", recorded)
-    write_json = F.write_json
-    monkeypatch.setattr(F, "write_json", lambda path, obj: (synced.append("manifest"),
+    monkeypatch.setattr(files, "sync", recorded)
+    write_json = files.write_json
+    monkeypatch.setattr(files, "write_json", lambda path, obj: (synced.append("manifest"),
                                                             write_json(path, obj)))
     store.publish({"a": published["sources"]["a"]})
     before = [str(p) for p in synced[:synced.index("manifest")]]
@@ -376,7 +374,7 @@ def test_a_killed_publish_leaves_a_servable_store(killed, store, published, tmp_
         raise KeyboardInterrupt
 
     if killed == "before the manifest":
-        monkeypatch.setattr(F, "write_json", killed_here)
+        monkeypatch.setattr(files, "write_json", killed_here)
     else:
         monkeypatch.setattr(ModelStore, "_sweep", killed_here)
     with pytest.raises(KeyboardInterrupt):
@@ -386,13 +384,13 @@ def test_a_killed_publish_leaves_a_servable_store(killed, store, published, tmp_
     revision = 1 if killed == "before the manifest" else 2
     assert store.entry("a")["revision"] == revision
     for key in TASKS + [ROUTER]:
-        F.verify(store.path(key), store.entry(key)["files"])
+        files.verify(store.path(key), store.entry(key)["files"])
     assert sorted(p.name for p in (store.root / "models").iterdir())[:2] == ["a@1", "a@2"]
     Edge(store, Toolbox(tmp_path / "toolbox")).serve(Request(task="a", num=1))
     store.publish({"a": published["sources"]["a"]})  # over what the killed one left
     assert sorted(p.name for p in (store.root / "models").iterdir()) == [
         f"a@{revision + 1}", "b@1", "c@1"]
-    F.verify(store.path("a"), store.entry("a")["files"])
+    files.verify(store.path("a"), store.entry("a")["files"])
 
 
 def test_a_version_1_store_is_read_and_upgraded_by_a_publish(store, published, tmp_path):
@@ -455,7 +453,7 @@ def test_a_read_only_store_can_be_read(lock, store, tmp_path):
                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert got.returncode == 0, got.stderr[-2000:]
     assert got.stdout.split("\n")[-2] == "['a', 'b', 'c'] 1"
-    F.verify(tmp_path / "fetched", store.entry("b")["files"])
+    files.verify(tmp_path / "fetched", store.entry("b")["files"])
     assert _files_of(store) == before
 
 
@@ -479,7 +477,7 @@ def test_a_first_publish_that_fails_midway_makes_no_store(published, tmp_path, m
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(F, "copy_verified", full_disk)
+    monkeypatch.setattr(files, "copy_verified", full_disk)
     with pytest.raises(OSError, match="No space"):
         ModelStore(tmp_path / "new", create=True).publish({"a": published["sources"]["a"]})
     assert not (tmp_path / "new").exists()
@@ -573,7 +571,7 @@ def test_symlink_escapes_are_refused(store, tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from baim_jax import files as F
+from baim_jax import files
 from baim_jax.service.store import ModelStore
 from baim_jax.service.toolbox import Toolbox
 store, toolbox = ModelStore(sys.argv[1]), Toolbox(sys.argv[2])
@@ -582,7 +580,7 @@ while not Path(sys.argv[3]).exists():
 for i in range(int(sys.argv[4])):
     task = "abc"[(i + int(sys.argv[5])) % 3]
     with toolbox.checkout(task, store) as got:
-        F.verify(got.path, store.entry(task)["files"])
+        files.verify(got.path, store.entry(task)["files"])
 print("ok")
 """
 
@@ -605,7 +603,7 @@ def test_concurrent_writers_never_leave_a_broken_model(store, tmp_path):
     contents = toolbox.contents()
     assert 1 <= len(contents) <= 2 and toolbox.used() <= toolbox.capacity
     for task in contents:
-        F.verify(toolbox.root / "models" / task, store.entry(task)["files"])
+        files.verify(toolbox.root / "models" / task, store.entry(task)["files"])
     assert sorted(p.name for p in (toolbox.root / "models").iterdir()) == sorted(contents)
     assert not any((toolbox.root / ".incoming").iterdir())
 
@@ -613,8 +611,8 @@ def test_concurrent_writers_never_leave_a_broken_model(store, tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from baim_jax.service import integrity as I
-with I.incoming(Path(sys.argv[1]), ".fetch-") as tmp:
+from baim_jax.service import integrity
+with integrity.incoming(Path(sys.argv[1]), ".fetch-") as tmp:
     (tmp / "model").mkdir()
     (tmp / "model" / "half").write_bytes(b"x" * 1000)
     print("in", flush=True)
@@ -639,7 +637,7 @@ def test_what_killed_processes_leave_in_incoming_is_swept(where, store, tmp_path
     (root / ".incoming" / ".fetch-older").mkdir()  # no lock at all: left by an older baim_jax
     left = sorted(p.name for p in (root / ".incoming").iterdir())
     assert len(left) == 3  # the killed one's directory and its lock, and the older one
-    with I.incoming(root, ".fetch-") as alive:  # a download still going on is kept
+    with integrity.incoming(root, ".fetch-") as alive:  # a download still going on is kept
         if where == "toolbox":
             Toolbox(root)
         else:
@@ -669,8 +667,8 @@ def published_source(store, tmp_path):
     ({"task": "a", "images": np.zeros((8, 8, 1), np.float32)}, "H, W, C"),
     ({"task": "a", "images": np.zeros((1000, 8, 8, 1), np.float32), "num": 64},
      "66000 images, more than one response holds"),
-], ids=["nothing", "unknown task", "the router's key", "num zero", "num bool", "wrong shape", "out of range",
-        "nan", "three axes", "too many images"])
+], ids=["nothing", "unknown task", "the router's key", "num zero", "num bool", "wrong shape",
+        "out of range", "nan", "three axes", "too many images"])
 def test_bad_requests_are_refused_before_any_download(request_kwargs, words, store, tmp_path):
     toolbox = Toolbox(tmp_path / "toolbox")
     with pytest.raises(ValueError, match=words):

@@ -5,12 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from baim_jax.core import bound
-from baim_jax.core import strategies
-from baim_jax.core.baim import BAIM, BAIMConfig, values
 from conftest import mlp
 from reference import randomize_connections
+
+from baim_jax.core import bound, strategies
+from baim_jax.core.baim import BAIM, BAIMConfig, values
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]
@@ -101,7 +100,7 @@ def test_the_bound_moves_the_prior_towards_the_gate_weights():
     # A descent step raises pi where the gate puts more weight than pi does.
     seg = jnp.array([0, 0, 1, 1], jnp.int32)
     w = jnp.array([[0.8, 0.2, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 0.3, 0.7]], jnp.float32)
-    grad = jax.grad(lambda l: jnp.mean(bound.gate_kl(w, bound.log_prior(l, seg))))(
+    grad = jax.grad(lambda logits: jnp.mean(bound.gate_kl(w, bound.log_prior(logits, seg))))(
         jnp.zeros(4, jnp.float32))
     np.testing.assert_allclose(np.asarray(grad), np.array([-0.2, 0.2, 0.2, -0.2]) / 3,
                                atol=1e-6)

@@ -23,12 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baim_jax.core import bound
-from baim_jax.core import connections as C
-from baim_jax.core import dispatch as D
-from baim_jax.core import gates as G
-from baim_jax.core import learners as L
-from baim_jax.core import losses
+from baim_jax.core import bound, connections, dispatch, gates, learners, losses
 from baim_jax.core.config import BAIMConfig
 from baim_jax.core.pool import Member, PoolLayout, run_pool, run_tower
 from baim_jax.core.spec import ModelSpec, ParamCounts, learner_entries
@@ -59,17 +54,17 @@ class PriorParam(GateParam):
     which the sampler draws a learner (``bound.log_prior``). Trained with the bound."""
 
 
-def _check_params(spec: L.LearnerSpec, params: Any, where: str, keep=None) -> None:
+def _check_params(spec: learners.LearnerSpec, params: Any, where: str, keep=None) -> None:
     """Refuses uploaded parameters that do not match their declared spec or are not finite."""
-    own = L.stages(spec)
-    for t_idx, tower in enumerate(L.TOWERS):
+    own = learners.stages(spec)
+    for t_idx, tower in enumerate(learners.TOWERS):
         n_keep = len(own[tower]) if keep is None else keep[t_idx]
         got = params.get(tower) if isinstance(params, dict) else None
         if got is None or len(got) < n_keep:
             raise ValueError(f"{where}: the {tower} tower has {0 if got is None else len(got)} "
                              f"stages, its spec declares {n_keep}")
         for k in range(n_keep):
-            for name, shape in L.stage_param_shapes(own[tower][k]).items():
+            for name, shape in learners.stage_param_shapes(own[tower][k]).items():
                 leaf = got[k].get(name) if isinstance(got[k], dict) else None
                 if leaf is None or tuple(np.shape(leaf)) != tuple(shape):
                     raise ValueError(
@@ -93,7 +88,8 @@ def _check_gate(gate: Any, layout: PoolLayout, gated: int, tasks: int, features:
         leaf = gate.get(part, {}).get(name) if isinstance(gate, dict) else None
         if leaf is None or tuple(np.shape(leaf)) not in shapes:
             raise ValueError(f"gate '{part}/{name}': shape "
-                             f"{None if leaf is None else tuple(np.shape(leaf))}, expected {shapes[0]}")
+                             f"{None if leaf is None else tuple(np.shape(leaf))}, "
+                             f"expected {shapes[0]}")
         if not np.isfinite(np.asarray(leaf)).all():
             raise ValueError(f"gate '{part}/{name}': non-finite values")
 
@@ -109,9 +105,10 @@ def _pad_gate_columns(gate: dict, size: int) -> dict:
     return {**gate, "ls": ls}
 
 
-def init_learners(members: Sequence[Member], key: jax.Array) -> list[L.Params]:
+def init_learners(members: Sequence[Member], key: jax.Array) -> list[learners.Params]:
     """Fresh parameters of every member (drawn on the host, see ``learners.numpy_rng``)."""
-    return [L.init_learner(m.spec, jax.random.fold_in(key, n)) for n, m in enumerate(members)]
+    return [learners.init_learner(m.spec, jax.random.fold_in(key, n))
+            for n, m in enumerate(members)]
 
 
 def sample_rows(n: int) -> int:
@@ -144,8 +141,8 @@ class BAIM(nnx.Module):
     kind = "baim"
 
     def __init__(self, members: Sequence[Member], tasks: Sequence[str], config: BAIMConfig,
-                 *, rngs: nnx.Rngs, learner_params: Sequence[L.Params] | None = None,
-                 connections: Sequence[C.Connection] | None = None,
+                 *, rngs: nnx.Rngs, learner_params: Sequence[learners.Params] | None = None,
+                 conns: Sequence[connections.Connection] | None = None,
                  connection_kernels: Sequence[Any] | None = None,
                  kept: Sequence[bool] | None = None, gate_params: dict | None = None,
                  prior_logits: Any = None):
@@ -153,7 +150,7 @@ class BAIM(nnx.Module):
         self.config = config
         self.tasks = tuple(tasks)
         self.layout = PoolLayout(list(members))
-        D.check_capacity_factor(config.capacity_factor, sum(self.layout.depths))
+        dispatch.check_capacity_factor(config.capacity_factor, sum(self.layout.depths))
         squads = [m.squad for m in self.layout.members]
         for t, name in enumerate(self.tasks):
             size = squads.count(t)
@@ -177,9 +174,9 @@ class BAIM(nnx.Module):
         stacked, _ = self.layout.stack(list(learner_params))
         self.learners = nnx.data(jax.tree.map(LearnerParam, stacked))
 
-        self.conns = C.ConnectionSet(
-            self.layout, C.potential_set(self.layout, config.h, config.connect)
-            if connections is None else list(connections))
+        self.conns = connections.ConnectionSet(
+            self.layout, connections.potential_set(self.layout, config.h, config.connect)
+            if conns is None else list(conns))
         kernels = (self.conns.zeros() if connection_kernels is None
                    else self.conns.stack(list(connection_kernels)))
         self.connections = nnx.data([ConnectionParam(k) for k in kernels])
@@ -207,9 +204,9 @@ class BAIM(nnx.Module):
     # ----------------------------------------------------------------------------- assembly
 
     @classmethod
-    def assemble(cls, specs: Sequence[L.LearnerSpec], squads: Sequence[int],
+    def assemble(cls, specs: Sequence[learners.LearnerSpec], squads: Sequence[int],
                  tasks: Sequence[str], config: BAIMConfig | None = None, *, seed: int = 0,
-                 params: Sequence[L.Params] | None = None) -> "BAIM":
+                 params: Sequence[learners.Params] | None = None) -> "BAIM":
         """Assembles a BAIM from learners (fresh, or uploaded ``params``).
 
         Learners are ordered by squad (stable), so the gate's N-vector is cut into contiguous
@@ -228,12 +225,13 @@ class BAIM(nnx.Module):
         return model
 
     def _init_gate(self, key: jax.Array) -> dict:
-        return G.init_gate(L.numpy_rng(key), self.layout.image_shape, self.config.feature_dim,
+        return gates.init_gate(learners.numpy_rng(key), self.layout.image_shape,
+                               self.config.feature_dim,
                            self.layout.size, len(self.tasks))
 
     # ------------------------------------------------------------------------------ forward
 
-    def _mix(self, tower: str, j: int, a: jax.Array, inputs: list, layout: D.Layout):
+    def _mix(self, tower: str, j: int, a: jax.Array, inputs: list, layout: dispatch.Layout):
         """``mixed[n, j] = a[n, j] + sum of kept projections into (n, j)``; a: ``[N, R, ...]``."""
         for g_idx, g in enumerate(self.conns.groups):
             if g.tower != tower or g.j != j:
@@ -247,11 +245,11 @@ class BAIM(nnx.Module):
             kept = self.kept[g_idx][...].astype(a.dtype)
             kernel = (self.connections[g_idx][...] * self.conn_masks[g_idx][...].astype(a.dtype)
                       * kept.reshape((-1,) + (1,) * len(g.kernel_shape)))
-            proj = C.project(g, kernel, feat)
+            proj = connections.project(g, kernel, feat)
             a = a + jax.ops.segment_sum(proj, jnp.asarray(g.tgt), num_segments=a.shape[0])
         return a
 
-    def _tower(self, tower: str, a: jax.Array, layout: D.Layout):
+    def _tower(self, tower: str, a: jax.Array, layout: dispatch.Layout):
         caps = layout.caps[self.layout.depths[0]:] if tower == "dec" else layout.caps
         return run_tower(self.layout, values(self.learners), tower, a,
                          lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout), caps)
@@ -259,23 +257,24 @@ class BAIM(nnx.Module):
     def _latent_mask(self) -> jax.Array:
         return jnp.asarray(self.layout.latent_mask())
 
-    def _buffers(self, x: jax.Array, eps: jax.Array, layout: D.Layout) -> dict:
+    def _buffers(self, x: jax.Array, eps: jax.Array, layout: dispatch.Layout) -> dict:
         """Runs every learner on its buffer rows (``eps [N, B, L]``, each learner's own noise).
         Returns ``[N, R, ...]`` arrays and losses."""
-        return run_pool(self.layout, values(self.learners), D.gather_rows(x, layout.rows_of),
-                        D.gather_own_rows(eps, layout.rows_of),
+        return run_pool(self.layout, values(self.learners), dispatch.gather_rows(x, layout.rows_of),
+                        dispatch.gather_own_rows(eps, layout.rows_of),
                         lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout), layout.caps)
 
-    def _layout(self, selected: jax.Array, dispatch: str, dropless: bool) -> D.Layout:
+    def _layout(self, selected: jax.Array, path: str, dropless: bool) -> dispatch.Layout:
+        """The rows each learner runs (``path``: ``"dense"`` or ``"capacity"``)."""
         batch, num = selected.shape
         depths = self.layout.depths
-        if dispatch == "dense":
-            return D.dense_layout(batch, num, sum(depths))
-        prefixes = D.needed_prefixes(selected, self.conns.flat_arrays(), self.kept_by_group(),
-                                     depths)
-        caps = D.capacities(batch, self.config.k, num,
+        if path == "dense":
+            return dispatch.dense_layout(batch, num, sum(depths))
+        prefixes = dispatch.needed_prefixes(selected, self.conns.flat_arrays(),
+                                            self.kept_by_group(), depths)
+        caps = dispatch.capacities(batch, self.config.k, num,
                             None if dropless else self.config.capacity_factor, sum(depths))
-        return D.capacity_layout(D.chained_depth(prefixes), caps)
+        return dispatch.capacity_layout(dispatch.chained_depth(prefixes), caps)
 
     def _noise(self, rng: jax.Array | None, batch: int) -> jax.Array:
         """Each learner's latent noise ``[N, batch, L]`` (zeros without a key: posterior means)."""
@@ -284,7 +283,8 @@ class BAIM(nnx.Module):
         return bound.latent_noise(rng, self.layout.streams, batch, self.layout.latent)
 
     def consumed(self) -> jax.Array:
-        """``[N, N]`` bool: row n marks the latents learner n's path consumes (``bound.consumed``)."""
+        """``[N, N]`` bool: row n marks the latents learner n's path consumes
+        (``bound.consumed``)."""
         return bound.consumed(self.conns.flat_arrays(), self.kept_by_group(), self.layout.depths,
                               self.layout.size)
 
@@ -293,13 +293,13 @@ class BAIM(nnx.Module):
         return bound.log_prior(self.prior[...], jnp.asarray(self.layout.segment_of))
 
     def route(self, x: jax.Array, task=None, *, rng=None, train=False,
-              selected=None) -> G.GateOutput:
+              selected=None) -> gates.GateOutput:
         """The HierGate's routing of ``x [B, H, W, C]`` (see ``gates.hier_gate``)."""
         gate = values(self.gate)
         noise = self.config.noise_std if train else 0.0
-        return G.hier_gate(gate, x, segment_of=jnp.asarray(self.layout.segment_of), k=self.config.k,
-                           gate=self.config.gate, task=task, noise_std=noise, rng=rng,
-                           selected=selected)
+        return gates.hier_gate(gate, x, segment_of=jnp.asarray(self.layout.segment_of),
+                               k=self.config.k, gate=self.config.gate, task=task,
+                               noise_std=noise, rng=rng, selected=selected)
 
     def forward(self, x: jax.Array, task=None, *, rng: jax.Array | None = None,
                 train: bool = False, dispatch: str | None = None,
@@ -327,22 +327,26 @@ class BAIM(nnx.Module):
         out = self.route(x, task, rng=rng_gate, train=train, selected=selected)
         layout = self._layout(out.selected, dispatch or self.config.dispatch, dropless)
         buf = self._buffers(x, self._noise(rng_eps, x.shape[0]), layout)
-        weights = D.surviving_weights(out.weights, out.selected, layout)
-        recon = D.combine(losses.pixel_mean(buf["out"], self.layout.likelihood), weights, layout)
-        rec = D.combine(buf["rec"], weights, layout)
-        # Latent m's KL counts once for every selected path that consumes z_m, by its weight.
-        kl = D.combine(buf["kl"], weights @ self.consumed().astype(weights.dtype), layout)
-        gate_kl = bound.gate_kl(weights, self.log_prior())
         seg = jnp.asarray(self.layout.segment_of)
-        return {
-            "recon": recon, "rec": rec, "kl": kl, "gate_kl": gate_kl,
-            "nelbo": rec + kl + gate_kl, "gate": out, "dropped": layout.dropped,
-            "load_balance": G.load_balancing_loss(out, seg, len(self.tasks), self.config.k),
-            "z_loss": G.router_z_loss(out),
-        }
+        return {**self._combine(buf, out, layout), "gate": out, "dropped": layout.dropped,
+                "load_balance": gates.load_balancing_loss(out, seg, len(self.tasks), self.config.k),
+                "z_loss": gates.router_z_loss(out)}
+
+    def _combine(self, buf: dict, out: gates.GateOutput, layout: dispatch.Layout) -> dict:
+        """The mean image and the bound's parts ``[B]`` from the learners' buffers."""
+        weights = dispatch.surviving_weights(out.weights, out.selected, layout)
+        recon = dispatch.combine(losses.pixel_mean(buf["out"], self.layout.likelihood), weights,
+                                 layout)
+        rec = dispatch.combine(buf["rec"], weights, layout)
+        # Latent m's KL counts once for every selected path that consumes z_m, by its weight.
+        kl = dispatch.combine(buf["kl"], weights @ self.consumed().astype(weights.dtype), layout)
+        gate_kl = bound.gate_kl(weights, self.log_prior())
+        return {"recon": recon, "rec": rec, "kl": kl, "gate_kl": gate_kl,
+                "nelbo": rec + kl + gate_kl}
 
     def log_weights(self, x: jax.Array, task: jax.Array, rng: jax.Array) -> tuple:
-        """One importance draw for every learner of each row's squad (``bound.mixture_log_likelihood``).
+        """One importance draw for every learner of each row's squad
+        (``bound.mixture_log_likelihood``).
 
         Every learner of the task's squad runs (not only the gate's top K), each path on its
         own posterior draws of the latents it consumes.
@@ -355,11 +359,11 @@ class BAIM(nnx.Module):
           (log p(z_m) - log q(z_m | x))`` and ``log pi_n``, -inf outside the row's squad.
         """
         seg = jnp.asarray(self.layout.segment_of)
-        in_squad = G.segment_mask(seg, task)
+        in_squad = gates.segment_mask(seg, task)
         layout = self._layout(in_squad, self.config.dispatch, dropless=True)
         buf = self._buffers(x, self._noise(rng, x.shape[0]), layout)
-        rec = D.row_values(buf["rec"], layout)
-        ratio = D.row_values(buf["log_ratio"], layout)
+        rec = dispatch.row_values(buf["rec"], layout)
+        ratio = dispatch.row_values(buf["log_ratio"], layout)
         log_w = -rec - ratio @ self.consumed().T.astype(ratio.dtype)
         log_pi = jnp.broadcast_to(self.log_prior(), log_w.shape)
         return (jnp.where(in_squad, log_w, -jnp.inf), jnp.where(in_squad, log_pi, -jnp.inf))
@@ -379,7 +383,7 @@ class BAIM(nnx.Module):
         """
         out = self.forward(x, task, rng=rng, train=True, selected=selected)
         cfg = self.config
-        ts = G.task_loss(out["gate"], task) if len(self.tasks) > 1 else jnp.zeros(())
+        ts = gates.task_loss(out["gate"], task) if len(self.tasks) > 1 else jnp.zeros(())
         total = (jnp.mean(out["nelbo"]) + cfg.load_balance_weight * out["load_balance"]
                  + cfg.z_loss_weight * out["z_loss"] + cfg.task_loss_weight * ts)
         metrics = {"loss": total, "load_balance": out["load_balance"], "z_loss": out["z_loss"],
@@ -407,10 +411,10 @@ class BAIM(nnx.Module):
             return 0
         masked = [k[...] * m[...].astype(k[...].dtype)
                   for k, m in zip(self.connections, self.conn_masks)]
-        norm = np.asarray(C.norms(masked))
+        norm = np.asarray(connections.norms(masked))
         kept = np.asarray(self.kept_by_group())
         n_keep = int(np.ceil(kept_fraction * len(self.conns) - 1e-9))
-        new = C.prune_mask(norm, kept, n_keep)
+        new = connections.prune_mask(norm, kept, n_keep)
         start = 0
         for var, kvar in zip(self.connections, self.kept):
             size = kvar[...].shape[0]
@@ -436,7 +440,7 @@ class BAIM(nnx.Module):
         conns = [c for c, k in zip(self.conns.connections, kept) if k]
         kernels = [k for k, on in zip(tree["connections"], kept) if on]
         model = type(self)(self.layout.members, self.tasks, self.config, rngs=nnx.Rngs(0),
-                           learner_params=tree["learners"], connections=conns,
+                           learner_params=tree["learners"], conns=conns,
                            connection_kernels=kernels, gate_params=tree["gate"],
                            prior_logits=tree["prior"])
         model.order = self.order
@@ -458,13 +462,14 @@ class BAIM(nnx.Module):
         if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"task: expected a name, an int or [{batch}] ints, got {task!r}")
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.tasks)):
-            raise ValueError(f"task: id {int(ids.max() if ids.max() >= len(self.tasks) else ids.min())}"
-                             f" is unknown; this model has tasks 0..{len(self.tasks) - 1}")
+            bad = int(ids.max() if ids.max() >= len(self.tasks) else ids.min())
+            raise ValueError(f"task: id {bad} is unknown; this model has tasks "
+                             f"0..{len(self.tasks) - 1}")
         return jnp.asarray(ids, jnp.int32)
 
     def _images(self, x) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
-        L.check_image_shape(self.layout.image_shape, x.shape)
+        learners.check_image_shape(self.layout.image_shape, x.shape)
         return x
 
     def reconstruct(self, x, *, task=None, rng: jax.Array | None = None) -> dict:
@@ -617,6 +622,6 @@ def _draw(model: BAIM, n: int, task: jax.Array, rng):
     pi = jnp.where(seg == task, jnp.exp(model.log_prior()), 0.0)
     learner = bound.draw_learners(pi, jax.random.uniform(rng_pick, (n,)))
     z = jnp.where(model._latent_mask()[:, None, :], model._noise(rng_z, n), 0.0)
-    layout = D.dense_layout(n, model.layout.size, sum(model.layout.depths))
+    layout = dispatch.dense_layout(n, model.layout.size, sum(model.layout.depths))
     out = model._tower("dec", z, layout)                                     # [N, n, ...]
     return out[learner, jnp.arange(n)], learner

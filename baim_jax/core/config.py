@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from baim_jax.core import gates
-from baim_jax.core import learners
+from baim_jax.core import gates, learners
 
 
 @dataclasses.dataclass(frozen=True)

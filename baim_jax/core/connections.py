@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baim_jax.core import learners as L
+from baim_jax.core import learners
 from baim_jax.core.pool import REAL, PoolLayout, box_mask, pad_to
 
 
@@ -46,7 +46,7 @@ class Connection:
 
 
 def potential_set(layout: PoolLayout, h: int,
-                  towers: tuple[str, ...] = L.TOWERS) -> list[Connection]:
+                  towers: tuple[str, ...] = learners.TOWERS) -> list[Connection]:
     """All connections the rule allows inside ``towers``, sorted (tower, src, src_stage, tgt,
     tgt_stage)."""
     if h < 0:
@@ -131,8 +131,8 @@ class ConnectionSet:
         return hash((self.layout, self.connections))
 
     def real_kernel_shape(self, c: Connection) -> tuple[int, ...]:
-        src = L.stages(self.layout.members[c.src].spec)[c.tower][c.src_stage].in_shape
-        tgt = L.stages(self.layout.members[c.tgt].spec)[c.tower][c.tgt_stage].in_shape
+        src = learners.stages(self.layout.members[c.src].spec)[c.tower][c.src_stage].in_shape
+        tgt = learners.stages(self.layout.members[c.tgt].spec)[c.tower][c.tgt_stage].in_shape
         return kernel_shape(src, tgt)
 
     def param_count(self, c: Connection) -> int:
@@ -172,7 +172,7 @@ class ConnectionSet:
             size = len(g.index)
             cols["src"].append(g.src)
             cols["tgt"].append(g.tgt)
-            cols["tower"].append(np.full(size, L.TOWERS.index(g.tower), np.int32))
+            cols["tower"].append(np.full(size, learners.TOWERS.index(g.tower), np.int32))
             cols["i"].append(np.full(size, g.i, np.int32))
             cols["j"].append(np.full(size, g.j, np.int32))
         return {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in cols.items()}

@@ -13,9 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baim_jax.core import bound
-from baim_jax.core import learners as L
-from baim_jax.core import losses
+from baim_jax.core import bound, learners, losses
 from baim_jax.core.baim import LearnerParam, check_count, sample_rows, values
 from baim_jax.core.pool import Member
 from baim_jax.core.spec import LearnerEntry, ModelSpec, ParamCounts
@@ -32,14 +30,14 @@ class EdgeModel(nnx.Module):
 
     kind = "edge"
 
-    def __init__(self, spec: L.LearnerSpec, task: str, *, params: L.Params | None = None,
-                 seed: int = 0):
+    def __init__(self, spec: learners.LearnerSpec, task: str, *,
+                 params: learners.Params | None = None, seed: int = 0):
         spec.validate()
         self.learner_spec = spec
         self.tasks = (str(task),)
         if params is None:
-            params = L.init_learner(spec, jax.random.key(seed))
-        expected = jax.tree.map(np.shape, L.init_learner(spec, jax.random.key(0)))
+            params = learners.init_learner(spec, jax.random.key(seed))
+        expected = jax.tree.map(np.shape, learners.init_learner(spec, jax.random.key(0)))
         got = jax.tree.map(np.shape, params)
         if got != expected:
             raise ValueError(f"edge model: parameter shapes {got} do not match its learner spec "
@@ -52,7 +50,7 @@ class EdgeModel(nnx.Module):
     def task(self) -> str:
         return self.tasks[0]
 
-    def arrays(self) -> L.Params:
+    def arrays(self) -> learners.Params:
         """The parameters as plain arrays."""
         return values(self.params)
 
@@ -68,7 +66,7 @@ class EdgeModel(nnx.Module):
         eps = (jnp.zeros((x.shape[0], spec.latent)) if rng is None
                else bound.latent_noise(rng, jnp.zeros(1, jnp.int32), x.shape[0], spec.latent)[0])
         p = self.arrays()
-        out = L.learner_forward(spec, p, x, eps)
+        out = learners.learner_forward(spec, p, x, eps)
         log_scale = p.get("log_scale", jnp.zeros(()))
         rec = losses.nll(out["out"], log_scale, x, spec.likelihood)
         real = jnp.ones((spec.latent,), bool)
@@ -86,7 +84,7 @@ class EdgeModel(nnx.Module):
 
     def _check(self, x) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
-        L.check_image_shape(self.learner_spec.image_shape, x.shape)
+        learners.check_image_shape(self.learner_spec.image_shape, x.shape)
         return x
 
     def _task_check(self, task) -> None:
@@ -131,7 +129,7 @@ class EdgeModel(nnx.Module):
     def spec(self) -> ModelSpec:
         """The same description as a BAIM's: one learner (noise stream 0), no gate, no
         connections."""
-        count = L.count_params(self.learner_spec)
+        count = learners.count_params(self.learner_spec)
         return ModelSpec(kind=self.kind, tasks=self.tasks, params=ParamCounts(count, 0, 0),
                          image_shape=self.learner_spec.image_shape,
                          learners=(LearnerEntry(Member(self.learner_spec, 0, stream=0),
@@ -152,6 +150,6 @@ def _draw(model: EdgeModel, n: int, rng):
     spec = model.learner_spec
     _, rng_z = jax.random.split(rng)
     a = bound.latent_noise(rng_z, jnp.zeros(1, jnp.int32), n, spec.latent)[0]
-    for stage, p in zip(L.stages(spec)["dec"], model.arrays()["dec"]):
-        a = L.apply_stage(stage, p, a)
+    for stage, p in zip(learners.stages(spec)["dec"], model.arrays()["dec"]):
+        a = learners.apply_stage(stage, p, a)
     return a

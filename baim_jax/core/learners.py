@@ -242,7 +242,8 @@ def upsample2(x: jax.Array) -> jax.Array:
 
 
 def apply_stage(stage: Stage, p: Params, x: jax.Array):
-    """Runs one stage on ``x [B, *in_shape]``; a head returns ``(mean, logvar)``, each ``[B, L]``."""
+    """Runs one stage on ``x [B, *in_shape]``; a head returns ``(mean, logvar)``, each
+    ``[B, L]``."""
     if stage.op == "head":
         return (_dense(x, p["mean_kernel"], p["mean_bias"], stage.out_shape),
                 _dense(x, p["logvar_kernel"], p["logvar_bias"], stage.out_shape))

@@ -15,9 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baim_jax.core import connections as C
-from baim_jax.core import dispatch as D
-from baim_jax.core import learners as L
+from baim_jax.core import connections, dispatch, learners
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.pool import Member, PoolLayout
 
@@ -43,11 +41,11 @@ def kept_stages(model: BAIM, active: list[int]) -> np.ndarray:
     depths = layout.depths
     selected = np.zeros((1, layout.size), bool)
     selected[0, active] = True
-    positions = np.asarray(D.needed_prefixes(jnp.asarray(selected), model.conns.flat_arrays(),
-                                             model.kept_by_group(), depths))[0]
+    positions = np.asarray(dispatch.needed_prefixes(
+        jnp.asarray(selected), model.conns.flat_arrays(), model.kept_by_group(), depths))[0]
     return np.array([[sum(layout.stage_index[t][q][n] is not None
                           for q in range(positions[n, ti]))
-                      for ti, t in enumerate(L.TOWERS)] for n in range(layout.size)])
+                      for ti, t in enumerate(learners.TOWERS)] for n in range(layout.size)])
 
 
 def _task_config(config: BAIMConfig, members: list[Member]) -> BAIMConfig:
@@ -84,8 +82,9 @@ def partition(model: BAIM, task) -> TaskModel:
 
     conns, kernels = [], []
     for c, kernel, kept in zip(model.conns.connections, old["connections"], model.kept_flat()):
-        if kept and c.tgt in new_index and need[c.tgt, L.TOWERS.index(c.tower)] > c.tgt_stage:
-            conns.append(C.Connection(c.tower, new_index[c.src], c.src_stage,
+        tower = learners.TOWERS.index(c.tower)
+        if kept and c.tgt in new_index and need[c.tgt, tower] > c.tgt_stage:
+            conns.append(connections.Connection(c.tower, new_index[c.src], c.src_stage,
                                       new_index[c.tgt], c.tgt_stage))
             kernels.append(kernel)
     order = sorted(range(len(conns)), key=lambda i: conns[i])
@@ -102,6 +101,6 @@ def partition(model: BAIM, task) -> TaskModel:
     prior = np.where(seg[cols] == t, old["prior"][cols], 0.0).astype(np.float32)
     return TaskModel(members, [model.tasks[t]], _task_config(model.config, members),
                      rngs=nnx.Rngs(0),
-                     learner_params=params, connections=[conns[i] for i in order],
+                     learner_params=params, conns=[conns[i] for i in order],
                      connection_kernels=[kernels[i] for i in order], gate_params=gate_params,
                      prior_logits=prior)

@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baim_jax.core import learners as L
-from baim_jax.core import losses
+from baim_jax.core import learners, losses
 
 REAL, IDENTITY, ABSENT = 0, 1, 2
 
@@ -48,19 +47,19 @@ class Member:
         A task model keeps its learners' BAIM streams, so it draws the BAIM's noise.
     """
 
-    spec: L.LearnerSpec
+    spec: learners.LearnerSpec
     squad: int | None
     keep: tuple[int, int] | None = None
     stream: int | None = None
 
     def kept(self, tower: str) -> int:
-        n = len(L.stages(self.spec)[tower])
-        return n if self.keep is None else self.keep[L.TOWERS.index(tower)]
+        n = len(learners.stages(self.spec)[tower])
+        return n if self.keep is None else self.keep[learners.TOWERS.index(tower)]
 
     def param_count(self) -> int:
         if self.keep is None:
-            return L.count_params(self.spec)
-        return L.count_params(self.spec, enc_stages=self.keep[0], dec_stages=self.keep[1])
+            return learners.count_params(self.spec)
+        return learners.count_params(self.spec, enc_stages=self.keep[0], dec_stages=self.keep[1])
 
     def to_json(self) -> dict:
         return {"spec": self.spec.to_json(), "squad": self.squad,
@@ -69,7 +68,7 @@ class Member:
     @classmethod
     def from_json(cls, d: dict) -> "Member":
         keep = d.get("keep")
-        return cls(L.LearnerSpec.from_json(d["spec"]), d["squad"],
+        return cls(learners.LearnerSpec.from_json(d["spec"]), d["squad"],
                    None if keep is None else tuple(keep), d.get("stream"))
 
 
@@ -107,22 +106,22 @@ class PoolLayout:
 
     def __init__(self, members: list[Member]):
         if not members:
-            raise L.SpecError("pool: no learners")
+            raise learners.SpecError("pool: no learners")
         self.members = tuple(members)
         specs = [m.spec for m in members]
         for field in ("kind", "image_shape", "likelihood"):
             values = {getattr(s, field) for s in specs}
             if len(values) > 1:
-                raise L.SpecError(
+                raise learners.SpecError(
                     f"learner spec field '{field}': one pool needs a single value, got "
                     f"{sorted(map(str, values))}")
         self.kind = specs[0].kind
         self.image_shape = specs[0].image_shape
         self.likelihood = specs[0].likelihood
         self.latent = max(s.latent for s in specs)
-        own = [L.stages(s) for s in specs]
+        own = [learners.stages(s) for s in specs]
         self.stages, self.status, self.stage_index, self.in_shapes = {}, {}, {}, {}
-        for tower in L.TOWERS:
+        for tower in learners.TOWERS:
             depth = max(len(st[tower]) for st in own)
             index = [[None] * len(members) for _ in range(depth)]
             status = np.full((depth, len(members)), ABSENT, np.int32)
@@ -147,7 +146,7 @@ class PoolLayout:
                         if index[p][n] is not None]
                 ops = {(s.op, s.stride, s.act) for s in real}
                 if len(ops) > 1:
-                    raise L.SpecError(
+                    raise learners.SpecError(
                         f"learner specs: stage {p} of the {tower} tower differs in kind across "
                         f"learners ({sorted(ops)}); they cannot share a pool")
                 in_pad = tuple(int(v) for v in np.max(in_shapes[p], axis=0))
@@ -198,7 +197,7 @@ class PoolLayout:
 
     def param_shapes(self, tower: str, p: int) -> dict[str, tuple[int, ...]]:
         """Padded parameter shapes of a position, as a learner's (``[*in, *out]`` kernels)."""
-        return L.stage_param_shapes(self.stages[tower][p])
+        return learners.stage_param_shapes(self.stages[tower][p])
 
     def pool_shapes(self, tower: str, p: int) -> dict[str, tuple[int, ...]]:
         """Shapes of a position's leaves in the stacked tree (learner axis left out): dense and
@@ -222,7 +221,7 @@ class PoolLayout:
         return np.stack([box_mask((m.spec.latent,), (self.latent,)) & h
                          for m, h in zip(self.members, real_head)])
 
-    def stack(self, params: list[L.Params]) -> tuple[dict, dict]:
+    def stack(self, params: list[learners.Params]) -> tuple[dict, dict]:
         """Stacks unpadded per-learner parameters into padded pool trees.
 
         Args:
@@ -234,7 +233,7 @@ class PoolLayout:
           "log_scale": [N]}`` and boolean masks of the same structure.
         """
         stacked, masks = {}, {}
-        for tower in L.TOWERS:
+        for tower in learners.TOWERS:
             stacked[tower], masks[tower] = [], []
             for p in range(len(self.stages[tower])):
                 flat = self.pool_shapes(tower, p)
@@ -259,19 +258,19 @@ class PoolLayout:
         masks["log_scale"] = jax.device_put(np.ones((self.size,), bool))
         return stacked, masks
 
-    def unstack(self, stacked: dict) -> list[L.Params]:
+    def unstack(self, stacked: dict) -> list[learners.Params]:
         """Inverse of ``stack``: each member's real (unpadded) parameters, kept stages only."""
         stacked = jax.tree.map(np.asarray, stacked)
         out = []
         for n, member in enumerate(self.members):
-            own = L.stages(member.spec)
+            own = learners.stages(member.spec)
             tree = ({"log_scale": stacked["log_scale"][n]}
                     if self.likelihood == "gaussian" else {})
-            for tower in L.TOWERS:
+            for tower in learners.TOWERS:
                 tree[tower] = []
                 for k in range(member.kept(tower)):
                     p = self.position(tower, n, k)
-                    real = L.stage_param_shapes(own[tower][k])
+                    real = learners.stage_param_shapes(own[tower][k])
                     padded = self.param_shapes(tower, p)
                     tree[tower].append({
                         name: stacked[tower][p][name][n].reshape(padded[name])[
@@ -283,17 +282,17 @@ class PoolLayout:
     def padding_waste(self) -> float:
         """Executed FLOPs of the padded pool over the useful FLOPs of its real stages."""
         executed = useful = 0
-        for tower in L.TOWERS:
+        for tower in learners.TOWERS:
             for p, stage in enumerate(self.stages[tower]):
                 for n, member in enumerate(self.members):
-                    executed += L.stage_flops(stage)
+                    executed += learners.stage_flops(stage)
                     k = self.stage_index[tower][p][n]
                     if self.status[tower][p, n] == REAL:
-                        useful += L.stage_flops(L.stages(member.spec)[tower][k])
+                        useful += learners.stage_flops(learners.stages(member.spec)[tower][k])
         return executed / max(useful, 1)
 
 
-def apply_pool_stage(stage: L.Stage, params: dict, status: jax.Array, x: jax.Array):
+def apply_pool_stage(stage: learners.Stage, params: dict, status: jax.Array, x: jax.Array):
     """One position for one learner (``vmap`` over the learner axis).
 
     Args:
@@ -305,7 +304,7 @@ def apply_pool_stage(stage: L.Stage, params: dict, status: jax.Array, x: jax.Arr
     Returns:
       ``[R, *stage.out_shape]`` (a head returns ``(mean, logvar)``, each ``[R, latent]``).
     """
-    y = L.apply_stage(stage, params, x)
+    y = learners.apply_stage(stage, params, x)
     if stage.op == "head":
         keep = (status == REAL).astype(x.dtype)
         return y[0] * keep, y[1] * keep

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baim_jax.core import gates as G
-from baim_jax.core import learners as L
+from baim_jax.core import gates, learners
 from baim_jax.core.baim import GateParam, values
 from baim_jax.core.spec import ModelSpec, ParamCounts
 
@@ -68,7 +67,7 @@ class TaskRouter(nnx.Module):
           ``{"task": [B] int, "probs": [B, M] softmax of the TSGate logits}``.
         """
         x = jnp.asarray(x, jnp.float32)
-        L.check_image_shape(self.image_shape, x.shape)
+        learners.check_image_shape(self.image_shape, x.shape)
         probs = _probs(self, x)
         return {"task": jnp.argmax(probs, axis=-1), "probs": probs}
 
@@ -86,4 +85,4 @@ class TaskRouter(nnx.Module):
 
 @nnx.jit
 def _probs(model: TaskRouter, x):
-    return jax.nn.softmax(G.task_logits(values(model.gate), x), axis=-1)
+    return jax.nn.softmax(gates.task_logits(values(model.gate), x), axis=-1)

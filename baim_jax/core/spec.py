@@ -8,9 +8,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Protocol, runtime_checkable
-
 import json
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 

@@ -14,8 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from baim_jax.core import connections as C
-from baim_jax.core import strategies
+from baim_jax.core import connections, strategies
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
@@ -71,7 +70,7 @@ class Pruning:
 
     def after_step(self, model: BAIM, step: int) -> None:
         if step >= self.start and (step % self.every == 0 or step == self.end):
-            model.prune_connections(C.kept_fraction(step, self.rho, self.start, self.end))
+            model.prune_connections(connections.kept_fraction(step, self.rho, self.start, self.end))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -89,19 +88,20 @@ def adam(learning_rate: float) -> optax.GradientTransformation:
 
 
 class Trainer:
-    """Trains a BAIM (or a TaskModel) epoch by epoch with one strategy.
+    """Trains a BAIM (or a TaskModel) on its data epoch by epoch with one strategy.
 
     Args:
       model: the model, trained in place.
       strategy: ``finetune``, ``freeze`` or ``scratch`` (``strategies.prepare`` must already
         have been applied).
+      data: the images and task ids it trains on.
       learning_rate, batch_size, seed: optimiser, batches, noise.
       pruning: optional connection pruning schedule.
     """
 
-    def __init__(self, model: BAIM, strategy: str, *, learning_rate: float, batch_size: int,
-                 seed: int, pruning: Pruning | None = None):
-        self.model, self.strategy = model, strategy
+    def __init__(self, model: BAIM, strategy: str, data: Split, *, learning_rate: float,
+                 batch_size: int, seed: int, pruning: Pruning | None = None):
+        self.model, self.strategy, self.data = model, strategy, data
         self.batch_size, self.seed, self.pruning = batch_size, seed, pruning
         self.optimizer = strategies.make_optimizer(model, strategy, adam(learning_rate))
         self.step = strategies.make_train_step(model, self.optimizer, strategy)
@@ -118,9 +118,13 @@ class Trainer:
         nnx.update((self.model, self.optimizer),
                    jax.tree.unflatten(treedef, [jnp.array(leaf, copy=True) for leaf in leaves]))
 
-    def run_epoch(self, data: Split, epoch: int,
-                  on_step: Callable[[], None] | None = None) -> dict:
-        """One epoch over ``data``; returns the epoch's mean training metrics."""
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(epoch_batches(len(self.data.images), self.batch_size, 0, 0))
+
+    def run_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict:
+        """One epoch over the data; returns the epoch's mean training metrics."""
+        data = self.data
         batches = epoch_batches(len(data.images), self.batch_size, self.seed, epoch)
         key = jax.random.fold_in(jax.random.key(self.seed), epoch)
         steps = []  # read back once, after the epoch: no host sync per step
@@ -137,8 +141,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {k: v / len(batches) for k, v in sums.items()}
 
-    def lower(self, data: Split):
-        """The compiled train step for one batch of ``data`` (for cost analysis)."""
+    def lower(self):
+        """The compiled train step for one batch of the data (for cost analysis)."""
+        data = self.data
         idx = epoch_batches(len(data.images), self.batch_size, self.seed, 0)[0]
         return self.step.lower(jnp.asarray(data.images[idx]), jnp.asarray(data.tasks[idx]),
                                jax.random.key(0))

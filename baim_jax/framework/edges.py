@@ -23,8 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from baim_jax.core import learners as L
-from baim_jax.core import bound
+from baim_jax.core import bound, learners
 from baim_jax.core.pool import Member, PoolLayout, run_pool
 
 
@@ -124,9 +123,9 @@ class EdgeTrainer:
       devices: devices of the mesh (default: all).
     """
 
-    def __init__(self, specs: Sequence[L.LearnerSpec], shards: Sequence[np.ndarray], *,
+    def __init__(self, specs: Sequence[learners.LearnerSpec], shards: Sequence[np.ndarray], *,
                  batch_size: int, learning_rate: float, seed: int,
-                 params: Sequence[L.Params] | None = None,
+                 params: Sequence[learners.Params] | None = None,
                  devices: Sequence[jax.Device] | None = None):
         if len(specs) != len(shards):
             raise ValueError(f"edges: {len(specs)} specs for {len(shards)} data shards")
@@ -146,7 +145,8 @@ class EdgeTrainer:
         self.tx = optax.adam(learning_rate)
         if params is None:
             key = jax.random.key(seed)
-            params = [L.init_learner(s, jax.random.fold_in(key, e)) for e, s in enumerate(specs)]
+            params = [learners.init_learner(s, jax.random.fold_in(key, e))
+                      for e, s in enumerate(specs)]
         self.state = self._fresh(params)
         self._step = jax.jit(functools.partial(train_step, self.layout, self.tx),
                              donate_argnums=0)
@@ -158,7 +158,7 @@ class EdgeTrainer:
     def _place(self, tree):
         return jax.device_put(tree, self.sharding)
 
-    def _fresh(self, params: Sequence[L.Params]) -> TrainState:
+    def _fresh(self, params: Sequence[learners.Params]) -> TrainState:
         stacked, _ = self.layout.stack(list(params))
         with jax.numpy_dtype_promotion("standard"):
             opt_state = jax.vmap(self.tx.init)(stacked)
@@ -172,7 +172,7 @@ class EdgeTrainer:
         """Restores ``state_leaves()`` output, placed on the mesh."""
         self.state = self._place(jax.tree.unflatten(jax.tree.structure(self.state), leaves))
 
-    def reset(self, params: Sequence[L.Params]) -> None:
+    def reset(self, params: Sequence[learners.Params]) -> None:
         """Starts again from ``params`` with a fresh optimiser (a FedAvg round)."""
         self.state = self._fresh(params)
 
@@ -193,18 +193,18 @@ class EdgeTrainer:
             total += loss * act
         return total / np.maximum(active.sum(axis=0), 1)
 
-    def params(self) -> list[L.Params]:
+    def params(self) -> list[learners.Params]:
         """Each edge's unpadded parameters (host arrays)."""
         return self.layout.unstack(self.state.params)
 
 
 @functools.lru_cache(maxsize=None)
-def step_flops(spec: L.LearnerSpec, batch_size: int) -> float:
+def step_flops(spec: learners.LearnerSpec, batch_size: int) -> float:
     """FLOPs of one local training step of one edge with ``spec`` (XLA's cost analysis; the
     learning rate, a constant of the step, changes none)."""
     layout = PoolLayout([Member(spec, 0)])
     tx = optax.adam(1e-3)
-    stacked, _ = layout.stack([L.init_learner(spec, jax.random.key(0))])
+    stacked, _ = layout.stack([learners.init_learner(spec, jax.random.key(0))])
     with jax.numpy_dtype_promotion("standard"):
         state = jax.eval_shape(lambda p: TrainState(p, jax.vmap(tx.init)(p)), stacked)
     shape = (1, batch_size) + spec.image_shape

@@ -14,11 +14,13 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from baim_jax.core import learners as L
+from baim_jax.core import learners
+from baim_jax.core.edge_model import EdgeModel
 from baim_jax.framework.edges import EdgeTrainer
 
 
-def weighted_average(params: Sequence[L.Params], weights: Sequence[float]) -> L.Params:
+def weighted_average(params: Sequence[learners.Params],
+                     weights: Sequence[float]) -> learners.Params:
     """``sum_e w_e params_e / sum_e w_e``, leaf by leaf (host arrays)."""
     w = np.asarray(weights, np.float64)
     if w.ndim != 1 or len(w) != len(params) or not (np.isfinite(w) & (w > 0)).all():
@@ -29,8 +31,8 @@ def weighted_average(params: Sequence[L.Params], weights: Sequence[float]) -> L.
                                      axes=1).astype(np.float32), *params)
 
 
-def fedavg_round(global_params: L.Params, edges: EdgeTrainer, cloud: EdgeTrainer,
-                 round_index: int, on_step: Callable[[], None] | None = None) -> L.Params:
+def fedavg_round(global_params: learners.Params, edges: EdgeTrainer, cloud: EdgeTrainer,
+                 round_index: int, on_step: Callable[[], None] | None = None) -> learners.Params:
     """One round: local epochs at the edges, weighted average, one epoch at the cloud.
 
     Args:
@@ -47,3 +49,37 @@ def fedavg_round(global_params: L.Params, edges: EdgeTrainer, cloud: EdgeTrainer
     cloud.reset([averaged])
     cloud.run_epoch(round_index, on_step)
     return cloud.params()[0]
+
+
+class FedAvg:
+    """FedAvg round by round, with the trainers' interface (``state_leaves``, ``load_state``,
+    ``run_epoch``): its state is the global model's parameters.
+
+    Args:
+      spec: the homogeneous model's learner spec.
+      edges, cloud: the edges' and the cloud's trainers (``edges.EdgeTrainer``).
+      params: the starting global parameters.
+    """
+
+    def __init__(self, spec: learners.LearnerSpec, edges: EdgeTrainer, cloud: EdgeTrainer,
+                 params: learners.Params):
+        self.spec, self.edges, self.cloud, self.params = spec, edges, cloud, params
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.edges.steps_per_epoch + self.cloud.steps_per_epoch
+
+    def state_leaves(self) -> list:
+        return jax.tree.leaves(self.params)
+
+    def load_state(self, leaves: list) -> None:
+        self.params = jax.tree.unflatten(jax.tree.structure(self.params),
+                                         [np.asarray(v) for v in leaves])
+
+    def run_epoch(self, round_index: int, on_step: Callable[[], None] | None = None) -> None:
+        """One round (``fedavg_round``)."""
+        self.params = fedavg_round(self.params, self.edges, self.cloud, round_index, on_step)
+
+    def model(self, task: str = "all") -> EdgeModel:
+        """The global model."""
+        return EdgeModel(self.spec, task, params=self.params)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from baim_jax import checkpoint
-from baim_jax.core import learners as L
-from baim_jax.core import strategies
+from baim_jax.core import learners, strategies
 from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
@@ -45,10 +45,13 @@ from baim_jax.evaluation import likelihood, measures
 from baim_jax.evaluation.data import Split
 from baim_jax.evaluation.fid import fid
 from baim_jax.files import read_json, write_json
-from baim_jax.framework import accounting, edges as edges_lib, fedavg
+from baim_jax.framework import accounting, fedavg
+from baim_jax.framework import edges as edges_lib
 from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches
 from baim_jax.framework.plan import Plan, validate
-from baim_jax.framework.storage import PhaseCheckpoint, claim
+from baim_jax.framework.rundir import PhaseCheckpoint, claim, train_epochs
+
+PHASE_BARS = {"edges": "edges: local training", "fl": "fl: FedAvg rounds"}
 
 
 def _bar(total: int, done: int, desc: str, show: bool):
@@ -84,24 +87,44 @@ def cloud_trainer(plan: Plan, uploads: list[EdgeModel], strategy: str, learning_
     total = cfg.epochs * len(epoch_batches(len(data.images), cfg.batch_size, 0, 0))
     pruning = Pruning.over(total, cfg.rho if rho is None else rho, cfg.prune_start,
                            cfg.prune_end, cfg.prune_every)
-    return Trainer(model, strategy, learning_rate=learning_rate, batch_size=cfg.batch_size,
-                   seed=seed + 2, pruning=pruning)
+    return Trainer(model, strategy, data, learning_rate=learning_rate,
+                   batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning)
 
 
-def fl_trainers(plan: Plan, learning_rate: float, cloud: Split):
-    """FedAvg's edges and cloud trainers of the homogeneous model, and its starting
-    parameters, as the FL phase runs them.
-
-    Returns:
-      ``(spec, edge_trainer, cloud_trainer, params)``.
-    """
+def fl_trainer(plan: Plan, learning_rate: float, cloud: Split) -> fedavg.FedAvg:
+    """FedAvg of the homogeneous model with ``cloud`` as the cloud's data, as the FL phase
+    runs it."""
     spec, seed = fl_spec(plan), plan.config.seed
     kw = dict(batch_size=plan.config.fl.batch_size, learning_rate=learning_rate,
               devices=_devices(plan))
     edges = edges_lib.EdgeTrainer([spec] * len(plan.data.edges),
                                   [s.images for s in plan.data.edges], seed=seed + 4, **kw)
     at_cloud = edges_lib.EdgeTrainer([spec], [cloud.images], seed=seed + 5, **kw)
-    return spec, edges, at_cloud, L.init_learner(spec, jax.random.key(seed + 3))
+    return fedavg.FedAvg(spec, edges, at_cloud,
+                         learners.init_learner(spec, jax.random.key(seed + 3)))
+
+
+def _train(workdir: Path, phase: str, trainer, epochs: int, show: bool,
+           observe=lambda epoch, out: {}, curves=()) -> dict:
+    """``rundir.train_epochs`` of one phase, with its progress bar and its test-loss postfix."""
+    steps = trainer.steps_per_epoch
+    ckpt = PhaseCheckpoint(workdir / "ckpt" / phase, warn=lambda line: tqdm.write(line,
+                                                                                 file=sys.stderr))
+    desc = PHASE_BARS.get(phase) or phase.replace("_", ": ", 1)
+    with _bar(epochs * steps, 0, desc, show) as bar:
+        def watch(epoch, out):
+            seen = observe(epoch, out)
+            if "curve" in seen:
+                bar.set_postfix(test=f"{seen['curve']:.1f}")
+            return seen
+
+        try:
+            meta = train_epochs(ckpt, trainer, epochs, watch, curves, bar.update,
+                                lambda done: bar.update(done * steps - bar.n))
+        finally:
+            ckpt.close()
+    ckpt.remove()
+    return meta
 
 
 def scores(model, data: Split, suffix: str = "") -> dict:
@@ -140,27 +163,17 @@ def phase_features(plan: Plan, workdir: Path, show: bool) -> dict:
 def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
     cfg = plan.config.edge
     trainer = edge_trainer(plan, cfg.learning_rate)
-    ckpt = PhaseCheckpoint(workdir / "ckpt" / "edges")
-    meta = {"epoch": 0, "elapsed": 0.0, "train_loss": []}
-    restored = ckpt.latest(trainer.state_leaves(), meta)
-    if restored is not None:
-        leaves, meta = restored
-        trainer.load_state(leaves)
+    meta = _train(workdir, "edges", trainer, cfg.epochs, show,
+                  lambda epoch, loss: {"train_loss": loss.tolist()}, ["train_loss"])
     start = time.perf_counter() - meta["elapsed"]
-    steps = trainer.steps_per_epoch
-    with _bar(cfg.epochs * steps, meta["epoch"] * steps, "edges: local training", show) as bar:
-        for epoch in range(meta["epoch"], cfg.epochs):
-            loss = trainer.run_epoch(epoch, bar.update)
-            meta = {"epoch": epoch + 1, "elapsed": time.perf_counter() - start,
-                    "train_loss": meta["train_loss"] + [loss.tolist()]}
-            ckpt.save(epoch + 1, trainer.state_leaves(), meta)
     records = []
     extract, _ = _extractor(plan, workdir)
     for e, (eid, params) in enumerate(zip(plan.edge_ids, trainer.params())):
         model = EdgeModel(plan.specs[e], plan.tasks[plan.edge_tasks[e]], params=params)
         checkpoint.save(model, workdir / "edges" / eid / "initial")
         real = plan.task_test(plan.edge_tasks[e])
-        records.append({"id": eid, "task": model.task, "params": L.count_params(plan.specs[e]),
+        records.append({"id": eid, "task": model.task,
+                        "params": learners.count_params(plan.specs[e]),
                         "data_size": len(plan.data.edges[e].images),
                         **scores(model, real, "_initial"),
                         "fid_initial": measures.model_fid(model, real, extract,
@@ -168,7 +181,6 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
     for spec, rec in zip(plan.specs, records):  # step_flops compiles once per distinct spec
         rec["flops_per_epoch"] = (edges_lib.step_flops(spec, cfg.batch_size)
                                   * math.ceil(rec["data_size"] / cfg.batch_size))
-    ckpt.remove()
     return {"edges": records, "train_loss": meta["train_loss"],
             "wall_seconds": time.perf_counter() - start}
 
@@ -192,35 +204,23 @@ def _uploads(plan: Plan, workdir: Path) -> list[EdgeModel]:
 
 def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     cfg, seed = plan.config.cloud, plan.config.seed
-    cloud = plan.data.cloud
     trainer = cloud_trainer(plan, _uploads(plan, workdir), strategy,
-                            plan.cloud_learning_rate(strategy), cloud)
+                            plan.cloud_learning_rate(strategy), plan.data.cloud)
     model = trainer.model
     trainable = accounting.cloud_trainable_params(model, strategy)
-    steps = len(epoch_batches(len(cloud.images), cfg.batch_size, 0, 0))
-    total = cfg.epochs * steps
-    ckpt = PhaseCheckpoint(workdir / "ckpt" / f"cloud_{strategy}")
-    meta = {"epoch": 0, "elapsed": 0.0, "curve": [], "fid": [], "train": []}
     extract, _ = _extractor(plan, workdir)
-    restored = ckpt.latest(trainer.state_leaves(), meta)
-    if restored is not None:
-        leaves, meta = restored
-        trainer.load_state(leaves)
+
+    def observe(epoch, metrics):
+        return {"curve": likelihood.test_loss(model, plan.data.test),
+                "fid": measures.model_fid(model, plan.data.test, extract, seed + epoch),
+                "train": metrics}
+
+    meta = _train(workdir, f"cloud_{strategy}", trainer, cfg.epochs, show, observe,
+                  ["curve", "fid", "train"])
     start = time.perf_counter() - meta["elapsed"]
-    with _bar(total, meta["epoch"] * steps, f"cloud: {strategy}", show) as bar:
-        for epoch in range(meta["epoch"], cfg.epochs):
-            metrics = trainer.run_epoch(cloud, epoch, bar.update)
-            meta = {"epoch": epoch + 1, "elapsed": time.perf_counter() - start,
-                    "curve": meta["curve"] + [likelihood.test_loss(model, plan.data.test)],
-                    "fid": meta["fid"] + [measures.model_fid(model, plan.data.test, extract,
-                                                             seed + epoch)],
-                    "train": meta["train"] + [metrics]}
-            bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
-            ckpt.save(epoch + 1, trainer.state_leaves(), meta)
     checkpoint.save(model, workdir / "baim" / strategy)
     task_params = {t: partition(model, t).spec.params.total for t in plan.tasks}
-    flops = edges_lib.compiled_flops(trainer.lower(cloud)) * steps
-    ckpt.remove()
+    flops = edges_lib.compiled_flops(trainer.lower()) * trainer.steps_per_epoch
     return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"], "train": meta["train"],
             **scores(model, plan.data.test),
             "trainable_params": trainable, "flops_per_epoch": flops,
@@ -269,10 +269,10 @@ def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
                 bar.update(cfg.epochs * steps[e])
             else:
                 model = checkpoint.load(workdir / "toolkit" / plan.tasks[plan.edge_tasks[e]])
-                trainer = Trainer(model, "finetune", learning_rate=cfg.learning_rate,
+                trainer = Trainer(model, "finetune", local, learning_rate=cfg.learning_rate,
                                   batch_size=cfg.batch_size, seed=plan.config.seed + 10 + e)
                 for epoch in range(cfg.epochs):
-                    trainer.run_epoch(local, epoch, bar.update)
+                    trainer.run_epoch(epoch, bar.update)
                 checkpoint.save(model, path)
             real = plan.task_test(plan.edge_tasks[e])
             records.append({"id": eid, "params": model.spec.params.total,
@@ -282,49 +282,35 @@ def phase_personalize(plan: Plan, workdir: Path, show: bool) -> dict:
     return {"edges": records, "wall_seconds": time.perf_counter() - start}
 
 
-def fl_spec(plan: Plan) -> L.LearnerSpec:
+def fl_spec(plan: Plan) -> learners.LearnerSpec:
     """FedAvg's homogeneous model: the largest edge model's spec."""
-    return max(plan.specs, key=L.count_params)
+    return max(plan.specs, key=learners.count_params)
 
 
 def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
     cfg, seed = plan.config.fl, plan.config.seed
     shards = [s.images for s in plan.data.edges]
-    spec, at_edges, at_cloud, params = fl_trainers(plan, cfg.learning_rate, plan.data.cloud)
-    ckpt = PhaseCheckpoint(workdir / "ckpt" / "fl")
-    meta = {"round": 0, "elapsed": 0.0, "curve": [], "fid": []}
+    trainer = fl_trainer(plan, cfg.learning_rate, plan.data.cloud)
     extract, _ = _extractor(plan, workdir)
-    restored = ckpt.latest(jax.tree.leaves(params), meta)
-    if restored is not None:
-        leaves, meta = restored
-        params = jax.tree.unflatten(jax.tree.structure(params), [np.asarray(v) for v in leaves])
+
+    def observe(r, _):
+        model = trainer.model()
+        return {"curve": likelihood.test_loss(model, plan.data.test),
+                "fid": measures.model_fid(model, plan.data.test, extract, seed + r)}
+
+    meta = _train(workdir, "fl", trainer, cfg.rounds, show, observe, ["curve", "fid"])
     start = time.perf_counter() - meta["elapsed"]
-    steps = at_edges.steps_per_epoch + at_cloud.steps_per_epoch
-    with _bar(cfg.rounds * steps, meta["round"] * steps, "fl: FedAvg rounds", show) as bar:
-        for r in range(meta["round"], cfg.rounds):
-            params = fedavg.fedavg_round(params, at_edges, at_cloud, r, bar.update)
-            model = EdgeModel(spec, "all", params=params)
-            meta = {"round": r + 1, "elapsed": time.perf_counter() - start,
-                    "curve": meta["curve"] + [likelihood.test_loss(model, plan.data.test)],
-                    "fid": meta["fid"] + [measures.model_fid(model, plan.data.test, extract,
-                                                             seed + r)]}
-            bar.set_postfix(test=f"{meta['curve'][-1]:.1f}")
-            ckpt.save(r + 1, jax.tree.leaves(params), meta)
-    model = EdgeModel(spec, "all", params=params)
+    model = trainer.model()
     checkpoint.save(model, workdir / "fl")
-    step = edges_lib.step_flops(spec, cfg.batch_size)
-    ckpt.remove()
+    step = edges_lib.step_flops(trainer.spec, cfg.batch_size)
     return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"],
             **scores(model, plan.data.test),
-            "params": L.count_params(spec),
-            "spec": spec.to_json(),
+            "params": learners.count_params(trainer.spec),
+            "spec": trainer.spec.to_json(),
             "edge_flops_per_epoch": [step * math.ceil(len(s) / cfg.batch_size) for s in shards],
             "cloud_flops_per_epoch": step * math.ceil(len(plan.data.cloud.images)
                                                       / cfg.batch_size),
             "wall_seconds": time.perf_counter() - start}
-
-
-# ------------------------------------------------------------------------------------- run
 
 
 def phases(plan: Plan) -> list[str]:
@@ -335,8 +321,8 @@ def phases(plan: Plan) -> list[str]:
 def _run_phase(name: str, plan: Plan, workdir: Path, show: bool) -> dict:
     if name.startswith("cloud_"):
         return phase_cloud(plan, workdir, show, name[len("cloud_"):])
-    return {"features": phase_features, "edges": phase_edges, "toolkit": phase_toolkit, "personalize": phase_personalize,
-            "fl": phase_fl}[name](plan, workdir, show)
+    return {"features": phase_features, "edges": phase_edges, "toolkit": phase_toolkit,
+            "personalize": phase_personalize, "fl": phase_fl}[name](plan, workdir, show)
 
 
 def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) -> dict:

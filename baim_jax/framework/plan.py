@@ -13,9 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from baim_jax.core import dispatch as D
-from baim_jax.core import learners as L
-from baim_jax.core import strategies
+from baim_jax.core import dispatch, learners, strategies
 from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.evaluation import data as data_lib
@@ -45,7 +43,7 @@ class Plan:
 
     config: ml_collections.ConfigDict
     tasks: list[str]
-    specs: list[L.LearnerSpec]
+    specs: list[learners.LearnerSpec]
     edge_tasks: list[int]
     baim: BAIMConfig
     data: data_lib.Partition
@@ -202,7 +200,7 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         if not isinstance(task, int) or not 0 <= task < len(tasks):
             raise ValueError(f"edges[{e}].task: {d['task']!r} is not a task of {tasks}")
         try:
-            spec = L.LearnerSpec(config.kind, tuple(images.shape[1:]), tuple(d["encoder"]),
+            spec = learners.LearnerSpec(config.kind, tuple(images.shape[1:]), tuple(d["encoder"]),
                                  d["latent"], tuple(d["decoder"]), config.likelihood)
             spec.validate()
         except (TypeError, ValueError) as err:
@@ -219,7 +217,7 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     except TypeError as err:
         raise ValueError(f"baim: {err}") from None
     pool = PoolLayout([Member(spec, t) for spec, t in zip(specs, edge_tasks)])
-    D.check_capacity_factor(baim.capacity_factor, sum(pool.depths))
+    dispatch.check_capacity_factor(baim.capacity_factor, sum(pool.depths))
     smallest = min(edge_tasks.count(t) for t in range(len(tasks)))
     if baim.k > smallest:
         raise ValueError(f"baim.k: {baim.k} is larger than the smallest squad ({smallest} edges)")
@@ -247,8 +245,8 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         raise ValueError("cloud.prune_start/prune_end: need 0 <= start <= end <= 1 (fractions "
                          "of the cloud's training steps)")
     for e, spec in enumerate(specs):
-        if L.count_params(spec) > config.cloud.max_upload_params:
-            raise ValueError(f"edges[{e}]: {L.count_params(spec)} parameters, more than "
+        if learners.count_params(spec) > config.cloud.max_upload_params:
+            raise ValueError(f"edges[{e}]: {learners.count_params(spec)} parameters, more than "
                              f"cloud.max_upload_params ({config.cloud.max_upload_params})")
     data = data_lib.edge_cloud_split(
         images, labels, config.task_classes, edge_tasks, shares, test_size=dc.test_size,

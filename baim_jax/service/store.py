@@ -23,11 +23,10 @@ import contextlib
 import datetime
 from pathlib import Path
 
-from baim_jax import checkpoint
+from baim_jax import checkpoint, files
 from baim_jax.core.spec import ModelSpec
 from baim_jax.names import check_task_name
-from baim_jax import files as F
-from baim_jax.service import integrity as I
+from baim_jax.service import integrity
 from baim_jax.service.integrity import ROUTER
 
 FORMAT, VERSION = "baim_jax-store", 2
@@ -75,7 +74,8 @@ def _entry_problem(key: str, entry) -> str | None:
             return f"{field} {entry.get(field)!r}"
     if not image_shape_ok(entry.get("image_shape")):
         return f"image_shape {entry.get('image_shape')!r}"
-    if entry.get("dir") not in (I.model_rel(key), I.model_rel(key, entry["revision"])):
+    if entry.get("dir") not in (integrity.model_rel(key),
+                                integrity.model_rel(key, entry["revision"])):
         return f"dir {entry.get('dir')!r}, not the directory of {key!r}"
     return None
 
@@ -99,7 +99,7 @@ class ModelStore:
             if not create:
                 raise StoreError(f"store: {self.root} is not a model store (no manifest.json)")
             if self.root.exists() and (not self.root.is_dir()
-                                       or not I.only_housekeeping(self.root)):
+                                       or not integrity.only_housekeeping(self.root)):
                 raise StoreError(f"store: {self.root} exists and is not a model store")
             self._new = True  # made by the first publish
         self.manifest()
@@ -110,7 +110,7 @@ class ModelStore:
         """The manifest, checked for format and version."""
         if self._new and not (self.root / "manifest.json").exists():
             return {"format": FORMAT, "version": VERSION, "models": {}}
-        m = F.read_json(self.root / "manifest.json", "model store")
+        m = files.read_json(self.root / "manifest.json", "model store")
         if m.get("format") != FORMAT:
             raise StoreError(f"store: {self.root}/manifest.json is not a {FORMAT} manifest")
         if m.get("version") not in READABLE_VERSIONS:
@@ -121,7 +121,7 @@ class ModelStore:
             raise StoreError(f"store: {self.root}/manifest.json lists no models")
         for key, entry in m["models"].items():
             try:
-                problem = _entry_problem(I.check_key(key), entry)
+                problem = _entry_problem(integrity.check_key(key), entry)
             except ValueError as e:
                 problem = str(e)
             if problem:
@@ -135,7 +135,7 @@ class ModelStore:
 
     def entry(self, key: str) -> dict:
         """The manifest entry of a task (or of ``ROUTER``)."""
-        I.check_key(key)
+        integrity.check_key(key)
         models = self.manifest()["models"]
         if key not in models:
             if key == ROUTER:
@@ -150,8 +150,8 @@ class ModelStore:
     def _dir(self, key: str, entry: dict) -> Path:
         """The directory ``entry`` names (its key's, with or without the entry's revision;
         checked by ``manifest``)."""
-        dated = entry["dir"] == I.model_rel(key, entry["revision"])
-        return I.model_dir(self.root, key, entry["revision"] if dated else None)
+        dated = entry["dir"] == integrity.model_rel(key, entry["revision"])
+        return integrity.model_dir(self.root, key, entry["revision"] if dated else None)
 
     def fetch(self, key: str, dest: Path) -> tuple[dict, int]:
         """Downloads a model to the new directory ``dest``, every file checked on arrival.
@@ -159,18 +159,18 @@ class ModelStore:
         Returns:
           ``(entry, bytes copied)``.
         """
-        with I.locked(self.root, exclusive=False):
+        with integrity.locked(self.root, exclusive=False):
             entry = self.entry(key)
-            copied = F.copy_verified(self._dir(key, entry), entry["files"], dest)
+            copied = files.copy_verified(self._dir(key, entry), entry["files"], dest)
         _check_spec(dest, key, entry)
         return entry, copied
 
     def load(self, key: str):
         """Opens a model in place (no copy): the sensitive path. Checked like ``fetch``."""
-        with I.locked(self.root, exclusive=False):
+        with integrity.locked(self.root, exclusive=False):
             entry = self.entry(key)
             path = self._dir(key, entry)
-            F.verify(path, entry["files"])
+            files.verify(path, entry["files"])
             _check_spec(path, key, entry)
             return entry, checkpoint.load(path, check_digests=False)  # verified just above
 
@@ -185,9 +185,9 @@ class ModelStore:
         """
         checked = {}
         for key, src in sources.items():
-            checked[I.check_key(key)] = Path(src).absolute()
+            checked[integrity.check_key(key)] = Path(src).absolute()
             _check_loadable(checked[key], key)
-            checked[key] = (checked[key], F.digests(checked[key]))  # refuses links, devices
+            checked[key] = (checked[key], files.digests(checked[key]))  # refuses links, devices
         made = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -202,7 +202,7 @@ class ModelStore:
         exclusive lock, and only with ``rmdir``, so another process's publish to the same new
         store is never touched."""
         try:
-            with I.locked(self.root):
+            with integrity.locked(self.root):
                 if (self.root / "manifest.json").exists():
                     return
                 with contextlib.suppress(FileNotFoundError):
@@ -215,26 +215,26 @@ class ModelStore:
     def _publish(self, checked: dict[str, tuple[Path, dict]], origin: str) -> list[dict]:
         with contextlib.ExitStack() as temporaries:
             staged = []
-            for key, (src, files) in checked.items():
-                tmp = temporaries.enter_context(I.incoming(self.root, ".publish-"))
-                F.copy_verified(src, files, tmp / "model", durable=True)
-                staged.append((key, tmp, files, checkpoint.read_spec(src)))
+            for key, (src, digests) in checked.items():
+                tmp = temporaries.enter_context(integrity.incoming(self.root, ".publish-"))
+                files.copy_verified(src, digests, tmp / "model", durable=True)
+                staged.append((key, tmp, digests, checkpoint.read_spec(src)))
             entries = []
-            with I.locked(self.root):
-                I.sweep_incoming(self.root)
+            with integrity.locked(self.root):
+                integrity.sweep_incoming(self.root)
                 manifest = self.manifest()
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                for key, tmp, files, spec in staged:
+                for key, tmp, digests, spec in staged:
                     revision = manifest["models"].get(key, {}).get("revision", 0) + 1
-                    final = I.model_dir(self.root, key, revision)
-                    F.replace_dir(tmp / "model", final)  # over what a killed publish left
-                    F.sync(final.parent)
+                    final = integrity.model_dir(self.root, key, revision)
+                    files.replace_dir(tmp / "model", final)  # over what a killed publish left
+                    files.sync(final.parent)
                     manifest["models"][key] = {
                         **_summary(spec), "dir": str(final.relative_to(self.root)),
-                        "revision": revision, "files": files,
-                        "bytes": F.size(final), "published": now, "origin": origin}
+                        "revision": revision, "files": digests,
+                        "bytes": files.size(final), "published": now, "origin": origin}
                     entries.append({"task": key, **manifest["models"][key]})
-                F.write_json(self.root / "manifest.json", {**manifest, "version": VERSION})
+                files.write_json(self.root / "manifest.json", {**manifest, "version": VERSION})
                 self._sweep(manifest)
             return entries
 
@@ -247,7 +247,7 @@ class ModelStore:
         found += [p for p in self.root.iterdir() if p.name.split("@")[0] == "router"]
         for path in found:
             if path not in named:
-                F.remove(path)
+                files.remove(path)
 
     def export_run(self, workdir) -> list[dict]:
         """Publishes a finished run's toolkit (``toolkit/<task>/``) and router (``router/``)."""
@@ -257,8 +257,8 @@ class ModelStore:
             raise StoreError(f"--workdir: {workdir} holds no finished baim-jax run "
                              f"(no results.json)")
         try:
-            toolkit = F.read_json(results, "results").get("toolkit")
-        except F.IntegrityError as e:
+            toolkit = files.read_json(results, "results").get("toolkit")
+        except files.IntegrityError as e:
             raise StoreError(f"--workdir: {e}") from None
         if not isinstance(toolkit, dict) or not toolkit:
             raise StoreError(f"--workdir: {results} lists no toolkit")

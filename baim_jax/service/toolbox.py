@@ -23,8 +23,8 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from baim_jax import files as F
-from baim_jax.service import integrity as I
+from baim_jax import files
+from baim_jax.service import integrity
 from baim_jax.service.store import ModelStore, image_shape_ok, is_count
 
 FORMAT, VERSION = "baim_jax-toolbox", 1
@@ -62,7 +62,8 @@ def parse_bytes(text) -> int:
     try:
         value = float(number) * units[s[len(number):]]
     except (ValueError, KeyError):
-        raise ToolboxError(f"capacity: {text!r} is not a size like 200000, 64MB or 1.5GiB") from None
+        raise ToolboxError(f"capacity: {text!r} is not a size like 200000, 64MB or "
+                           f"1.5GiB") from None
     if not 0 < value < float("inf"):
         raise ToolboxError(f"capacity: {text!r} must be a positive, finite size")
     return int(value)
@@ -107,12 +108,12 @@ class Toolbox:
         if self.root.is_dir() and not (self.root / "toolbox.json").exists():
             self._check_empty()  # before the lock file: a refused directory is left untouched
         self.root.mkdir(parents=True, exist_ok=True)
-        with I.locked(self.root):
+        with integrity.locked(self.root):
             index = self._index()
-            I.sweep_incoming(self.root)
+            integrity.sweep_incoming(self.root)
             if capacity is not None and capacity != index["capacity"]:
                 index["capacity"] = capacity
-                F.write_json(self.root / "toolbox.json", index)
+                files.write_json(self.root / "toolbox.json", index)
 
     def _index(self) -> dict:
         path = self.root / "toolbox.json"
@@ -120,9 +121,9 @@ class Toolbox:
             self._check_empty()
             index = {"format": FORMAT, "version": VERSION, "capacity": None, "clock": 0,
                      "entries": {}}
-            F.write_json(path, index)
+            files.write_json(path, index)
             return index
-        index = F.read_json(path, "toolbox")
+        index = files.read_json(path, "toolbox")
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise ToolboxError(f"toolbox: {path} is not a {FORMAT} version {VERSION} index")
         problem = _index_problem(index)
@@ -133,11 +134,11 @@ class Toolbox:
 
     def _check_empty(self) -> None:
         """Refuses to make a toolbox in a directory that holds anything else."""
-        if not I.only_housekeeping(self.root):
+        if not integrity.only_housekeeping(self.root):
             raise ToolboxError(f"toolbox: {self.root} is not empty and holds no toolbox")
 
     def _dir(self, key: str) -> Path:
-        return I.model_dir(self.root, key)
+        return integrity.model_dir(self.root, key)
 
     @property
     def capacity(self) -> int | None:
@@ -146,7 +147,7 @@ class Toolbox:
     def contents(self) -> dict[str, dict]:
         """``{task: {"revision", "bytes", "image_shape", "last_used"}}`` of what the toolbox
         holds (``image_shape`` None for a model cached before it was recorded)."""
-        with I.locked(self.root, exclusive=False):
+        with integrity.locked(self.root, exclusive=False):
             return {k: {f: e.get(f) for f in ("revision", "bytes", "image_shape", "last_used")}
                     for k, e in self._index()["entries"].items()}
 
@@ -163,27 +164,27 @@ class Toolbox:
         again. ``loaded``: the revision the caller already holds in memory; a hit of that
         revision is not hashed again (nothing is read from disk).
         """
-        I.check_key(key)
+        integrity.check_key(key)
         note = ""
-        with I.locked(self.root):
+        with integrity.locked(self.root):
             index = self._index()
             entry = index["entries"].get(key)
             if entry is not None:
                 path = self._dir(key)
                 try:
                     if entry["revision"] != loaded:
-                        F.verify(path, entry["files"])
-                except F.IntegrityError as e:
+                        files.verify(path, entry["files"])
+                except files.IntegrityError as e:
                     note = f"cached copy dropped ({e})"
                     self._drop(index, key)
-                    F.write_json(self.root / "toolbox.json", index)
+                    files.write_json(self.root / "toolbox.json", index)
                 else:
                     self._touch(index, key)
                     yield Checkout(path, entry["revision"], "toolbox")
                     return
-        with I.incoming(self.root, ".fetch-") as tmp:
+        with integrity.incoming(self.root, ".fetch-") as tmp:
             meta, copied = store.fetch(key, tmp / "model")
-            with I.locked(self.root):
+            with integrity.locked(self.root):
                 index = self._index()
                 self._admit(index, key, meta, tmp / "model")
                 self._touch(index, key)
@@ -205,7 +206,7 @@ class Toolbox:
                                         + meta["bytes"] > capacity):
                 self._drop(index, min(index["entries"],
                                       key=lambda k: index["entries"][k]["last_used"]))
-        F.replace_dir(tmp, self._dir(key))
+        files.replace_dir(tmp, self._dir(key))
         index["entries"][key] = {"revision": meta["revision"], "files": meta["files"],
                                  "bytes": meta["bytes"], "image_shape": meta["image_shape"],
                                  "last_used": 0}
@@ -218,7 +219,7 @@ class Toolbox:
     def _touch(self, index: dict, key: str) -> None:
         index["clock"] += 1
         index["entries"][key]["last_used"] = index["clock"]
-        F.write_json(self.root / "toolbox.json", index)
+        files.write_json(self.root / "toolbox.json", index)
 
     def _drop(self, index: dict, key: str) -> None:
         shutil.rmtree(self._dir(key), ignore_errors=True)
@@ -230,4 +231,4 @@ class Toolbox:
         models = self.root / "models"
         for p in (models.iterdir() if models.is_dir() else []):
             if p.name not in held:
-                F.remove(p)
+                files.remove(p)

@@ -1,5 +1,7 @@
 """Datasets by name and the test / cloud / edge split (docs/design.md §1)."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -127,3 +129,129 @@ def test_a_partial_preparation_is_one_error_and_no_warning(tmp_path, caplog):
     with pytest.raises(ValueError, match="not prepared.*tfds build mnist"):
         data.load_dataset("mnist", size=10, seed=0, data_dir=str(tmp_path))
     assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
+
+
+# ------------------------------------------------------------------ the user's own images
+
+
+def _write_folder(root, sizes=((20, 12), (9, 9)), per_class=4):
+    """``root/cat`` and ``root/dog``: PNG and JPEG files of various sizes, grayscale."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("dog", "cat")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            pixels = (rng.random((h, w)) * 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "dog" / "notes.txt").write_text("not an image")
+
+
+def test_a_folder_of_images_loads_with_labels_from_its_sub_folders(tmp_path):
+    _write_folder(tmp_path / "imgs")
+    images, labels = data.load_dataset(f"folder:{tmp_path / 'imgs'}", size=8, seed=0,
+                                       image_size=8)
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    # Sub-folder names that are not integers label by sorted order: cat 0, dog 1.
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4
+    again = data.load_dataset(f"folder:{tmp_path / 'imgs'}", size=5, seed=3, image_size=4)
+    assert again[0].shape == (5, 4, 4, 1)
+    # A PNG of a constant value resizes to that value (the box filter averages).
+    from PIL import Image
+
+    (tmp_path / "flat" / "7").mkdir(parents=True)
+    Image.fromarray(np.full((12, 16), 51, np.uint8), "L").save(tmp_path / "flat" / "7" / "a.png")
+    flat, lab = data.load_dataset(f"folder:{tmp_path / 'flat'}", size=1, seed=0, image_size=4)
+    np.testing.assert_allclose(flat, 0.2, atol=1e-6)
+    assert lab.tolist() == [7]  # integer sub-folder names are the labels themselves
+
+
+def test_an_npz_of_images_loads_and_resizes(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16), np.uint8)
+    labels = np.arange(10) % 3
+    np.savez(tmp_path / "a.npz", images=images, labels=labels)
+    got, lab = data.load_dataset(f"npz:{tmp_path / 'a.npz'}", size=10, seed=0, image_size=8)
+    assert got.shape == (10, 8, 8, 1) and lab.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(lab), np.sort(labels))
+    # Area averaging: each output pixel is the mean of a 2x2 block.
+    full, _ = data.load_dataset(f"npz:{tmp_path / 'a.npz'}", size=10, seed=0, image_size=16)
+    np.testing.assert_allclose(got[..., 0], full[..., 0].reshape(10, 8, 2, 8, 2).mean((2, 4)),
+                               atol=1e-6)
+    np.savez(tmp_path / "f.npz", images=np.full((3, 8, 8, 3), 0.5, np.float32),
+             labels=np.zeros(3, np.int64))
+    got, _ = data.load_dataset(f"npz:{tmp_path / 'f.npz'}", size=2, seed=0, image_size=8)
+    assert got.shape == (2, 8, 8, 3)
+
+
+def _bad_npz(tmp_path, **arrays):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    return f"npz:{tmp_path / 'bad.npz'}"
+
+
+@pytest.mark.parametrize("case,words", [
+    ("no folder", "is not a directory"), ("empty class", "holds no PNG or JPEG"),
+    ("broken image", "not a readable image"), ("too many", "data.size: 99 is more than"),
+    ("no path", "names no path"), ("no npz", "no such file"),
+    ("not an npz", "not a readable .npz"), ("no labels", "lacks the array(s) ['labels']"),
+    ("bad shape", "expected [n, H, W] or [n, H, W, 1 or 3]"),
+    ("float labels", "expected [4] integers >= 0"), ("out of range", "finite and in [0, 1]"),
+    ("too small", "data.image_size: 8 is larger than")])
+def test_bad_own_images_are_one_error_naming_the_problem(case, words, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    if case in ("empty class", "broken image", "too many"):
+        _write_folder(root)
+    if case == "empty class":
+        (root / "bird").mkdir()
+    if case == "broken image":
+        (root / "cat" / "9.png").write_bytes(b"not a png")
+        Image.new("L", (4, 4)).save(root / "cat" / "0.png")
+    name = {"no folder": f"folder:{tmp_path / 'none'}", "empty class": f"folder:{root}",
+            "broken image": f"folder:{root}", "too many": f"folder:{root}", "no path": "npz:",
+            "no npz": f"npz:{tmp_path / 'none.npz'}"}.get(case)
+    if case == "not an npz":
+        (tmp_path / "x.npz").write_text("hello")
+        name = f"npz:{tmp_path / 'x.npz'}"
+    four = np.zeros((4, 8, 8), np.uint8)
+    name = name or _bad_npz(tmp_path, **{
+        "no labels": dict(images=four),
+        "bad shape": dict(images=np.zeros((4, 8, 8, 2), np.uint8), labels=np.zeros(4, int)),
+        "float labels": dict(images=four, labels=np.zeros(4)),
+        "out of range": dict(images=np.full((4, 8, 8), 2.0, np.float32), labels=np.zeros(4, int)),
+        "too small": dict(images=np.zeros((4, 4, 4), np.uint8), labels=np.zeros(4, int)),
+    }[case])
+    size = {"too many": 99, "broken image": 10}.get(case, 4)  # 10: every file of the folder
+    with pytest.raises(ValueError, match=re.escape(words)) as err:
+        data.load_dataset(name, size=size, seed=0, image_size=8)
+    assert "\n" not in str(err.value)
+
+
+def test_a_pipeline_config_on_a_folder_of_images_validates_and_splits(tmp_path):
+    """``data.dataset = "folder:PATH"`` with the smoke config: ten classes of 8x8 images, the
+    same split rules as the built-in sources (every image once, tasks by class)."""
+    from PIL import Image
+
+    from baim_jax.cli import load_config
+    from baim_jax.framework import plan as plan_lib
+    from conftest import SMOKE
+
+    rng = np.random.default_rng(1)
+    for c in range(10):
+        (tmp_path / "digits" / str(c)).mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), "L").save(
+                tmp_path / "digits" / str(c) / f"{i}.png")
+    config = load_config(SMOKE, [f"--config.data.dataset=folder:{tmp_path / 'digits'}",
+                                 "--config.data.size=240", "--config.data.test_size=40",
+                                 "--config.data.image_size=8"])
+    for section in ("edge", "cloud", "personalize", "fl"):
+        config[section].batch_size = 16
+    plan = plan_lib.validate(config)
+    assert plan.specs[0].image_shape == (8, 8, 1)
+    parts = [plan.data.indices["test"], plan.data.indices["cloud"], *plan.data.indices["edges"]]
+    assert len(np.concatenate(parts)) == len(set(np.concatenate(parts).tolist())) == 240
+    for e, shard in enumerate(plan.data.edges):
+        assert set(np.unique(shard.labels)) <= set(config.task_classes[plan.edge_tasks[e]])

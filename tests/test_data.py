@@ -232,11 +232,11 @@ def test_bad_own_images_are_one_error_naming_the_problem(case, words, tmp_path):
 def test_a_pipeline_config_on_a_folder_of_images_validates_and_splits(tmp_path):
     """``data.dataset = "folder:PATH"`` with the smoke config: ten classes of 8x8 images, the
     same split rules as the built-in sources (every image once, tasks by class)."""
+    from conftest import SMOKE
     from PIL import Image
 
     from baim_jax.cli import load_config
     from baim_jax.framework import plan as plan_lib
-    from conftest import SMOKE
 
     rng = np.random.default_rng(1)
     for c in range(10):

@@ -190,17 +190,70 @@ def _run_until(workdir: Path, marker: str, timeout: float = 300) -> None:
         proc.wait()
 
 
-def test_killed_run_resumes_to_the_same_results(smoke_run, results, tmp_path):
-    """Killed in the middle of the edges phase (the features phase done); the second run skips
-    the finished phase, resumes the edges from their checkpoint and ends with the
-    uninterrupted run's results."""
+def test_killed_run_resumes_to_the_same_results(smoke_run, results, tmp_path, capfd):
+    """Killed in the edges phase once its second (last) epoch is saved, the features phase
+    done; that checkpoint is then damaged (bytes overwritten, as a crash can leave them). The
+    rerun skips the finished phase, sets the damaged epoch aside with one warning, resumes
+    after epoch 1 and ends with the uninterrupted run's results; stderr holds no traceback."""
     workdir = tmp_path / "run"
-    _run_until(workdir, "ckpt/edges/1")  # after 1 of 2 local epochs
+    _run_until(workdir, "ckpt/edges/2")
     assert (workdir / "phases" / "features.json").exists()
     assert not (workdir / "phases" / "edges.json").exists()
+    assert (workdir / "ckpt" / "edges" / "1").is_dir()  # the last two epochs are kept
+    data = max((p for p in (workdir / "ckpt" / "edges" / "2" / "state").rglob("*")
+                if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(data, "r+b") as fh:
+        fh.seek(data.stat().st_size // 2)
+        fh.write(b"\xff" * 256)
     features = (workdir / "phases" / "features.json").stat().st_mtime_ns
+    capfd.readouterr()
     assert main(["run", "--config", SMOKE, "--workdir", str(workdir)]) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    warning = [line for line in err.replace("\r", "\n").splitlines() if "warning" in line]
+    assert len(warning) == 1 and "ckpt/edges/2: its arrays are not the ones saved" in warning[0]
+    assert warning[0].endswith("the phase resumes after epoch 1")
+    assert (workdir / "ckpt" / "set_aside" / "edges-2").is_dir()
     resumed = json.loads((workdir / "results.json").read_text())
     assert _comparable(resumed, workdir) == _comparable(results, smoke_run["workdir"])
     assert not (workdir / "ckpt" / "edges").exists()
     assert (workdir / "phases" / "features.json").stat().st_mtime_ns == features
+
+
+def _mounts_tmpfs() -> bool:
+    """Whether this machine lets a user namespace mount a tmpfs."""
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _mounts_tmpfs(), reason="no tmpfs in a user namespace here")
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(smoke_run, results, tmp_path):
+    """The smoke run on a 40 MB file system (a tmpfs in a user namespace) runs out of space;
+    it ends with one error line naming the file it could not write and saying to rerun, no
+    traceback, and every phase it finished intact. Given room (the same file system,
+    remounted larger), the same command resumes and ends as the uninterrupted run."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    run = f"{sys.executable} -m baim_jax.cli run --config {SMOKE} --workdir {mnt}/run"
+    script = (f"mount -t tmpfs -o size=40m tmpfs {mnt} && {{ {run} 2> {tmp_path}/err1; "
+              f"echo $? > {tmp_path}/rc1; ls {mnt}/run/phases > {tmp_path}/phases1; "
+              f"mount -o remount,size=400m {mnt} && {run} 2> {tmp_path}/err2; "
+              f"echo $? > {tmp_path}/rc2; cp {mnt}/run/results.json {tmp_path}/; }}")
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], check=True, timeout=900,
+                   stdout=subprocess.DEVNULL, env=os.environ)
+    err1 = (tmp_path / "err1").read_text().replace("\r", "\n")
+    assert (tmp_path / "rc1").read_text().strip() == "2"
+    assert "Traceback" not in err1
+    errors = [line for line in err1.splitlines() if line.startswith("baim-jax: error:")]
+    assert len(errors) == 1, errors
+    assert f"no space left on device writing {mnt}/run/" in errors[0]
+    assert "rerun the same command" in errors[0]
+    finished = (tmp_path / "phases1").read_text().split()
+    assert "edges.json" in finished
+    assert (tmp_path / "rc2").read_text().strip() == "0"
+    assert "Traceback" not in (tmp_path / "err2").read_text()
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert _comparable(resumed, mnt / "run") == _comparable(results, smoke_run["workdir"])

@@ -103,7 +103,8 @@ def load_or_train(cache: Path, name: str, images: np.ndarray, labels: np.ndarray
     if record_file.exists():
         record = read_json(record_file, "feature network record")
         try:
-            state = ocp.StandardCheckpointer().restore(path / "state", nnx.state(net))
+            with ocp.StandardCheckpointer() as ckpt:
+                state = ckpt.restore(path / "state", nnx.state(net))
         except Exception as e:  # orbax raises many types for damaged checkpoints
             raise ValueError(f"{path}/state: the feature network cannot be restored "
                              f"({type(e).__name__}); remove {path} to train it again") from None
@@ -111,9 +112,9 @@ def load_or_train(cache: Path, name: str, images: np.ndarray, labels: np.ndarray
         return net, record
     net, accuracy = train(images, labels, test_images, test_labels, num_classes=num_classes,
                           epochs=epochs, seed=seed)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / "state", nnx.state(net), force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / "state", nnx.state(net), force=True)
+        checkpointer.wait_until_finished()
     record = {"name": "small CNN classifier (not Inception)", "dataset": name,
               "test_accuracy": accuracy, "epochs": epochs, "seed": seed}
     write_json(record_file, record)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -106,7 +107,9 @@ def fl_trainer(plan: Plan, learning_rate: float, cloud: Split) -> fedavg.FedAvg:
 
 def _train(workdir: Path, phase: str, trainer, epochs: int, show: bool,
            observe=lambda epoch, out: {}, curves=()) -> dict:
-    """``rundir.train_epochs`` of one phase, with its progress bar and its test-loss postfix."""
+    """``rundir.train_epochs`` of one phase, with its progress bar and its test-loss postfix.
+    The epoch checkpoints stay until the phase's record is written (``run``), so a phase
+    killed after its training resumes from its last epoch."""
     steps = trainer.steps_per_epoch
     ckpt = PhaseCheckpoint(workdir / "ckpt" / phase, warn=lambda line: tqdm.write(line,
                                                                                  file=sys.stderr))
@@ -121,9 +124,10 @@ def _train(workdir: Path, phase: str, trainer, epochs: int, show: bool,
         try:
             meta = train_epochs(ckpt, trainer, epochs, watch, curves, bar.update,
                                 lambda done: bar.update(done * steps - bar.n))
-        finally:
-            ckpt.close()
-    ckpt.remove()
+        except BaseException:
+            ckpt.close(quietly=True)  # its threads stopped; the error above is what counts
+            raise
+    ckpt.close()
     return meta
 
 
@@ -339,6 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) ->
             continue
         done[name] = _run_phase(name, plan, workdir, progress)
         write_json(record, done[name])
+        shutil.rmtree(workdir / "ckpt" / name, ignore_errors=True)
     results = assemble_results(plan, done, workdir)
     write_json(workdir / "results.json", results)
     return results

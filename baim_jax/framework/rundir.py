@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -70,12 +69,19 @@ class PhaseCheckpoint:
         ``meta_like``, whose arrays do not have the shapes of ``like`` or whose values are not
         the ones saved is set aside with one warning line, and the one before it is tried.
         """
+        aside = []
+        found = None
         while (step := self.manager.latest_step()) is not None:
             try:
-                return self._restore(step, like, meta_like)
+                found = self._restore(step, like, meta_like)
+                break
             except ValueError as e:
-                self._set_aside(step, str(e))
-        return None
+                aside.append(self._set_aside(step, str(e)))
+        then = (f"the phase resumes after epoch {found[1]['epoch']}" if found is not None
+                else "the phase starts again")
+        for line in aside:
+            self.warn(f"{line}; {then}")
+        return found
 
     def _restore(self, step: int, like: list, meta_like: dict) -> tuple[list, dict]:
         target = {str(i): np.asarray(v) for i, v in enumerate(like)}
@@ -100,7 +106,8 @@ class PhaseCheckpoint:
             raise ValueError("its arrays are not the ones saved")
         return leaves, meta
 
-    def _set_aside(self, step: int, why: str) -> None:
+    def _set_aside(self, step: int, why: str) -> str:
+        """Renames epoch ``step`` into ``set_aside``; returns the warning to give."""
         self.manager.close()
         self.set_aside_dir.mkdir(parents=True, exist_ok=True)
         n = 0
@@ -108,9 +115,9 @@ class PhaseCheckpoint:
                        f"{f'.{n}' if n else ''}").exists():
             n += 1
         (self.path / str(step)).rename(dest)
-        self.warn(f"baim-jax: warning: epoch checkpoint {self.path / str(step)}: {why}; set "
-                  f"aside as {dest}; resuming from the epoch before it")
         self.manager = self._manager()
+        return (f"baim-jax: warning: epoch checkpoint {self.path / str(step)}: {why}; set "
+                f"aside as {dest}")
 
     def save(self, step: int, leaves: list, meta: dict) -> None:
         """Saves ``leaves`` and the JSON record ``meta`` as epoch ``step``."""
@@ -121,13 +128,14 @@ class PhaseCheckpoint:
             meta=ocp.args.JsonSave({**meta, "digest": _digest(arrays)})), force=True)
         self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        """Waits for pending writes and stops the manager's threads."""
-        self.manager.close()
-
-    def remove(self) -> None:
-        self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+    def close(self, quietly: bool = False) -> None:
+        """Waits for pending writes and stops the manager's threads; ``quietly`` drops an
+        error of a pending write (when another error is already on its way)."""
+        try:
+            self.manager.close()
+        except Exception:
+            if not quietly:
+                raise
 
 
 def train_epochs(ckpt: PhaseCheckpoint, trainer: Trainer, epochs: int,

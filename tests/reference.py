@@ -119,7 +119,6 @@ def reference_forward(model, x, eps, weights):
 
 
 def randomize_connections(model, key, scale=0.05):
-    """Gives every connection random (padding-respecting) values, as if trained."""
-    for i, (var, mask) in enumerate(zip(model.connections, model.conn_masks)):
-        noise = scale * jax.random.normal(jax.random.fold_in(key, i), var[...].shape)
-        var[...] = noise * mask[...].astype(noise.dtype)
+    """Gives every connection random values, as if trained."""
+    for i, var in enumerate(model.connections):
+        var[...] = scale * jax.random.normal(jax.random.fold_in(key, i), var[...].shape)

@@ -32,15 +32,14 @@ def _specs(kind):
 
 
 def _randomize_connections(model, seed, scale=0.05):
-    """Random (padding-respecting) connection values, as if trained.
+    """Random connection values, as if trained.
 
     Like ``reference.randomize_connections`` but drawn with numpy: no XLA compilation per
     kernel shape, which keeps these tests fast on CPU.
     """
     rng = np.random.default_rng(seed)
-    for var, mask in zip(model.connections, model.conn_masks):
-        noise = scale * rng.standard_normal(var[...].shape).astype(np.float32)
-        var[...] = jnp.asarray(noise * np.asarray(mask[...], np.float32))
+    for var in model.connections:
+        var[...] = jnp.asarray(scale * rng.standard_normal(var[...].shape).astype(np.float32))
 
 
 def _trained_like(kind) -> BAIM:

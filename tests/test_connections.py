@@ -171,9 +171,12 @@ def test_kernel_shapes_by_hand(layout):
     assert cs.param_count(Connection("enc", b, 1, c, 1)) == 24
     # z_A (2,) into B's dec stage 1, which reads B's first hidden (4,): (2, 4).
     assert cs.real_kernel_shape(Connection("dec", a, 0, b, 1)) == (2, 4)
-    # Group (enc, 1, 1) pads to the largest input at position 1: (6, 6).
-    g = next(g for g in cs.groups if (g.tower, g.i, g.j) == ("enc", 1, 1))
-    assert g.kernel_shape == (6, 6) and len(g.index) == 2
+    # Connections group by position pair and real shapes, so no kernel is padded: (enc, 1, 1)
+    # holds B -> C, (4, 6), and C -> B, (6, 4), in groups of their own.
+    groups = [g for g in cs.groups if (g.tower, g.i, g.j) == ("enc", 1, 1)]
+    assert sorted(g.kernel_shape for g in groups) == [(4, 6), (6, 4)]
+    assert all(len(g.index) == 1 for g in groups)
+    assert all(g.tgt_pad == layout.stages["enc"][1].in_shape for g in groups)
 
 
 def test_stack_unstack_round_trip(layout):
@@ -184,13 +187,10 @@ def test_stack_unstack_round_trip(layout):
     stacked = cs.stack(kernels)
     assert len(stacked) == len(cs.groups)
     stacked = [np.asarray(x) for x in stacked]
-    for g, arr, mask in zip(cs.groups, stacked, cs.pad_masks()):
-        mask = np.asarray(mask)
+    for g, arr in zip(cs.groups, stacked):
         chex.assert_shape(arr, (len(g.index), *g.kernel_shape))
-        # padding is exactly zero, the real box is all there
-        assert not arr[~mask].any()
-        assert arr[mask].all()
-        assert int(mask.sum()) == sum(cs.param_count(cs.connections[k]) for k in g.index)
+        # every kernel of a group has its exact real shape: nothing is padded
+        assert arr.size == sum(cs.param_count(cs.connections[k]) for k in g.index)
     back = cs.unstack(stacked)
     assert len(back) == len(kernels)
     for got, want in zip(back, kernels):
@@ -305,12 +305,10 @@ def _kernels(model):
 
 
 def _set_kernels(model, seed, scale=1.0):
-    """Random kernels inside each connection's real box; returns them per connection."""
+    """Random kernels; returns them per connection."""
     rng = np.random.default_rng(seed)
-    for var, mask in zip(model.connections, model.conn_masks):
-        shape = var[...].shape
-        value = scale * rng.standard_normal(shape).astype(np.float32) * np.asarray(mask[...])
-        var[...] = jnp.asarray(value)
+    for var in model.connections:
+        var[...] = jnp.asarray(scale * rng.standard_normal(var[...].shape).astype(np.float32))
     return _kernels(model)
 
 

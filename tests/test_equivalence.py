@@ -169,7 +169,7 @@ def test_feeders_run_only_the_positions_they_feed_from(mlp_specs, images):
     batch = 48
     x = jax.random.uniform(jax.random.key(1), (batch, *images.shape[1:]))
     task = jnp.arange(batch) % 2
-    model = _connected(mlp_specs, 2, prune=0.3, config=BAIMConfig(k=1, h=2))
+    model = _connected(mlp_specs, 2, prune=0.2, config=BAIMConfig(k=1, h=2))
     dense = _forward(model, x, task, dispatch="dense")
     depths = model.layout.depths
     depth = D.chained_depth(D.needed_prefixes(dense["gate"].selected, model.conns.flat_arrays(),

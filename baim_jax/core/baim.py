@@ -41,10 +41,6 @@ class ConnectionParam(nnx.Param):
     """Kernels of the projection connections."""
 
 
-class PadMask(nnx.Variable):
-    """Padding masks of the connection kernels (constant)."""
-
-
 class KeptMask(nnx.Variable):
     """Which connections survive pruning ``[G]`` per group."""
 
@@ -180,7 +176,6 @@ class BAIM(nnx.Module):
         kernels = (self.conns.zeros() if connection_kernels is None
                    else self.conns.stack(list(connection_kernels)))
         self.connections = nnx.data([ConnectionParam(k) for k in kernels])
-        self.conn_masks = nnx.data([PadMask(m) for m in self.conns.pad_masks()])
         kept_flat = np.ones(len(self.conns), bool) if kept is None else np.asarray(kept, bool)
         self.kept = nnx.data([KeptMask(jax.device_put(kept_flat[list(g.index)]))
                               for g in self.conns.groups])
@@ -236,15 +231,14 @@ class BAIM(nnx.Module):
         for g_idx, g in enumerate(self.conns.groups):
             if g.tower != tower or g.j != j:
                 continue
-            src = inputs[g.i]
+            src = inputs[g.i][(slice(None), slice(None)) + tuple(slice(0, r) for r in g.src_shape)]
             rows = src.shape[1]
             src = jnp.concatenate([src, jnp.zeros_like(src[:, :1])], axis=1)
             examples = layout.rows_of[g.tgt, :a.shape[1]]
             slots = layout.slot_of[examples, g.src[:, None]]
             feat = src[g.src[:, None], jnp.minimum(slots, rows)]
             kept = self.kept[g_idx][...].astype(a.dtype)
-            kernel = (self.connections[g_idx][...] * self.conn_masks[g_idx][...].astype(a.dtype)
-                      * kept.reshape((-1,) + (1,) * len(g.kernel_shape)))
+            kernel = self.connections[g_idx][...] * kept.reshape((-1,) + (1,) * len(g.kernel_shape))
             proj = connections.project(g, kernel, feat)
             a = a + jax.ops.segment_sum(proj, jnp.asarray(g.tgt), num_segments=a.shape[0])
         return a
@@ -409,9 +403,7 @@ class BAIM(nnx.Module):
             raise ValueError(f"kept_fraction: must be in (0, 1], got {kept_fraction}")
         if not self.conns.groups:
             return 0
-        masked = [k[...] * m[...].astype(k[...].dtype)
-                  for k, m in zip(self.connections, self.conn_masks)]
-        norm = np.asarray(connections.norms(masked))
+        norm = np.asarray(connections.norms([k[...] for k in self.connections]))
         kept = np.asarray(self.kept_by_group())
         n_keep = int(np.ceil(kept_fraction * len(self.conns) - 1e-9))
         new = connections.prune_mask(norm, kept, n_keep)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from baim_jax.core import learners
-from baim_jax.core.pool import REAL, PoolLayout, box_mask, pad_to
+from baim_jax.core.pool import REAL, PoolLayout
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -78,12 +78,16 @@ def kernel_shape(src: tuple[int, ...], tgt: tuple[int, ...]) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """Connections sharing (tower, source position i, target position j); stacked together.
+    """Connections sharing (tower, source position i, target position j) and the real shapes
+    of their source and target; stacked together, each kernel of its own exact shape (no
+    padding: a projection costs what its learners' real widths need).
 
     Attributes:
       index: positions of the group's connections in ``ConnectionSet.connections``.
       src, tgt: ``[G]`` learner indices (numpy).
-      src_shape, tgt_shape: padded stage-input shapes at positions i and j.
+      src_shape, tgt_shape: the real stage-input shapes of the sources and the targets.
+      tgt_pad: the pool's padded stage-input shape at position j (projections are padded to
+        it with zeros before they are added).
     """
 
     tower: str
@@ -94,6 +98,7 @@ class Group:
     tgt: np.ndarray
     src_shape: tuple[int, ...]
     tgt_shape: tuple[int, ...]
+    tgt_pad: tuple[int, ...]
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -112,13 +117,13 @@ class ConnectionSet:
             j = layout.position(c.tower, c.tgt, c.tgt_stage)
             if j < i:
                 raise ValueError(f"connection {c}: runs from position {i} back to {j}")
-            by_key.setdefault((c.tower, i, j), []).append(c_idx)
+            by_key.setdefault((c.tower, i, j, self.real_shapes(c)), []).append(c_idx)
         self.groups = tuple(
             Group(t, i, j, tuple(idx),
                   np.array([self.connections[k].src for k in idx], np.int32),
                   np.array([self.connections[k].tgt for k in idx], np.int32),
-                  layout.stages[t][i].in_shape, layout.stages[t][j].in_shape)
-            for (t, i, j), idx in sorted(by_key.items()))
+                  src_shape, tgt_shape, layout.stages[t][j].in_shape)
+            for (t, i, j, (src_shape, tgt_shape)), idx in sorted(by_key.items()))
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -130,38 +135,35 @@ class ConnectionSet:
     def __hash__(self) -> int:
         return hash((self.layout, self.connections))
 
-    def real_kernel_shape(self, c: Connection) -> tuple[int, ...]:
+    def real_shapes(self, c: Connection) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The real input shapes of the connection's source and target stages."""
         src = learners.stages(self.layout.members[c.src].spec)[c.tower][c.src_stage].in_shape
         tgt = learners.stages(self.layout.members[c.tgt].spec)[c.tower][c.tgt_stage].in_shape
-        return kernel_shape(src, tgt)
+        return tuple(src), tuple(tgt)
+
+    def real_kernel_shape(self, c: Connection) -> tuple[int, ...]:
+        return kernel_shape(*self.real_shapes(c))
 
     def param_count(self, c: Connection) -> int:
         return math.prod(self.real_kernel_shape(c))
 
     def zeros(self) -> list[jax.Array]:
-        """Zero-initialised kernels, one ``[G, *kernel_pad]`` array per group."""
+        """Zero-initialised kernels, one ``[G, *kernel]`` array per group."""
         return [jax.device_put(np.zeros((len(g.index), *g.kernel_shape), np.float32))
                 for g in self.groups]
 
-    def pad_masks(self) -> list[jax.Array]:
-        """Per group ``[G, *kernel_pad]`` bool: each connection's real box."""
-        return [jax.device_put(np.stack([
-            box_mask(self.real_kernel_shape(self.connections[k]), g.kernel_shape)
-            for k in g.index])) for g in self.groups]
-
     def stack(self, kernels: list) -> list[jax.Array]:
-        """Pads per-connection kernels (in ``connections`` order) into group arrays."""
-        return [jax.device_put(np.stack([pad_to(kernels[k], g.kernel_shape) for k in g.index]))
+        """Per-connection kernels (in ``connections`` order) as group arrays."""
+        return [jax.device_put(np.stack([np.asarray(kernels[k], np.float32) for k in g.index]))
                 for g in self.groups]
 
     def unstack(self, group_kernels: list) -> list[np.ndarray]:
-        """Each connection's real kernel, in ``connections`` order."""
+        """Each connection's kernel, in ``connections`` order."""
         out: list = [None] * len(self.connections)
         for g, arr in zip(self.groups, group_kernels):
             arr = np.asarray(arr)
             for row, k in enumerate(g.index):
-                shape = self.real_kernel_shape(self.connections[k])
-                out[k] = arr[row][tuple(slice(0, s) for s in shape)]
+                out[k] = arr[row]
         return out
 
     def flat_arrays(self) -> dict[str, np.ndarray]:
@@ -193,20 +195,24 @@ def resample(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def project(group: Group, kernel: jax.Array, src_feat: jax.Array) -> jax.Array:
-    """Applies a group's projections.
+    """Applies a group's projections, padded with zeros to the pool's target shape.
 
     Args:
       group: the group.
-      kernel: ``[G, *kernel_pad]`` (already masked).
-      src_feat: ``[G, R, *src_shape]`` source features, one row set per connection.
+      kernel: ``[G, *kernel]`` (pruned ones zeroed).
+      src_feat: ``[G, R, *src_shape]`` source features (real shape), one row set per
+        connection.
 
     Returns:
-      ``[G, R, *tgt_shape]``.
+      ``[G, R, *tgt_pad]``.
     """
     if len(group.src_shape) == 1:
-        return jnp.einsum("grd,gd...->gr...", src_feat, kernel)
-    x = resample(src_feat, group.tgt_shape[:2])
-    return jnp.einsum("grhwc,gcd->grhwd", x, kernel)
+        out = jnp.einsum("grd,gd...->gr...", src_feat, kernel)
+    else:
+        x = resample(src_feat, group.tgt_shape[:2])
+        out = jnp.einsum("grhwc,gcd->grhwd", x, kernel)
+    pad = [(0, 0), (0, 0)] + [(0, p - r) for r, p in zip(group.tgt_shape, group.tgt_pad)]
+    return jnp.pad(out, pad) if any(p for _, p in pad) else out
 
 
 def norms(kernels: list[jax.Array]) -> jax.Array:

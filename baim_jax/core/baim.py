@@ -25,7 +25,7 @@ from flax import nnx
 
 from baim_jax.core import bound, connections, dispatch, gates, learners, losses
 from baim_jax.core.config import BAIMConfig
-from baim_jax.core.pool import Member, PoolLayout, run_pool, run_tower
+from baim_jax.core.pool import Member, PoolLayout, decode_pool, encode_pool, run_pool, run_tower
 from baim_jax.core.spec import ModelSpec, ParamCounts, learner_entries
 
 
@@ -108,14 +108,14 @@ def init_learners(members: Sequence[Member], key: jax.Array) -> list[learners.Pa
 
 
 def sample_rows(n: int) -> int:
-    """The rows a sampler draws for ``n`` images: the least power of two >= n, at least 256.
+    """The rows a sampler draws for ``n`` images: the least power of two >= n.
 
-    One compiled sampler then serves every n up to that size (a run samples 8 images for its
-    report and as many as a task's test images for its FID). Row i's noise and learner draw do
-    not depend on the number of rows drawn (``jax.random`` draws by position), so the first n
-    rows are the n images a sampler of exactly n rows would give.
+    One compiled sampler then serves every n of a power-of-two bucket, and a request never
+    computes more than twice the rows it asks for. Row i's noise and learner draw do not
+    depend on the number of rows drawn (``jax.random`` draws by position), so the first n rows
+    are the n images a sampler of exactly n rows would give.
     """
-    return max(256, 1 << (int(n) - 1).bit_length())
+    return 1 << (int(n) - 1).bit_length()
 
 
 def _is_var(v) -> bool:
@@ -228,6 +228,7 @@ class BAIM(nnx.Module):
 
     def _mix(self, tower: str, j: int, a: jax.Array, inputs: list, layout: dispatch.Layout):
         """``mixed[n, j] = a[n, j] + sum of kept projections into (n, j)``; a: ``[N, R, ...]``."""
+        into: dict[int, list] = {}
         for g_idx, g in enumerate(self.conns.groups):
             if g.tower != tower or g.j != j:
                 continue
@@ -240,8 +241,13 @@ class BAIM(nnx.Module):
             kept = self.kept[g_idx][...].astype(a.dtype)
             kernel = self.connections[g_idx][...] * kept.reshape((-1,) + (1,) * len(g.kernel_shape))
             proj = connections.project(g, kernel, feat)
-            a = a + jax.ops.segment_sum(proj, jnp.asarray(g.tgt), num_segments=a.shape[0])
-        return a
+            for row, n in enumerate(g.tgt.tolist()):  # static: no scatter
+                into.setdefault(n, []).append(proj[row])
+        if not into:
+            return a
+        zero = jnp.zeros_like(a[0])
+        return a + jnp.stack([sum(into[n][1:], into[n][0]) if n in into else zero
+                              for n in range(a.shape[0])])
 
     def _tower(self, tower: str, a: jax.Array, layout: dispatch.Layout):
         caps = layout.caps[self.layout.depths[0]:] if tower == "dec" else layout.caps
@@ -338,29 +344,43 @@ class BAIM(nnx.Module):
         return {"recon": recon, "rec": rec, "kl": kl, "gate_kl": gate_kl,
                 "nelbo": rec + kl + gate_kl}
 
-    def log_weights(self, x: jax.Array, task: jax.Array, rng: jax.Array) -> tuple:
-        """One importance draw for every learner of each row's squad
-        (``bound.mixture_log_likelihood``).
+    def log_weights(self, x: jax.Array, task: jax.Array, rngs: jax.Array) -> tuple:
+        """Importance draws for every learner of each row's squad
+        (``bound.mixture_log_likelihood``), one per key of ``rngs``.
 
         Every learner of the task's squad runs (not only the gate's top K), each path on its
-        own posterior draws of the latents it consumes.
+        own posterior draws of the latents it consumes. The encoders run once; each draw
+        decodes.
 
         Args:
-          x: ``[B, H, W, C]``; task: ``[B]`` int task ids; rng: the draw's key.
+          x: ``[B, H, W, C]``; task: ``[B]`` int task ids; rngs: ``[k]`` keys, one a draw.
 
         Returns:
-          ``(log_w, log_pi)``, each ``[B, N]``: ``log p_n(x | z) + sum_{m in C(n)}
-          (log p(z_m) - log q(z_m | x))`` and ``log pi_n``, -inf outside the row's squad.
+          ``(log_w, log_pi)``: ``[k, B, N]`` ``log p_n(x | z) + sum_{m in C(n)}
+          (log p(z_m) - log q(z_m | x))`` and ``[B, N]`` ``log pi_n``, both -inf outside the
+          row's squad.
         """
         seg = jnp.asarray(self.layout.segment_of)
         in_squad = gates.segment_mask(seg, task)
         layout = self._layout(in_squad, self.config.dispatch, dropless=True)
-        buf = self._buffers(x, self._noise(rng, x.shape[0]), layout)
-        rec = dispatch.row_values(buf["rec"], layout)
-        ratio = dispatch.row_values(buf["log_ratio"], layout)
-        log_w = -rec - ratio @ self.consumed().T.astype(ratio.dtype)
-        log_pi = jnp.broadcast_to(self.log_prior(), log_w.shape)
-        return (jnp.where(in_squad, log_w, -jnp.inf), jnp.where(in_squad, log_pi, -jnp.inf))
+        params = values(self.learners)
+        images = dispatch.gather_rows(x, layout.rows_of)
+
+        def mix(t, j, a, inputs):
+            return self._mix(t, j, a, inputs, layout)
+
+        posterior = encode_pool(self.layout, params, images, mix, layout.caps)
+        consumed = self.consumed().T
+
+        def draw(rng):
+            eps = dispatch.gather_own_rows(self._noise(rng, x.shape[0]), layout.rows_of)
+            buf = decode_pool(self.layout, params, images, posterior, eps, mix, layout.caps)
+            rec = dispatch.row_values(buf["rec"], layout)
+            ratio = dispatch.row_values(buf["log_ratio"], layout)
+            return jnp.where(in_squad, -rec - ratio @ consumed.astype(ratio.dtype), -jnp.inf)
+
+        log_pi = jnp.broadcast_to(self.log_prior(), in_squad.shape)
+        return jax.lax.map(draw, rngs), jnp.where(in_squad, log_pi, -jnp.inf)
 
     def loss(self, x: jax.Array, task: jax.Array, rng: jax.Array,
              selected: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -477,9 +497,7 @@ class BAIM(nnx.Module):
           "dropped": int}``.
         """
         x = self._images(x)
-        out = _forward(self, x, self.task_ids(task, x.shape[0]), rng)
-        return {"mean": out["recon"], "gate": out["gate"].weights[:, : self.num_gated],
-                "task": out["gate"].task, "dropped": out["dropped"]}
+        return _reconstruct(self, x, self.task_ids(task, x.shape[0]), rng)
 
     def bound(self, x, *, task=None, rng: jax.Array) -> dict:
         """One-draw estimate of the negative bound of docs/design.md §3b, per image.
@@ -494,8 +512,7 @@ class BAIM(nnx.Module):
           gate_kl``, an unbiased estimate of ``-sum_n w_n (ELBO_n + log pi_n - log w_n)``.
         """
         x = self._images(x)
-        out = _forward(self, x, self.task_ids(task, x.shape[0]), rng)
-        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+        return _bound(self, x, self.task_ids(task, x.shape[0]), rng)
 
     def _sample_task(self, task) -> jax.Array:
         if task is None and len(self.tasks) > 1:
@@ -596,17 +613,25 @@ def check_count(n) -> None:
         raise ValueError(f"n: must be a positive integer, got {n!r}")
 
 
-@nnx.jit
-def _forward(model: BAIM, x, task, rng):
-    return model.forward(x, task, rng=rng, dropless=True)
+@nnx.jit(graph=False)
+def _reconstruct(model: BAIM, x, task, rng):
+    out = model.forward(x, task, rng=rng, dropless=True)
+    return {"mean": out["recon"], "gate": out["gate"].weights[:, : model.num_gated],
+            "task": out["gate"].task, "dropped": out["dropped"]}
 
 
-@nnx.jit
+@nnx.jit(graph=False)
+def _bound(model: BAIM, x, task, rng):
+    out = model.forward(x, task, rng=rng, dropless=True)
+    return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+
+
+@nnx.jit(graph=False)
 def _route(model: BAIM, x):
     return model.route(x)
 
 
-@nnx.jit(static_argnums=(1,))
+@nnx.jit(static_argnums=(1,), graph=False)
 def _draw(model: BAIM, n: int, task: jax.Array, rng):
     """``n`` ancestral samples of ``task``: raw outputs ``[n, H, W, C]``, learners ``[n]``."""
     seg = jnp.asarray(model.layout.segment_of)

@@ -75,12 +75,12 @@ class EdgeModel(nnx.Module):
         return {"recon": losses.pixel_mean(out["out"], spec.likelihood), "rec": rec, "kl": kl,
                 "gate_kl": jnp.zeros_like(kl), "nelbo": rec + kl, "log_w": -rec - ratio}
 
-    def log_weights(self, x: jax.Array, task: jax.Array, rng: jax.Array) -> tuple:
-        """One importance draw, as ``BAIM.log_weights``: ``(log_w, log_pi)``, each ``[B, 1]``
+    def log_weights(self, x: jax.Array, task: jax.Array, rngs: jax.Array) -> tuple:
+        """Importance draws, as ``BAIM.log_weights``: ``(log_w [k, B, 1], log_pi [B, 1])``
         (``task`` is unused: the model has one task and one learner, ``pi = 1``)."""
         del task
-        log_w = self.forward(x, rng)["log_w"][:, None]
-        return log_w, jnp.zeros_like(log_w)
+        log_w = jax.lax.map(lambda rng: self.forward(x, rng)["log_w"][:, None], rngs)
+        return log_w, jnp.zeros(log_w.shape[1:])
 
     def _check(self, x) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
@@ -139,12 +139,12 @@ class EdgeModel(nnx.Module):
         return {"learners": [jax.tree.map(np.asarray, self.arrays())]}
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def _forward(model: EdgeModel, x, rng):
     return model.forward(x, rng)
 
 
-@nnx.jit(static_argnums=(1,))
+@nnx.jit(static_argnums=(1,), graph=False)
 def _draw(model: EdgeModel, n: int, rng):
     """Raw decoder outputs ``[n, H, W, C]`` of prior draws; the key splits as ``baim._draw``'s."""
     spec = model.learner_spec

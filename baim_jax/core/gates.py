@@ -126,8 +126,11 @@ def init_gate(rng: np.random.Generator, image_shape: tuple[int, int, int], featu
 
 
 def features(params: dict, x: jax.Array) -> jax.Array:
-    """``phi(x)``: ``[B, H, W, C] -> [B, F]``, one ReLU dense layer."""
-    return jax.nn.relu(jnp.tensordot(x, params["kernel"], axes=3) + params["bias"])
+    """``phi(x)``: ``[B, H, W, C] -> [B, F]``, one ReLU dense layer (one 2-D matmul: a
+    contraction over three axes makes XLA relayout the kernel on every call)."""
+    kernel = params["kernel"]
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    return jax.nn.relu(x.reshape(x.shape[0], -1) @ flat + params["bias"])
 
 
 def _head(params: dict, phi: jax.Array) -> jax.Array:

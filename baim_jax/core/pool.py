@@ -364,9 +364,25 @@ def run_pool(layout: PoolLayout, params: dict, x: jax.Array, eps: jax.Array,
       (logits or means) and ``rec`` (negative log-likelihood) on the rows the output stage
       ran; ``rec``, ``kl`` and ``log_ratio`` are ``[N, R']`` in nats.
     """
-    depth = layout.depths[0]
-    enc_caps, dec_caps = (None, None) if caps is None else (caps[:depth], caps[depth:])
-    mean, logvar = run_tower(layout, params, "enc", x, mix, enc_caps)
+    posterior = encode_pool(layout, params, x, mix, caps)
+    return decode_pool(layout, params, x, posterior, eps, mix, caps)
+
+
+def encode_pool(layout: PoolLayout, params: dict, x: jax.Array, mix: Mix | None = None,
+                caps: Sequence[int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """The encoder tower of ``run_pool``: each learner's posterior ``(mean, logvar)``, each
+    ``[N, R', latent]`` (draws of the latents can then share it, ``decode_pool``)."""
+    enc_caps = None if caps is None else caps[:layout.depths[0]]
+    return run_tower(layout, params, "enc", x, mix, enc_caps)
+
+
+def decode_pool(layout: PoolLayout, params: dict, x: jax.Array,
+                posterior: tuple[jax.Array, jax.Array], eps: jax.Array,
+                mix: Mix | None = None, caps: Sequence[int] | None = None) -> dict:
+    """The rest of ``run_pool`` from the posteriors ``encode_pool`` gave: one draw of every
+    latent, the decoder tower and the losses (``run_pool``'s dict)."""
+    mean, logvar = posterior
+    dec_caps = None if caps is None else caps[layout.depths[0]:]
     real = jnp.asarray(layout.latent_mask())[:, None, :]
     eps = eps[:, :mean.shape[1]]
     z = jnp.where(real, mean + jnp.exp(0.5 * logvar) * eps, 0.0)

@@ -83,6 +83,6 @@ class TaskRouter(nnx.Module):
         return {"gate": jax.tree.map(np.asarray, values(self.gate))}
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def _probs(model: TaskRouter, x):
     return jax.nn.softmax(gates.task_logits(values(model.gate), x), axis=-1)

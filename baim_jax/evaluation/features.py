@@ -53,12 +53,12 @@ def _train_step(net: FeatureNet, opt: nnx.Optimizer, x, y):
         opt.update(net, grads)
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def _features(net: FeatureNet, x):
     return net.features(x)
 
 
-@nnx.jit
+@nnx.jit(graph=False)
 def _predict(net: FeatureNet, x):
     return jnp.argmax(net(x), axis=-1)
 

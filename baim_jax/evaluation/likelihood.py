@@ -43,13 +43,11 @@ def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_S
     return {p: np.concatenate(v) if v else np.zeros(0) for p, v in out.items()}
 
 
-@nnx.jit(static_argnums=(4,))
+@nnx.jit(static_argnums=(4,), graph=False)
 def _iw_log_likelihood(model, x, task, key, k: int):
-    def draw(s):
-        return model.log_weights(x, task, jax.random.fold_in(key, s))
-
-    log_w, log_pi = jax.lax.map(draw, jnp.arange(k))
-    return bound.mixture_log_likelihood(log_w, log_pi[0])
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(k))
+    log_w, log_pi = model.log_weights(x, task, keys)
+    return bound.mixture_log_likelihood(log_w, log_pi)
 
 
 def image_nll(model, data: Split, *, k: int = IW_SAMPLES, batch: int = 250,

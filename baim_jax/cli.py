@@ -132,7 +132,8 @@ def _run(args, overrides) -> None:
     for name, row in results["approaches"].items():
         print(f"{name:>8}: test loss {row['test_loss']:.2f} nats/image, "
               f"{row['wall_seconds']:.0f} s")
-    print(f"wrote {args.workdir}/results.json, report.md, edges/, baim/, toolkit/ and fl/")
+    print(f"wrote {args.workdir}/results.json, report.md, edges/, baim/, toolkit/, fl/ and "
+          f"central/")
 
 
 def _no_overrides(command: str, overrides: list[str]) -> None:

@@ -35,4 +35,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.cloud.learning_rates = {}
     c.personalize.epochs = 1
     c.fl.update({"rounds": 2, "learning_rate": 1e-3})
+    c.central.epochs = 4
     return c

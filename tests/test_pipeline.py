@@ -33,7 +33,7 @@ def results(smoke_run):
 
 
 def test_results_has_every_approach_with_its_costs(results):
-    assert set(results["approaches"]) == {"finetune", "freeze", "scratch", "fl"}
+    assert set(results["approaches"]) == {"finetune", "freeze", "scratch", "fl", "central"}
     for name, row in results["approaches"].items():
         for key in APPROACH_KEYS:
             assert key in row, (name, key)
@@ -42,17 +42,23 @@ def test_results_has_every_approach_with_its_costs(results):
         # The bound's parts add up to it; the importance-weighted NLL is finite and positive.
         assert math.isclose(sum(row["test_loss_parts"].values()), row["test_loss"], rel_tol=1e-6)
         assert math.isfinite(row["test_nll"]) and row["test_nll"] > 0
-        assert len(row["test_loss_curve"]) == 2  # 2 cloud epochs, 2 FL rounds
+        # 2 cloud epochs, 2 FL rounds, 4 central epochs (the route's 2 + 2)
+        assert len(row["test_loss_curve"]) == (4 if name == "central" else 2)
+        assert math.isclose(row["test_nll_over_central"],
+                            row["test_nll"] / results["approaches"]["central"]["test_nll"])
         for key in ("edge_params", "upload_bytes_per_edge", "download_bytes_per_edge",
                     "edge_flops_per_epoch"):
             low, high = row[key]
-            assert 0 < low <= high, (name, key)
+            # the central reference's edges train nothing: they upload their raw images
+            assert (0 == low == high) if name == "central" and key in (
+                "edge_params", "edge_flops_per_epoch") else 0 < low <= high, (name, key)
         assert row["cloud_flops_per_epoch"] > 0 and row["wall_seconds"] > 0
 
 
 def test_fid_of_every_approach_and_edge(results):
     for name, row in results["approaches"].items():
-        assert len(row["fid_curve"]) == 2 and row["fid"] == row["fid_curve"][-1]
+        assert len(row["fid_curve"]) == len(row["test_loss_curve"])
+        assert row["fid"] == row["fid_curve"][-1]
         assert row["fid"] > results["fid_floor"] > 0, name
     for edge in results["edges"]:
         assert edge["fid_initial"] > 0 and edge["fid_personalized"] > 0
@@ -113,6 +119,7 @@ def test_every_model_is_saved_and_loads(smoke_run, results):
         assert initial.spec.params.total == edge["params"]
         assert isinstance(personal, TaskModel) and personal.task == edge["task"]
     assert isinstance(baim_jax.load(workdir / "fl"), EdgeModel)
+    assert isinstance(baim_jax.load(workdir / "central"), EdgeModel)
 
 
 def test_every_edge_is_scored_before_and_after_personalisation(results):

@@ -34,7 +34,7 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8, title: str | None =
     plt.close(fig)
 
 
-APPROACHES = ("finetune", "freeze", "scratch", "fl")
+APPROACHES = ("finetune", "freeze", "scratch", "fl", "central")
 
 
 def _plot_curves(results: dict, path: Path) -> None:
@@ -102,7 +102,8 @@ def _phase_grids(results: dict, workdir: Path) -> list[str]:
             model = checkpoint.load(Path(e["path"]) / sub)
             rows[phase].append(np.asarray(model.sample(8, task=None if sub == "initial"
                                                        else e["task"], rng=key)))
-    for strategy in [a for a in APPROACHES if a != "fl" and a in results["approaches"]]:
+    for strategy in [a for a in APPROACHES if a not in ("fl", "central")
+                     and a in results["approaches"]]:
         model = checkpoint.load(workdir / "baim" / strategy)
         for task in model.tasks:
             rows["cloud"].append(np.asarray(model.sample(8, task=task, rng=key)))
@@ -134,7 +135,8 @@ def write_pipeline_report(results: dict, workdir: Path) -> None:
     figures = (["test_loss_curves.png", "fid.png", "personalization.png"]
                + _phase_grids(results, workdir))
     keys = [("test loss (nats/image)", "test_loss"),
-            ("test NLL, importance-weighted (nats/image)", "test_nll"), ("FID", "fid"),
+            ("test NLL, importance-weighted (nats/image)", "test_nll"),
+            ("test NLL over central's", "test_nll_over_central"), ("FID", "fid"),
             ("trainable params, cloud", "cloud_trainable_params"),
             ("params per edge", "edge_params"),
             ("upload bytes per edge", "upload_bytes_per_edge"), ("uploads", "upload_times"),

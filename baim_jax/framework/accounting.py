@@ -55,6 +55,21 @@ def baim_route(*, edge_params: Sequence[int], task_model_params: Sequence[int],
     }
 
 
+def central(*, params: int, upload_bytes_per_edge: Sequence[int],
+            cloud_flops_per_epoch: float, wall_seconds: float,
+            test_loss_curve: Sequence[float]) -> dict:
+    """The cost row of the central reference: every edge uploads its raw images (float32)
+    once, and downloads the trained model once; edges train nothing."""
+    return {
+        "test_loss": test_loss_curve[-1], "test_loss_curve": list(test_loss_curve),
+        "cloud_trainable_params": params, "edge_params": [0, 0],
+        "upload_bytes_per_edge": span(upload_bytes_per_edge), "upload_times": 1,
+        "download_bytes_per_edge": [BYTES_PER_PARAM * params] * 2, "download_times": 1,
+        "cloud_flops_per_epoch": cloud_flops_per_epoch, "edge_flops_per_epoch": [0, 0],
+        "wall_seconds": wall_seconds,
+    }
+
+
 def fedavg(*, params: int, rounds: int, edge_flops_per_epoch: Sequence[float],
            cloud_flops_per_epoch: float, wall_seconds: float,
            test_loss_curve: Sequence[float]) -> dict:

@@ -52,7 +52,8 @@ from baim_jax.framework.cloud import Pruning, Trainer, aggregate, epoch_batches
 from baim_jax.framework.plan import Plan, validate
 from baim_jax.framework.rundir import PhaseCheckpoint, claim, train_epochs
 
-PHASE_BARS = {"edges": "edges: local training", "fl": "fl: FedAvg rounds"}
+PHASE_BARS = {"edges": "edges: local training", "fl": "fl: FedAvg rounds",
+              "central": "central: all training images"}
 
 
 def _bar(total: int, done: int, desc: str, show: bool):
@@ -317,16 +318,48 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
             "wall_seconds": time.perf_counter() - start}
 
 
+def phase_central(plan: Plan, workdir: Path, show: bool) -> dict:
+    """The central reference: the FL model's spec trained at the cloud on every training
+    image (the edges' too: what privacy forbids), scored as every other approach."""
+    cfg, seed = plan.config.central, plan.config.seed
+    spec = fl_spec(plan)
+    trainer = edges_lib.EdgeTrainer([spec], [plan.train.images], batch_size=cfg.batch_size,
+                                    learning_rate=cfg.learning_rate, seed=seed + 6,
+                                    devices=_devices(plan))
+    extract, _ = _extractor(plan, workdir)
+
+    def model():
+        return EdgeModel(spec, "all", params=trainer.params()[0])
+
+    def observe(epoch, _):
+        m = model()
+        return {"curve": likelihood.test_loss(m, plan.data.test),
+                "fid": measures.model_fid(m, plan.data.test, extract, seed + epoch)}
+
+    meta = _train(workdir, "central", trainer, cfg.epochs, show, observe, ["curve", "fid"])
+    start = time.perf_counter() - meta["elapsed"]
+    final = model()
+    checkpoint.save(final, workdir / "central")
+    step = edges_lib.step_flops(spec, cfg.batch_size)
+    pixels = int(np.prod(plan.specs[0].image_shape))
+    return {"test_loss_curve": meta["curve"], "fid_curve": meta["fid"],
+            **scores(final, plan.data.test), "params": learners.count_params(spec),
+            "upload_bytes_per_edge": [4 * pixels * len(s.images) for s in plan.data.edges],
+            "cloud_flops_per_epoch": step * math.ceil(len(plan.train.images) / cfg.batch_size),
+            "wall_seconds": time.perf_counter() - start}
+
+
 def phases(plan: Plan) -> list[str]:
     return (["features", "edges"] + [f"cloud_{s}" for s in plan.config.strategies]
-            + ["toolkit", "personalize", "fl"])
+            + ["toolkit", "personalize", "fl", "central"])
 
 
 def _run_phase(name: str, plan: Plan, workdir: Path, show: bool) -> dict:
     if name.startswith("cloud_"):
         return phase_cloud(plan, workdir, show, name[len("cloud_"):])
     return {"features": phase_features, "edges": phase_edges, "toolkit": phase_toolkit,
-            "personalize": phase_personalize, "fl": phase_fl}[name](plan, workdir, show)
+            "personalize": phase_personalize, "fl": phase_fl,
+            "central": phase_central}[name](plan, workdir, show)
 
 
 def run(config: ml_collections.ConfigDict, workdir, *, progress: bool = True) -> dict:
@@ -390,6 +423,15 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
         test_loss_curve=fl["test_loss_curve"])
     approaches["fl"].update(fid=fl["fid_curve"][-1], fid_curve=fl["fid_curve"],
                             **_likelihood(fl))
+    central = done["central"]
+    approaches["central"] = accounting.central(
+        params=central["params"], upload_bytes_per_edge=central["upload_bytes_per_edge"],
+        cloud_flops_per_epoch=central["cloud_flops_per_epoch"],
+        wall_seconds=central["wall_seconds"], test_loss_curve=central["test_loss_curve"])
+    approaches["central"].update(fid=central["fid_curve"][-1], fid_curve=central["fid_curve"],
+                                 **_likelihood(central))
+    for row in approaches.values():
+        row["test_nll_over_central"] = row["test_nll"] / central["test_nll"]
     edges = [{**r, **{k: v for k, v in personal[r["id"]].items() if k not in ("id", "params")},
               "personalized_params": personal[r["id"]]["params"],
               "path": str(workdir / "edges" / r["id"])} for r in edge_recs]

@@ -31,6 +31,7 @@ SECTIONS = {
               "max_upload_params": int},
     "personalize": {"epochs": int, "batch_size": int, "learning_rate": float},
     "fl": {"rounds": int, "batch_size": int, "learning_rate": float},
+    "central": {"epochs": int, "batch_size": int, "learning_rate": float},
     "fid": {"feature_epochs": int},
 }
 TOP_LEVEL = {"seed", "kind", "likelihood", "task_names", "task_classes", "edges", "baim",
@@ -165,7 +166,7 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         for key, kind in keys.items():
             _get(config, section, key, kind)
     dc = config.data
-    for section in ("edge", "cloud", "personalize", "fl"):
+    for section in ("edge", "cloud", "personalize", "fl", "central"):
         if config[section].batch_size > dc.size:
             raise ValueError(f"{section}.batch_size: {config[section].batch_size} is more than "
                              f"the data's {dc.size} images (data.size)")

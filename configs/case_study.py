@@ -17,6 +17,7 @@ WIDTHS = [  # (encoder, latent, decoder) per size class, smallest to largest
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.curve_every = 1  # epochs between the points of the test-loss and FID curves
     c.devices = 0  # 0: all devices
     c.kind = "mlp"
     c.likelihood = "bernoulli"

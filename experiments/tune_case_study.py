@@ -69,10 +69,10 @@ def train_edges(plan, lr: float) -> list[EdgeModel]:
 
 
 def train_cloud(plan, uploads, cloud: Split, strategy: str, lr: float, **baim_changes):
-    """A cloud phase's training (``pipeline.cloud_trainer``) on ``cloud``, with K, h or rho
-    changed."""
+    """A cloud phase's training (``pipeline.cloud_trainer``) on ``cloud``, with rho or any
+    field of the BAIM's config (K, h, connect, ...) changed."""
     baim_config = dataclasses.replace(plan.baim, **{k: v for k, v in baim_changes.items()
-                                                    if k in ("k", "h")})
+                                                    if k != "rho"})
     trainer = pipeline.cloud_trainer(plan, uploads, strategy, lr, cloud, baim=baim_config,
                                      rho=baim_changes.get("rho"))
     for epoch in range(plan.config.cloud.epochs):

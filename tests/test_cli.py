@@ -156,6 +156,7 @@ BAD_CONFIGS = {
     "task classes of strings": (["--config.task_classes=['ab', 'cd']"], ["task_classes[0]"]),
     "seed out of range": (["--config.seed=100000000000000000000000"], ["seed", "2^32"]),
     "negative seed": (["--config.seed=-1"], ["seed", "2^32"]),
+    "curve_every zero": (["--config.curve_every=0"], ["curve_every", ">= 1"]),
     "batch larger than the data": (["--config.edge.batch_size=1000000000000"],
                                    ["edge.batch_size", "data.size"]),
     "infinite learning rate": (["--config.edge.learning_rate=1e999"],
@@ -163,6 +164,20 @@ BAD_CONFIGS = {
     "more devices than the machine has": (["--config.devices=64"], ["devices", "got 64"]),
 }
 
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in Path(CONFIG).parent.glob("*.py")))
+def test_every_shipped_config_validates(name):
+    """The configs the docs run (smoke, case_study, paper) pass the pipeline's checks."""
+    from baim_jax.cli import load_config
+    from baim_jax.core import learners
+    from baim_jax.framework import plan as plan_lib
+
+    plan = plan_lib.validate(load_config(str(Path(CONFIG).parent / name), []))
+    if name == "paper.py":  # the paper's protocol: 10 edges spanning at least 30x in size
+        sizes = [learners.count_params(s) for s in plan.specs]
+        assert len(sizes) == 10 and max(sizes) >= 30 * min(sizes)
+        assert plan.config.edge.epochs == plan.config.cloud.epochs == plan.config.fl.rounds == 100
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS), ids=list(BAD_CONFIGS))
 def test_run_refuses_bad_config(case, tmp_path, capsys):

@@ -600,3 +600,20 @@ def test_the_cloud_takes_only_the_uploads_its_config_trained(tmp_path):
                   tmp_path / "edges" / ids[0] / "initial")
     with pytest.raises(ValueError, match=f"edges/{ids[0]}/initial: not the upload of {ids[0]}"):
         pipeline._uploads(plan, tmp_path)
+
+
+def test_curves_are_measured_every_curve_every_epochs_and_after_the_last(monkeypatch):
+    """curve_every = 3 over 7 epochs: after epochs 3, 6 and 7 (1-based), None between."""
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    from baim_jax.framework import pipeline
+
+    monkeypatch.setattr(pipeline.likelihood, "test_loss", lambda model, data: 1.0)
+    monkeypatch.setattr(pipeline.measures, "model_fid", lambda *args: 2.0)
+    plan = SimpleNamespace(config=ml_collections.ConfigDict({"curve_every": 3, "seed": 0}),
+                           data=SimpleNamespace(test=None))
+    points = [pipeline._curve_point(plan, None, e, 7, None) for e in range(7)]
+    assert [p["curve"] for p in points] == [None, None, 1.0, None, None, 1.0, 1.0]
+    assert [p["fid"] for p in points] == [None, None, 2.0, None, None, 2.0, 2.0]

@@ -37,11 +37,16 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8, title: str | None =
 APPROACHES = ("finetune", "freeze", "scratch", "fl", "central")
 
 
+def _points(curve: list) -> tuple[list, list]:
+    """The measured epochs (1-based) of a curve and their values (None: not measured)."""
+    kept = [(e + 1, v) for e, v in enumerate(curve) if v is not None]
+    return [e for e, _ in kept], [v for _, v in kept]
+
+
 def _plot_curves(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, row in results["approaches"].items():
-        curve = row["test_loss_curve"]
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+        ax.plot(*_points(row["test_loss_curve"]), marker="o", label=name)
     ax.set_xlabel("cloud epoch (FL: round)")
     ax.set_ylabel("test loss: negative bound (nats / image)")
     ax.legend()
@@ -74,8 +79,7 @@ def _plot_fid(results: dict, path: Path) -> None:
     personalisation (points), as the paper's Fig. 5d."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     for name, row in results["approaches"].items():
-        curve = row["fid_curve"]
-        left.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+        left.plot(*_points(row["fid_curve"]), marker="o", label=name)
     left.axhline(results["fid_floor"], color="gray", ls=":", label="real vs real")
     left.set_xlabel("cloud epoch (FL: round)")
     left.set_ylabel("FID (small-CNN features)")

@@ -118,7 +118,7 @@ def _train(workdir: Path, phase: str, trainer, epochs: int, show: bool,
     with _bar(epochs * steps, 0, desc, show) as bar:
         def watch(epoch, out):
             seen = observe(epoch, out)
-            if "curve" in seen:
+            if seen.get("curve") is not None:
                 bar.set_postfix(test=f"{seen['curve']:.1f}")
             return seen
 
@@ -145,6 +145,16 @@ def scores(model, data: Split, suffix: str = "") -> dict:
               "test_nll_per_class": likelihood.per_class(nll, data.labels)}
     return {key.replace("test_loss", "test_loss" + suffix, 1).replace(
         "test_nll", "test_nll" + suffix, 1): value for key, value in record.items()}
+
+
+def _curve_point(plan: Plan, model, epoch: int, epochs: int, extract) -> dict:
+    """The test-loss and FID curves' values after ``epoch`` (0-based): measured every
+    ``curve_every`` epochs and after the last, None between."""
+    if (epoch + 1) % plan.config.curve_every and epoch + 1 != epochs:
+        return {"curve": None, "fid": None}
+    return {"curve": likelihood.test_loss(model, plan.data.test),
+            "fid": measures.model_fid(model, plan.data.test, extract,
+                                      plan.config.seed + epoch)}
 
 
 def _extractor(plan: Plan, workdir: Path):
@@ -216,9 +226,7 @@ def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
     extract, _ = _extractor(plan, workdir)
 
     def observe(epoch, metrics):
-        return {"curve": likelihood.test_loss(model, plan.data.test),
-                "fid": measures.model_fid(model, plan.data.test, extract, seed + epoch),
-                "train": metrics}
+        return {**_curve_point(plan, model, epoch, cfg.epochs, extract), "train": metrics}
 
     meta = _train(workdir, f"cloud_{strategy}", trainer, cfg.epochs, show, observe,
                   ["curve", "fid", "train"])
@@ -299,9 +307,7 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
     extract, _ = _extractor(plan, workdir)
 
     def observe(r, _):
-        model = trainer.model()
-        return {"curve": likelihood.test_loss(model, plan.data.test),
-                "fid": measures.model_fid(model, plan.data.test, extract, seed + r)}
+        return _curve_point(plan, trainer.model(), r, cfg.rounds, extract)
 
     meta = _train(workdir, "fl", trainer, cfg.rounds, show, observe, ["curve", "fid"])
     start = time.perf_counter() - meta["elapsed"]
@@ -332,9 +338,7 @@ def phase_central(plan: Plan, workdir: Path, show: bool) -> dict:
         return EdgeModel(spec, "all", params=trainer.params()[0])
 
     def observe(epoch, _):
-        m = model()
-        return {"curve": likelihood.test_loss(m, plan.data.test),
-                "fid": measures.model_fid(m, plan.data.test, extract, seed + epoch)}
+        return _curve_point(plan, model(), epoch, cfg.epochs, extract)
 
     meta = _train(workdir, "central", trainer, cfg.epochs, show, observe, ["curve", "fid"])
     start = time.perf_counter() - meta["elapsed"]

@@ -35,7 +35,7 @@ SECTIONS = {
     "fid": {"feature_epochs": int},
 }
 TOP_LEVEL = {"seed", "kind", "likelihood", "task_names", "task_classes", "edges", "baim",
-             "strategies", "toolkit_strategy", "devices"}
+             "strategies", "toolkit_strategy", "devices", "curve_every"}
 
 
 @dataclasses.dataclass
@@ -117,6 +117,8 @@ def _check_structure(config) -> None:
     missing = (TOP_LEVEL | set(SECTIONS)) - set(config)
     if missing:
         raise ValueError(f"config: missing key(s) {sorted(missing)}")
+    if not _is_int(config.curve_every) or config.curve_every < 1:
+        raise ValueError(f"curve_every: must be an integer >= 1, got {config.curve_every!r}")
     if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
         raise ValueError(f"seed: must be an integer in [0, 2^32), got {config.seed!r}")
     for key in ("kind", "likelihood", "toolkit_strategy"):

@@ -218,7 +218,7 @@ def _uploads(plan: Plan, workdir: Path) -> list[EdgeModel]:
 
 
 def phase_cloud(plan: Plan, workdir: Path, show: bool, strategy: str) -> dict:
-    cfg, seed = plan.config.cloud, plan.config.seed
+    cfg = plan.config.cloud
     trainer = cloud_trainer(plan, _uploads(plan, workdir), strategy,
                             plan.cloud_learning_rate(strategy), plan.data.cloud)
     model = trainer.model
@@ -301,7 +301,7 @@ def fl_spec(plan: Plan) -> learners.LearnerSpec:
 
 
 def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
-    cfg, seed = plan.config.fl, plan.config.seed
+    cfg = plan.config.fl
     shards = [s.images for s in plan.data.edges]
     trainer = fl_trainer(plan, cfg.learning_rate, plan.data.cloud)
     extract, _ = _extractor(plan, workdir)

@@ -6,7 +6,8 @@ A validation set is cut from the cloud's common data (``--val-fraction``, strati
 as ``tune_case_study.py`` does); the cloud, FedAvg's cloud rounds and the central reference
 train on the rest, at the case study's epochs (equal total epochs). The edges train once, with
 the config's settings, and every BAIM is aggregated from those uploads. Each lever changes one
-thing of the config's BAIM (``--levers`` picks them by name); every model is scored by the
+thing of the base, the config's BAIM with own latents (``--levers`` picks them by name);
+every model is scored by the
 importance-weighted NLL (k = 64) and the negative bound on the validation images.
 
 Prints one JSON object and writes it to ``--out``.
@@ -38,10 +39,12 @@ from baim_jax.framework import edges as edges_lib  # noqa: E402
 from baim_jax.framework import pipeline  # noqa: E402
 from baim_jax.framework import plan as plan_lib  # noqa: E402
 
+BASE = {"latent": "own"}  # every lever changes one thing of the config's BAIM with own latents
 LEVERS = {
-    "config": {},
+    "base": {},
     "encoder connections only": {"connect": ("enc",)},
     "no connections": {"connect": ()},
+    "shared latents": {"latent": "shared"},
     "h = 0": {"h": 0},
     "h = 1": {"h": 1},
     "rho = 0.25": {"rho": 0.25},
@@ -90,14 +93,14 @@ def main() -> None:
     levers = {}
     for name in args.levers:
         model = train_cloud(plan, uploads, cloud, "finetune",
-                            plan.cloud_learning_rate("finetune"), **LEVERS[name])
+                            plan.cloud_learning_rate("finetune"), **{**BASE, **LEVERS[name]})
         levers[name] = {"change": {k: list(v) if isinstance(v, tuple) else v
                                    for k, v in LEVERS[name].items()},
                         **score(model, val), "connections_kept": model.spec.connections_kept}
         bar.set_postfix(last=f"{name}: {levers[name]['val_nll']:.1f}")
         bar.update()
     bar.close()
-    out = {"protocol": __doc__.split("\n\n")[1].replace("\n", " "),
+    out = {"protocol": __doc__.split("\n\n")[1].replace("\n", " "), "base": BASE,
            "validation_images": len(val.images), "cloud_train_images": len(cloud.images),
            "baselines": rows, "finetune_levers": levers,
            "wall_seconds": time.perf_counter() - start, "device": jax.devices()[0].platform}

@@ -12,11 +12,13 @@ import numpy as np
 from baim_jax.core import connections, learners, losses
 
 
-def reference_paths(model, x, eps):
+def reference_paths(model, x, eps, source=None):
     """Every learner of ``model`` run on every example, learner by learner.
 
     Args:
       x: ``[B, H, W, C]``; eps: ``[N, B, >= L_n]`` each learner's own noise.
+      source: None (every decoder decodes its own latent), or a learner whose latent every
+        decoder decodes, cut or zero-padded to its own size (shared latents).
 
     Returns:
       per learner n (None for a feeder's missing head): ``{"mean", "logvar", "out", "latents"}``
@@ -42,11 +44,22 @@ def reference_paths(model, x, eps):
         mean, logvar = head(n)
         return mean + jnp.exp(0.5 * logvar) * eps[n][:, : members[n].spec.latent]
 
+    def decoded(n):
+        """The latent learner n's decoder reads, and whose it is."""
+        if source is None:
+            return z(n), n
+        size = members[n].spec.latent
+        shared = z(source)[:, :size]
+        return jnp.pad(shared, ((0, 0), (0, size - shared.shape[1]))), source
+
     @functools.lru_cache(maxsize=None)
     def a(n, tower, k):
         """Original input of learner n's own stage k, and the latents it depends on."""
         if k == 0:
-            return (x, frozenset()) if tower == "enc" else (z(n), frozenset([n]))
+            if tower == "enc":
+                return x, frozenset()
+            latent, whose = decoded(n)
+            return latent, frozenset([whose])
         value, latents = mixed(n, tower, k - 1)
         return learners.apply_stage(own[n][tower][k - 1], tree["learners"][n][tower][k - 1],
                              value), latents
@@ -94,11 +107,15 @@ def reference_forward(model, x, eps, weights):
     """Returns ``(recon [B, H, W, C], nelbo [B])`` computed learner by learner.
 
     ``nelbo = sum_n w_n (rec_n + sum_{m in C(n)} KL_m + log w_n - log pi_n)`` over the learners
-    with a weight (docs/design.md §3b); ``weights [B, N]`` are the gate's.
+    with a weight (docs/design.md §3b); ``weights [B, N]`` are the gate's. Shared latents: path
+    n is its own run of every learner on ``z_n`` (``C(n) = {n}``).
     """
     members = model.layout.members
     tree = model.export_tree()
     paths = reference_paths(model, x, eps)
+    if model.config.latent == "shared":
+        paths = [{**paths[n], **reference_paths(model, x, eps, source=n)[n]}
+                 for n in range(len(members))]
     log_pi = reference_log_prior(model)
     likelihood = model.layout.likelihood
     kl = {n: losses.kl_standard_normal(p["mean"], p["logvar"], jnp.ones_like(p["mean"], bool))

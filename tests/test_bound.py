@@ -113,12 +113,12 @@ IMAGE = (2, 2, 1)
 LATENTS = (1, 2, 1)
 
 
-def _linear_gaussian(k: int) -> BAIM:
+def _linear_gaussian(k: int, latent: str = "own") -> BAIM:
     """Three learners of one squad, each decoder a single linear map z -> mean with a learned
     pixel scale; decoder connections from every learner's z to every other's decoder input,
     encoder connections too; a non-uniform prior pi."""
     specs = [LearnerSpec("mlp", IMAGE, (3,), d, (), "gaussian") for d in LATENTS]
-    model = BAIM.assemble(specs, [0, 0, 0], ["t"], BAIMConfig(k=k, h=0))
+    model = BAIM.assemble(specs, [0, 0, 0], ["t"], BAIMConfig(k=k, h=0, latent=latent))
     randomize_connections(model, jax.random.key(7), 0.6)
     model.learners["log_scale"][...] = jnp.array([-0.4, -0.2, -0.6], jnp.float32)
     model.prior[...] = jnp.array([0.4, -0.3, 0.1], jnp.float32)
@@ -144,9 +144,15 @@ def _decoders(model: BAIM) -> list[dict]:
     return out
 
 
-def _path_maps(dec: list[dict], n: int) -> dict[int, np.ndarray]:
-    """``mean_n(z) = b_n + sum_{m in C(n)} z_m G_m``: the maps ``G_m [d_m, D]``."""
-    return {n: dec[n]["W"], **{m: p @ dec[n]["W"] for m, p in dec[n]["P"].items()}}
+def _path_maps(model: BAIM, dec: list[dict], n: int) -> dict[int, np.ndarray]:
+    """``mean_n(z) = b_n + sum_{m in C(n)} z_m G_m``: the maps ``G_m [d_m, D]``. Shared
+    latents: feeder m decodes ``z_n`` cut or zero-padded to ``d_m`` (``z_n I[d_n, d_m]``), so
+    ``C(n) = {n}`` and ``G_n = W_n + sum_m I[d_n, d_m] P_m W_n``."""
+    own = {m: p @ dec[n]["W"] for m, p in dec[n]["P"].items()}
+    if model.config.latent == "shared":
+        d = dec[n]["W"].shape[0]
+        return {n: dec[n]["W"] + sum(np.eye(d, len(g)) @ g for g in own.values())}
+    return {n: dec[n]["W"], **own}
 
 
 def _exact_log_likelihood(model: BAIM, x: np.ndarray) -> np.ndarray:
@@ -157,7 +163,7 @@ def _exact_log_likelihood(model: BAIM, x: np.ndarray) -> np.ndarray:
     dim = flat.shape[1]
     terms = []
     for n in range(model.layout.size):
-        a = np.concatenate(list(_path_maps(dec, n).values()), axis=0).T            # [D, sum d]
+        a = np.concatenate(list(_path_maps(model, dec, n).values()), axis=0).T      # [D, sum d]
         cov = a @ a.T + dec[n]["sigma"] ** 2 * np.eye(dim)
         diff = flat - dec[n]["b"]
         _, logdet = np.linalg.slogdet(cov)
@@ -180,7 +186,7 @@ def _expected_negative_bound(model: BAIM, x: np.ndarray) -> np.ndarray:
     dim = flat.shape[1]
     total = np.zeros(len(x))
     for n in range(model.layout.size):
-        maps = _path_maps(dec, n)
+        maps = _path_maps(model, dec, n)
         mu = dec[n]["b"] + sum(mean[m] @ g for m, g in maps.items())
         spread = sum(var[m] @ (g ** 2) for m, g in maps.items())                 # [B, D]
         s2 = dec[n]["sigma"] ** 2
@@ -195,12 +201,13 @@ def _points(n: int = 6) -> np.ndarray:
     return np.asarray(jax.random.normal(jax.random.key(11), (n, *IMAGE)), np.float32)
 
 
+@pytest.mark.parametrize("latent", ["own", "shared"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_bound_is_below_the_exact_likelihood_and_is_what_the_model_reports(k):
+def test_bound_is_below_the_exact_likelihood_and_is_what_the_model_reports(k, latent):
     """(a) The expected negative bound, in closed form, is >= -log p(x | t) at every point;
     the model's one-draw bounds average to it (4000 independent draws a point: every row of
     a batch draws its own noise)."""
-    model = _linear_gaussian(k)
+    model = _linear_gaussian(k, latent)
     x = _points()
     exact = -_exact_log_likelihood(model, x)
     expected = _expected_negative_bound(model, x)
@@ -213,11 +220,12 @@ def test_bound_is_below_the_exact_likelihood_and_is_what_the_model_reports(k):
     np.testing.assert_array_less(np.abs(got.mean(axis=1) - expected), 5 * sem + 1e-3)
 
 
-def test_importance_weighted_nll_approaches_the_exact_nll():
+@pytest.mark.parametrize("latent", ["own", "shared"])
+def test_importance_weighted_nll_approaches_the_exact_nll(latent):
     """(b) More importance samples, a tighter estimate: averaged over 24 points and 4 keys,
     the gap to the exact NLL shrinks from k = 1 to 8 to 64, and at k = 1024 it is within 0.02
     nats of zero (a stochastic upper bound of the NLL, up to its Monte Carlo error)."""
-    model = _linear_gaussian(2)
+    model = _linear_gaussian(2, latent)
     x = _points(24)
     data = Split(x, np.zeros(len(x), np.int32), np.zeros(len(x), np.int32))
     exact = -_exact_log_likelihood(model, x)
@@ -227,11 +235,12 @@ def test_importance_weighted_nll_approaches_the_exact_nll():
     assert abs(gaps[3]) < 0.02, gaps
 
 
-def test_samples_have_the_model_s_mean_and_covariance():
+@pytest.mark.parametrize("latent", ["own", "shared"])
+def test_samples_have_the_model_s_mean_and_covariance(latent):
     """(c) Ancestral samples: learner n is drawn with probability pi_n, and given n the
     decoder means have mean b_n and covariance A_n A_n^T (every consumed latent an independent
     N(0, I)), each within 5 standard errors of 20000 draws."""
-    model = _linear_gaussian(2)
+    model = _linear_gaussian(2, latent)
     dec = _decoders(model)
     pi = np.exp(np.asarray(model.log_prior(), np.float64))
     n = 20000
@@ -242,7 +251,7 @@ def test_samples_have_the_model_s_mean_and_covariance():
     np.testing.assert_array_less(np.abs(freq - pi), 5 * np.sqrt(pi * (1 - pi) / n))
     for j in range(3):
         rows = out[learner == j]
-        a = np.concatenate(list(_path_maps(dec, j).values()), axis=0).T
+        a = np.concatenate(list(_path_maps(model, dec, j).values()), axis=0).T
         cov = a @ a.T
         count = len(rows)
         np.testing.assert_array_less(np.abs(rows.mean(0) - dec[j]["b"]),
@@ -251,12 +260,14 @@ def test_samples_have_the_model_s_mean_and_covariance():
         np.testing.assert_array_less(np.abs(np.cov(rows.T) - cov), 5 * se + 1e-6)
 
 
-def test_task_model_equals_the_baim_in_bound_likelihood_and_samples(mlp_specs):
+@pytest.mark.parametrize("latent", ["own", "shared"])
+def test_task_model_equals_the_baim_in_bound_likelihood_and_samples(mlp_specs, latent):
     """Partition loses nothing of the generative model: for a fixed key, a task model's
     bound, importance-weighted NLL and samples are the BAIM's for that task."""
     from baim_jax.core.partition import partition
 
-    model = BAIM.assemble(mlp_specs, [0, 1, 0, 1], ["a", "b"], BAIMConfig(k=2, h=1))
+    model = BAIM.assemble(mlp_specs, [0, 1, 0, 1], ["a", "b"],
+                          BAIMConfig(k=2, h=1, latent=latent))
     randomize_connections(model, jax.random.key(2), 0.3)
     model.prior[...] = jnp.array([0.3, -0.2, 0.5, 0.1], jnp.float32)
     x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1))

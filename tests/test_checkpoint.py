@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +138,20 @@ def test_round_trip_is_exact(saved):
     _assert_same_state(model, loaded)
     # A task name and per-example task ids (one compiled program for both).
     _assert_same_outputs(model, loaded, ["a", np.array([0, 1, 1, 0, 0, 1], np.int32)], "b")
+
+
+def test_a_shared_latent_model_round_trips_with_its_design(tmp_path):
+    """``latent = "shared"`` is part of the model: it is saved, and the loaded model
+    computes the same shared-latent bound."""
+    model = BAIM.assemble(_specs("mlp"), SQUADS, TASKS, BAIMConfig(k=2, h=1, latent="shared"))
+    _randomize_connections(model, seed=2)
+    baim_jax.save(model, tmp_path / "shared")
+    loaded = baim_jax.load(tmp_path / "shared")
+    assert loaded.config.latent == "shared" and loaded.spec == model.spec
+    x = jax.random.uniform(jax.random.key(0), (4, *model.layout.image_shape))
+    key = jax.random.key(1)
+    chex.assert_trees_all_close(loaded.bound(x, task="a", rng=key),
+                                model.bound(x, task="a", rng=key), rtol=1e-6)
 
 
 def test_load_accepts_str_path(saved_mlp):

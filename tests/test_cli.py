@@ -106,6 +106,7 @@ BAD_CONFIGS = {
     "wrong type": (["--config.edge.epochs=abc"], ["edge.epochs", "expected int"]),
     "K larger than a squad": (["--config.baim.k=3"], ["k: 3", "squad"]),
     "negative h": (["--config.baim.h=-1"], ["h:", ">= 0"]),
+    "unknown latent design": (["--config.baim.latent=both"], ["latent: 'both'", "shared"]),
     "rho zero": (["--config.cloud.rho=0"], ["rho"]),
     "rho above one": (["--config.cloud.rho=1.5"], ["rho", "(0, 1]"]),
     "unknown strategy": (["--config.strategies=['finetune','melt']"], ["strategy", "melt"]),

@@ -95,14 +95,15 @@ def test_dense_and_capacity_paths_equal_loop_reference(kind, h, prune, mlp_specs
         chex.assert_trees_all_close(out["nelbo"], nelbo, rtol=1e-5)
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
-def test_likelihoods_equal_loop_reference_with_latent_draws(likelihood, images):
+@pytest.mark.parametrize("likelihood,latent", [("gaussian", "own"), ("bernoulli", "own"),
+                                               ("gaussian", "shared"), ("bernoulli", "shared")])
+def test_likelihoods_equal_loop_reference_with_latent_draws(likelihood, latent, images):
     """K = 2 of each squad's 2, trained-like connections, a non-uniform prior, each learner's
     own latent draw: both paths equal the loop reference, Gaussian learners (learned scales)
-    included."""
+    included; with shared latents (latent sizes 2 and 3: cut and zero-padded) too."""
     specs = [mlp([8], 2, [8], likelihood), mlp([6], 3, [5], likelihood),
              mlp([7], 2, [6, 4], likelihood), mlp([5], 3, [9], likelihood)]
-    model = _connected(specs, 1, prune=0.5, config=BAIMConfig(k=2, h=1))
+    model = _connected(specs, 1, prune=0.5, config=BAIMConfig(k=2, h=1, latent=latent))
     model.prior[...] = jnp.array([0.3, -0.4, 0.1, 0.6], jnp.float32)
     if likelihood == "gaussian":
         model.learners["log_scale"][...] = jnp.array([-0.5, 0.2, -1.0, 0.4])

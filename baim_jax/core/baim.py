@@ -7,7 +7,8 @@ kept-connection masks. Its forward advances all learners stage by stage in locks
 (docs/design.md §2); which learners run on which rows is the dispatch layout (``dispatch.py``):
 ``"dense"`` (the reference) or ``"capacity"`` (the fast path). Its loss is the bound of
 docs/design.md §3b (``bound.py``): every latent a selected decoder consumes pays its KL, each
-latent has its own noise, and the gate pays ``KL(w || pi)``.
+latent has its own noise, and the gate pays ``KL(w || pi)``; with ``latent = "shared"`` a
+path's decoders all decode its learner's latent (one pass per selected slot).
 
 A ``TaskModel`` (``partition.py``) is the same machine with one squad, its feeders and its kept
 connections only.
@@ -264,11 +265,37 @@ class BAIM(nnx.Module):
                         dispatch.gather_own_rows(eps, layout.rows_of),
                         lambda t, j, a, inputs: self._mix(t, j, a, inputs, layout), layout.caps)
 
+    def _shared_buffers(self, x: jax.Array, eps: jax.Array, selected: jax.Array,
+                        layout: dispatch.Layout) -> dict:
+        """``_buffers`` when paths share their latent (dense ``layout``): one decoder pass per
+        selected slot, each computing that slot's path. ``out [N, B, ...]`` and ``rec
+        [N, B]`` hold path n's output on row b (zero where n is not selected); ``kl`` is
+        each learner's own."""
+        params = values(self.learners)
+        images = dispatch.gather_rows(x, layout.rows_of)
+
+        def mix(t, j, a, inputs):
+            return self._mix(t, j, a, inputs, layout)
+
+        posterior = encode_pool(self.layout, params, images, mix)
+        _, paths = jax.lax.top_k(selected.astype(jnp.float32), self.config.k)   # [B, K]
+        rows = jnp.arange(x.shape[0])
+        outs, recs = [], []
+        for slot in range(self.config.k):
+            buf = decode_pool(self.layout, params, images, posterior, eps, mix,
+                              source=paths[:, slot])
+            outs.append(buf["out"][paths[:, slot], rows])
+            recs.append(buf["rec"][paths[:, slot], rows])
+        onehot = jax.nn.one_hot(paths, self.layout.size, dtype=x.dtype)        # [B, K, N]
+        return {**buf, "out": jnp.einsum("bkn,kb...->nb...", onehot, jnp.stack(outs)),
+                "rec": jnp.einsum("bkn,kb->nb", onehot, jnp.stack(recs))}
+
     def _layout(self, selected: jax.Array, path: str, dropless: bool) -> dispatch.Layout:
-        """The rows each learner runs (``path``: ``"dense"`` or ``"capacity"``)."""
+        """The rows each learner runs (``path``: ``"dense"`` or ``"capacity"``; a model whose
+        paths share their latent always runs dense)."""
         batch, num = selected.shape
         depths = self.layout.depths
-        if path == "dense":
+        if path == "dense" or self.config.latent == "shared":
             return dispatch.dense_layout(batch, num, sum(depths))
         prefixes = dispatch.needed_prefixes(selected, self.conns.flat_arrays(),
                                             self.kept_by_group(), depths)
@@ -284,7 +311,9 @@ class BAIM(nnx.Module):
 
     def consumed(self) -> jax.Array:
         """``[N, N]`` bool: row n marks the latents learner n's path consumes
-        (``bound.consumed``)."""
+        (``bound.consumed``; the diagonal when paths share their latent)."""
+        if self.config.latent == "shared":
+            return jnp.eye(self.layout.size, dtype=bool)
         return bound.consumed(self.conns.flat_arrays(), self.kept_by_group(), self.layout.depths,
                               self.layout.size)
 
@@ -326,7 +355,9 @@ class BAIM(nnx.Module):
         rng_gate, rng_eps = (None, None) if rng is None else jax.random.split(rng)
         out = self.route(x, task, rng=rng_gate, train=train, selected=selected)
         layout = self._layout(out.selected, dispatch or self.config.dispatch, dropless)
-        buf = self._buffers(x, self._noise(rng_eps, x.shape[0]), layout)
+        eps = self._noise(rng_eps, x.shape[0])
+        buf = (self._shared_buffers(x, eps, out.selected, layout)
+               if self.config.latent == "shared" else self._buffers(x, eps, layout))
         seg = jnp.asarray(self.layout.segment_of)
         return {**self._combine(buf, out, layout), "gate": out, "dropped": layout.dropped,
                 "load_balance": gates.load_balancing_loss(out, seg, len(self.tasks), self.config.k),
@@ -350,7 +381,7 @@ class BAIM(nnx.Module):
 
         Every learner of the task's squad runs (not only the gate's top K), each path on its
         own posterior draws of the latents it consumes. The encoders run once; each draw
-        decodes.
+        decodes (once per gated learner when paths share their latent).
 
         Args:
           x: ``[B, H, W, C]``; task: ``[B]`` int task ids; rngs: ``[k]`` keys, one a draw.
@@ -372,6 +403,18 @@ class BAIM(nnx.Module):
         posterior = encode_pool(self.layout, params, images, mix, layout.caps)
         consumed = self.consumed().T
 
+        def shared_draw(rng):
+            eps = self._noise(rng, x.shape[0])
+
+            def path(n):
+                buf = decode_pool(self.layout, params, images, posterior, eps, mix,
+                                  source=jnp.full(x.shape[:1], n))
+                return buf["rec"][n] + buf["log_ratio"][n]                       # [B]
+
+            gated = -jax.lax.map(path, jnp.arange(self.num_gated)).T           # [B, gated]
+            feeders = jnp.full((x.shape[0], self.layout.size - self.num_gated), -jnp.inf)
+            return jnp.where(in_squad, jnp.concatenate([gated, feeders], axis=1), -jnp.inf)
+
         def draw(rng):
             eps = dispatch.gather_own_rows(self._noise(rng, x.shape[0]), layout.rows_of)
             buf = decode_pool(self.layout, params, images, posterior, eps, mix, layout.caps)
@@ -380,7 +423,8 @@ class BAIM(nnx.Module):
             return jnp.where(in_squad, -rec - ratio @ consumed.astype(ratio.dtype), -jnp.inf)
 
         log_pi = jnp.broadcast_to(self.log_prior(), in_squad.shape)
-        return jax.lax.map(draw, rngs), jnp.where(in_squad, log_pi, -jnp.inf)
+        draws = shared_draw if self.config.latent == "shared" else draw
+        return jax.lax.map(draws, rngs), jnp.where(in_squad, log_pi, -jnp.inf)
 
     def loss(self, x: jax.Array, task: jax.Array, rng: jax.Array,
              selected: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -638,7 +682,10 @@ def _draw(model: BAIM, n: int, task: jax.Array, rng):
     rng_pick, rng_z = jax.random.split(rng)
     pi = jnp.where(seg == task, jnp.exp(model.log_prior()), 0.0)
     learner = bound.draw_learners(pi, jax.random.uniform(rng_pick, (n,)))
-    z = jnp.where(model._latent_mask()[:, None, :], model._noise(rng_z, n), 0.0)
+    mask = model._latent_mask()
+    z = jnp.where(mask[:, None, :], model._noise(rng_z, n), 0.0)
+    if model.config.latent == "shared":
+        z = bound.shared_latents(z, learner, mask)
     layout = dispatch.dense_layout(n, model.layout.size, sum(model.layout.depths))
     out = model._tower("dec", z, layout)                                     # [N, n, ...]
     return out[learner, jnp.arange(n)], learner

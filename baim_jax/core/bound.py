@@ -10,6 +10,9 @@ and, with the LSGate weights ``w(x)`` as ``q(n | x)``,
     log p(x | t) >= sum_n w_n (ELBO_n + log pi_n - log w_n),
     ELBO_n = E_q[log p_n(x | z_C(n))] - sum_{m in C(n)} KL(q_m || N(0, I)).
 
+With ``latent = "shared"`` every decoder on n's path decodes n's own latent instead (cut or
+zero-padded to its size, ``shared_latents``): ``C(n) = {n}``, one KL per path.
+
 Axes: B rows, N learners, L the pool's latent size, k importance samples.
 """
 
@@ -60,6 +63,18 @@ def consumed(conn: dict[str, np.ndarray], kept: jax.Array, depths: tuple[int, in
     """
     need = dispatch.needed_prefixes(jnp.eye(num, dtype=bool), conn, kept, depths)
     return need[..., 0] == depths[0]
+
+
+def shared_latents(z: jax.Array, source: jax.Array, mask: jax.Array) -> jax.Array:
+    """The decoders' inputs when a path shares its latent: learner m decodes
+    ``z[source[r], r]`` on row r, cut or zero-padded to m's latent size, ``[N, R, L]``.
+
+    Args:
+      z: ``[N, R, L]`` every learner's latent (zero beyond its own size).
+      source: ``[R]`` int, the learner whose path each row computes.
+      mask: ``[N, L]`` bool, each learner's real latent coordinates.
+    """
+    return jnp.where(mask[:, None, :], z[source, jnp.arange(z.shape[1])][None], 0.0)
 
 
 def log_prior(logits: jax.Array, segment_of: jax.Array) -> jax.Array:

@@ -6,6 +6,8 @@ import dataclasses
 
 from baim_jax.core import gates, learners
 
+LATENTS = ("own", "shared")
+
 
 @dataclasses.dataclass(frozen=True)
 class BAIMConfig:
@@ -16,6 +18,9 @@ class BAIMConfig:
       h: connection reach, ``0 <= j - i <= h``.
       connect: the towers whose stages are connected: ``("enc", "dec")``, one of them, or
         ``()`` (no connections: the ablation every result is read against).
+      latent: ``"own"``: each learner on a path decodes its own latent (each with its KL);
+        ``"shared"``: every decoder on learner n's path decodes n's latent, resized to its
+        own size (one KL per path; docs/design.md §3b).
       gate: registered gate function (``gates.gate_names()``).
       noise_std: noisy top-K std in training (0: off).
       feature_dim: width of the gate's feature map phi.
@@ -28,6 +33,7 @@ class BAIMConfig:
     k: int = 2
     h: int = 1
     connect: tuple[str, ...] = learners.TOWERS
+    latent: str = "own"
     gate: str = "topk_softmax"
     noise_std: float = 0.0
     feature_dim: int = 64
@@ -51,6 +57,8 @@ class BAIMConfig:
                 or not set(self.connect) <= set(learners.TOWERS)):
             raise ValueError(f"connect: must be a list of distinct towers from {learners.TOWERS}, "
                              f"got {self.connect!r}")
+        if self.latent not in LATENTS:
+            raise ValueError(f"latent: {self.latent!r} is not one of {LATENTS}")
         gates.get_gate(self.gate)
         if self.dispatch not in ("capacity", "dense"):
             raise ValueError(f"dispatch: {self.dispatch!r} is not 'capacity' or 'dense'")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baim_jax.core import learners, losses
+from baim_jax.core import bound, learners, losses
 
 REAL, IDENTITY, ABSENT = 0, 1, 2
 
@@ -378,15 +378,22 @@ def encode_pool(layout: PoolLayout, params: dict, x: jax.Array, mix: Mix | None 
 
 def decode_pool(layout: PoolLayout, params: dict, x: jax.Array,
                 posterior: tuple[jax.Array, jax.Array], eps: jax.Array,
-                mix: Mix | None = None, caps: Sequence[int] | None = None) -> dict:
+                mix: Mix | None = None, caps: Sequence[int] | None = None,
+                source: jax.Array | None = None) -> dict:
     """The rest of ``run_pool`` from the posteriors ``encode_pool`` gave: one draw of every
-    latent, the decoder tower and the losses (``run_pool``'s dict)."""
+    latent, the decoder tower and the losses (``run_pool``'s dict).
+
+    ``source`` (``[R]`` int, dense rows only): every decoder decodes the latent of learner
+    ``source[r]`` on row r (``bound.shared_latents``); ``z``, ``kl`` and ``log_ratio`` stay
+    each learner's own."""
     mean, logvar = posterior
     dec_caps = None if caps is None else caps[layout.depths[0]:]
-    real = jnp.asarray(layout.latent_mask())[:, None, :]
+    mask = jnp.asarray(layout.latent_mask())
+    real = mask[:, None, :]
     eps = eps[:, :mean.shape[1]]
     z = jnp.where(real, mean + jnp.exp(0.5 * logvar) * eps, 0.0)
-    out = run_tower(layout, params, "dec", z, mix, dec_caps)
+    decoded = z if source is None else bound.shared_latents(z, source, mask)
+    out = run_tower(layout, params, "dec", decoded, mix, dec_caps)
     rec = losses.nll(out, params["log_scale"][:, None], x[:, :out.shape[1]], layout.likelihood)
     return {"mean": mean, "logvar": logvar, "z": z, "out": out, "rec": rec,
             "kl": losses.kl_standard_normal(mean, logvar, real),

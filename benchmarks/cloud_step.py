@@ -7,14 +7,16 @@ trained on random batches of its batch size routed by task. ``useful`` is 6 FLOP
 parameter per image (forward and backward of every parameter once: every learner runs every
 image here, as each feeds the others); ``executed`` is XLA's cost analysis of the compiled
 step. Medians of ``--repeats`` timed steps after two warm-up steps; the 1-minute load average
-is recorded at start and end.
+is recorded at start and end. ``--latent`` overrides the config's latent design (shared
+latents decode once per selected slot, so their executed FLOPs count K decoder passes).
 
-    python benchmarks/cloud_step.py [--repeats 20]
+    python benchmarks/cloud_step.py [--repeats 20] [--latent own|shared]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from baim_jax.cli import load_config  # noqa: E402
 from baim_jax.core import strategies  # noqa: E402
 from baim_jax.core.baim import BAIM  # noqa: E402
+from baim_jax.core.config import LATENTS  # noqa: E402
 from baim_jax.framework import cloud, edges  # noqa: E402
 from baim_jax.framework import plan as plan_lib  # noqa: E402
 
@@ -38,10 +41,12 @@ from baim_jax.framework import plan as plan_lib  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--latent", choices=LATENTS, default=None)
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     plan = plan_lib.validate(load_config(str(ROOT / "configs" / "case_study.py"), []))
-    model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, plan.baim)
+    config = dataclasses.replace(plan.baim, latent=args.latent or plan.baim.latent)
+    model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, config)
     rng = np.random.default_rng(0)
     for var in model.connections:
         var[...] = jnp.asarray(0.01 * rng.standard_normal(var[...].shape).astype(np.float32))
@@ -61,7 +66,8 @@ def main() -> None:
         jax.block_until_ready(step(x, task, jax.random.key(100 + s)))
         times.append(time.perf_counter() - start)
     print(json.dumps({
-        "batch": batch, "params": params.to_json(), "connections": len(model.conns),
+        "batch": batch, "latent": config.latent, "params": params.to_json(),
+        "connections": len(model.conns),
         "connection_groups": len(model.conns.groups),
         "executed_flops": executed, "useful_flops": useful,
         "executed_over_useful": executed / useful,

@@ -7,14 +7,18 @@ cost does not depend on training), or read from a finished run with ``--workdir`
 ``sample(n)`` the work a request needs is the decoder stages and kept decoder connections of
 the paths its drawn learners consume, for ``reconstruct(n)`` the encoders too; ``ratio`` is that
 parameter count over the largest learner's (its decoder alone for sampling), and the goal is a
-time ratio of at most twice it. Medians of ``--repeats`` calls after two warm-up calls.
+time ratio of at most twice it. With shared latents (``--latent`` overrides the config's)
+``reconstruct`` decodes once per selected learner, so its decoders count K times. Medians of
+``--repeats`` calls after two warm-up calls.
 
     python benchmarks/request_cost.py [--workdir runs/case_study] [--num 16] [--repeats 20]
+                                      [--latent own|shared]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,18 +37,20 @@ import baim_jax  # noqa: E402
 from baim_jax.cli import load_config  # noqa: E402
 from baim_jax.core import learners  # noqa: E402
 from baim_jax.core.baim import BAIM  # noqa: E402
+from baim_jax.core.config import LATENTS  # noqa: E402
 from baim_jax.core.edge_model import EdgeModel  # noqa: E402
 from baim_jax.core.partition import partition  # noqa: E402
 from baim_jax.framework import plan as plan_lib  # noqa: E402
 
 
-def task_model(workdir: str | None):
+def task_model(workdir: str | None, latent: str | None):
     if workdir:
         results = json.loads((Path(workdir) / "results.json").read_text())
         name = sorted(results["toolkit"])[0]
         return baim_jax.load(Path(workdir) / "toolkit" / name)
     plan = plan_lib.validate(load_config(str(ROOT / "configs" / "case_study.py"), []))
-    model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, plan.baim)
+    config = dataclasses.replace(plan.baim, latent=latent or plan.baim.latent)
+    model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, config)
     rng = np.random.default_rng(0)
     for var in model.connections:
         var[...] = jnp.asarray(0.01 * rng.standard_normal(var[...].shape).astype(np.float32))
@@ -75,9 +81,10 @@ def main() -> None:
     parser.add_argument("--workdir")
     parser.add_argument("--num", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--latent", choices=LATENTS, default=None)
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
-    model = task_model(args.workdir)
+    model = task_model(args.workdir, args.latent)
     spec = model.spec
     gated = [e for e in spec.learners if e.member.squad is not None]
     largest = max(gated, key=lambda e: e.params)
@@ -87,8 +94,9 @@ def main() -> None:
     dec = sum(_decoder_params(e.member) for e in spec.learners)
     dec_conn = sum(math.prod(model.conns.real_kernel_shape(c))
                    for c, kept in zip(spec.connections, spec.kept) if kept and c.tower == "dec")
+    passes = model.config.k if model.config.latent == "shared" else 1
     need = {"sample": (dec + dec_conn) / _decoder_params(largest.member),
-            "reconstruct": spec.params.total / largest.params}
+            "reconstruct": (spec.params.total + (passes - 1) * (dec + dec_conn)) / largest.params}
     x = jnp.asarray(np.random.default_rng(1).random((args.num, *spec.image_shape), np.float32))
     times = {}
     for name, m in (("task_model", model), ("largest_learner", alone)):
@@ -105,7 +113,8 @@ def main() -> None:
                         "time_ratio": ratio, "params_ratio": need[request],
                         "goal_time_ratio": 2 * need[request],
                         "met": ratio <= 2 * need[request]}
-    print(json.dumps({"num": args.num, "task_model_params": spec.params.total,
+    print(json.dumps({"num": args.num, "latent": model.config.latent,
+                      "task_model_params": spec.params.total,
                       "largest_learner_params": largest.params, **out,
                       "repeats": args.repeats, "load_average": [load_start, os.getloadavg()[0]],
                       "device": jax.devices()[0].device_kind}, indent=1))

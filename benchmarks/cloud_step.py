@@ -2,15 +2,15 @@
 and its time (prints one JSON object).
 
 The BAIM is the case study's (configs/case_study.py: 10 MLP learners of 0.05M to 1.09M
-parameters, h = 2, every connection kept), assembled with random weights and connections, and
-trained on random batches of its batch size routed by task. ``useful`` is 6 FLOPs per real
-parameter per image (forward and backward of every parameter once: every learner runs every
-image here, as each feeds the others); ``executed`` is XLA's cost analysis of the compiled
-step. Medians of ``--repeats`` timed steps after two warm-up steps; the 1-minute load average
-is recorded at start and end. ``--latent`` overrides the config's latent design (shared
+parameters, h = 2, every connection of its connected towers kept), assembled with random weights
+and connections, and trained on random batches of its batch size routed by task. ``useful`` is 6
+FLOPs per real parameter per image (forward and backward of every parameter once: every learner
+runs every image here, as each feeds the others); ``executed`` is XLA's cost analysis of the
+compiled step. Medians of ``--repeats`` timed steps after two warm-up steps; the 1-minute load
+average is recorded at start and end. ``--latent`` overrides the config's latent design (shared
 latents decode once per selected slot, so their executed FLOPs count K decoder passes).
 
-    python benchmarks/cloud_step.py [--repeats 20] [--latent own|shared]
+    python benchmarks/cloud_step.py [--repeats 20] [--latent own|shared] [--connect enc dec]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from baim_jax.cli import load_config  # noqa: E402
 from baim_jax.core import strategies  # noqa: E402
 from baim_jax.core.baim import BAIM  # noqa: E402
 from baim_jax.core.config import LATENTS  # noqa: E402
+from baim_jax.core.learners import TOWERS  # noqa: E402
 from baim_jax.framework import cloud, edges  # noqa: E402
 from baim_jax.framework import plan as plan_lib  # noqa: E402
 
@@ -42,10 +43,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--latent", choices=LATENTS, default=None)
+    parser.add_argument("--connect", nargs="*", choices=TOWERS, default=None,
+                        help="the connected towers (default: the config's)")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     plan = plan_lib.validate(load_config(str(ROOT / "configs" / "case_study.py"), []))
-    config = dataclasses.replace(plan.baim, latent=args.latent or plan.baim.latent)
+    config = dataclasses.replace(
+        plan.baim, latent=args.latent or plan.baim.latent,
+        connect=plan.baim.connect if args.connect is None else tuple(args.connect))
     model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, config)
     rng = np.random.default_rng(0)
     for var in model.connections:
@@ -66,7 +71,8 @@ def main() -> None:
         jax.block_until_ready(step(x, task, jax.random.key(100 + s)))
         times.append(time.perf_counter() - start)
     print(json.dumps({
-        "batch": batch, "latent": config.latent, "params": params.to_json(),
+        "batch": batch, "latent": config.latent, "connect": config.connect,
+        "params": params.to_json(),
         "connections": len(model.conns),
         "connection_groups": len(model.conns.groups),
         "executed_flops": executed, "useful_flops": useful,

@@ -1,18 +1,18 @@
 """Does a request cost what it needs? A case-study task model against its largest learner
 alone (prints one JSON object).
 
-The task model is cut from the case study's BAIM (configs/case_study.py: 5 learners of 0.05M
-to 1.09M parameters per task, h = 2, every connection kept; random weights and connections:
-cost does not depend on training), or read from a finished run with ``--workdir``. For
-``sample(n)`` the work a request needs is the decoder stages and kept decoder connections of
-the paths its drawn learners consume, for ``reconstruct(n)`` the encoders too; ``ratio`` is that
-parameter count over the largest learner's (its decoder alone for sampling), and the goal is a
-time ratio of at most twice it. With shared latents (``--latent`` overrides the config's)
-``reconstruct`` decodes once per selected learner, so its decoders count K times. Medians of
-``--repeats`` calls after two warm-up calls.
+The task model is cut from the case study's BAIM (configs/case_study.py: 5 learners of 0.05M to
+1.09M parameters per task, h = 2, every connection of its connected towers kept; random weights
+and connections: cost does not depend on training), or read from a finished run with
+``--workdir``. For ``sample(n)`` the work a request needs is the decoder stages and kept decoder
+connections of the paths its drawn learners consume, for ``reconstruct(n)`` the encoders too;
+``ratio`` is that parameter count over the largest learner's (its decoder alone for sampling),
+and the goal is a time ratio of at most twice it. With shared latents (``--latent`` overrides
+the config's) ``reconstruct`` decodes once per selected learner, so its decoders count K times.
+Medians of ``--repeats`` calls after two warm-up calls.
 
     python benchmarks/request_cost.py [--workdir runs/case_study] [--num 16] [--repeats 20]
-                                      [--latent own|shared]
+                                      [--latent own|shared] [--connect enc dec]
 """
 
 from __future__ import annotations
@@ -39,17 +39,20 @@ from baim_jax.core import learners  # noqa: E402
 from baim_jax.core.baim import BAIM  # noqa: E402
 from baim_jax.core.config import LATENTS  # noqa: E402
 from baim_jax.core.edge_model import EdgeModel  # noqa: E402
+from baim_jax.core.learners import TOWERS  # noqa: E402
 from baim_jax.core.partition import partition  # noqa: E402
 from baim_jax.framework import plan as plan_lib  # noqa: E402
 
 
-def task_model(workdir: str | None, latent: str | None):
+def task_model(workdir: str | None, latent: str | None, connect: list[str] | None):
     if workdir:
         results = json.loads((Path(workdir) / "results.json").read_text())
         name = sorted(results["toolkit"])[0]
         return baim_jax.load(Path(workdir) / "toolkit" / name)
     plan = plan_lib.validate(load_config(str(ROOT / "configs" / "case_study.py"), []))
-    config = dataclasses.replace(plan.baim, latent=latent or plan.baim.latent)
+    config = dataclasses.replace(
+        plan.baim, latent=latent or plan.baim.latent,
+        connect=plan.baim.connect if connect is None else tuple(connect))
     model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, config)
     rng = np.random.default_rng(0)
     for var in model.connections:
@@ -82,15 +85,17 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--latent", choices=LATENTS, default=None)
+    parser.add_argument("--connect", nargs="*", choices=TOWERS, default=None,
+                        help="the connected towers (default: the config's)")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
-    model = task_model(args.workdir, args.latent)
+    model = task_model(args.workdir, args.latent, args.connect)
     spec = model.spec
     gated = [e for e in spec.learners if e.member.squad is not None]
     largest = max(gated, key=lambda e: e.params)
     alone = EdgeModel(largest.member.spec, model.task, seed=0)
-    # Every path of the case study consumes every latent (h = 2, rho = 1): a request runs the
-    # decoders of all its learners and feeders and every kept decoder connection.
+    # A request of 16 draws every learner of the squad (nearly surely): it runs every decoder
+    # stage its learners and feeders keep and every kept decoder connection.
     dec = sum(_decoder_params(e.member) for e in spec.learners)
     dec_conn = sum(math.prod(model.conns.real_kernel_shape(c))
                    for c, kept in zip(spec.connections, spec.kept) if kept and c.tower == "dec")
@@ -114,6 +119,7 @@ def main() -> None:
                         "goal_time_ratio": 2 * need[request],
                         "met": ratio <= 2 * need[request]}
     print(json.dumps({"num": args.num, "latent": model.config.latent,
+                      "connect": model.config.connect,
                       "task_model_params": spec.params.total,
                       "largest_learner_params": largest.params, **out,
                       "repeats": args.repeats, "load_average": [load_start, os.getloadavg()[0]],

@@ -133,12 +133,15 @@ def test_every_edge_is_scored_before_and_after_personalisation(results):
                                 rel_tol=1e-6)
 
 
-def test_report_and_figures(smoke_run):
+def test_report_and_figures(smoke_run, results):
     workdir = smoke_run["workdir"]
     report = (workdir / "report.md").read_text()
     for word in ("finetune", "freeze", "scratch", "fl", "upload bytes", "edge_00", "FID",
-                 "not Inception", "floor"):
+                 "not Inception", "floor", "The paper's claims"):
         assert word in report
+    assert len(results["claims"]) == 5
+    for c in results["claims"]:
+        assert c["held"] in ("yes", "partly", "no") and f"| {c['claim']} | {c['held']} |" in report
     for name in ["test_loss_curves.png", "fid.png", "personalization.png",
                  "samples_edges_initial.png", "samples_cloud.png",
                  "samples_edges_personalized.png"]:

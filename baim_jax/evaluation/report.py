@@ -132,7 +132,7 @@ def _fmt(v) -> str:
 def write_pipeline_report(results: dict, workdir: Path) -> None:
     """``report.md`` with the cost table (paper Fig. 5b), test-loss curves (Fig. 5c), FID of
     the approaches and the edges (Fig. 5d), the edges before and after personalisation, the
-    toolkit, and sample grids of the three phases."""
+    toolkit, the paper's claims (``claims.check``), and sample grids of the three phases."""
     _plot_curves(results, workdir / "test_loss_curves.png")
     _plot_edges(results, workdir / "personalization.png")
     _plot_fid(results, workdir / "fid.png")
@@ -193,5 +193,9 @@ def write_pipeline_report(results: dict, workdir: Path) -> None:
     lines += [f"| {k} | {v['learners']} | {v['feeders']} | {v['params']:,} | {v['bytes']:,} | "
               f"{v['connections_kept']} | {v['test_loss']:.2f} | {v['test_nll']:.2f} |"
               for k, v in results["toolkit"].items()]
+    if results.get("claims"):
+        lines += ["", "## The paper's claims", "", "| claim | held? | the figures |",
+                  "|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['held']} | {c['figures']} |" for c in results["claims"]]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     (workdir / "report.md").write_text("\n".join(lines) + "\n")

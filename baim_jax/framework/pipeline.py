@@ -42,7 +42,7 @@ from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
 from baim_jax.core.router import TaskRouter
-from baim_jax.evaluation import likelihood, measures
+from baim_jax.evaluation import claims, likelihood, measures
 from baim_jax.evaluation.data import Split
 from baim_jax.evaluation.fid import fid
 from baim_jax.files import read_json, write_json
@@ -439,7 +439,7 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
     edges = [{**r, **{k: v for k, v in personal[r["id"]].items() if k not in ("id", "params")},
               "personalized_params": personal[r["id"]]["params"],
               "path": str(workdir / "edges" / r["id"])} for r in edge_recs]
-    return {
+    results = {
         "approaches": approaches, "edges": edges, "toolkit": done["toolkit"]["toolkit"],
         "fid_feature_net": done["features"]["feature_net"], "fid_floor": done["features"]["floor"],
         "phases": {name: rec["wall_seconds"] for name, rec in done.items()},
@@ -450,3 +450,4 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
         "devices": {"kind": jax.devices()[0].platform, "count": len(_devices(plan))},
         "config": json.loads(json.dumps(plan.config.to_dict())), "versions": versions(),
     }
+    return {**results, "claims": claims.check(results)}

@@ -47,7 +47,7 @@ def _plot_curves(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, row in results["approaches"].items():
         ax.plot(*_points(row["test_loss_curve"]), marker="o", label=name)
-    ax.set_xlabel("cloud epoch (FL: round)")
+    ax.set_xlabel("epoch (cloud, central) or round (FedAvg)")
     ax.set_ylabel("test loss: negative bound (nats / image)")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -81,7 +81,7 @@ def _plot_fid(results: dict, path: Path) -> None:
     for name, row in results["approaches"].items():
         left.plot(*_points(row["fid_curve"]), marker="o", label=name)
     left.axhline(results["fid_floor"], color="gray", ls=":", label="real vs real")
-    left.set_xlabel("cloud epoch (FL: round)")
+    left.set_xlabel("epoch (cloud, central) or round (FedAvg)")
     left.set_ylabel("FID (small-CNN features)")
     left.legend(fontsize=7)
     edges = results["edges"]

@@ -297,3 +297,22 @@ def test_forward_sharded_over_four_devices_equals_one_device(mlp_specs):
     sharded = model.reconstruct(xs, task=ts)
     single = model.reconstruct(x, task=task)
     chex.assert_trees_all_close(sharded["mean"], single["mean"], atol=1e-6)
+
+
+def test_sampling_without_decoder_connections_decodes_each_learner_alone(mlp_specs):
+    """With connections between encoder stages only, ``draw`` runs each drawable learner's
+    decoder at its own widths; its samples are the pool's padded decoders' for the same key."""
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=1, h=1, connect=("enc",)))
+    randomize_connections(model, jax.random.key(1), 0.3)
+    key, n = jax.random.key(5), 24
+    got = model.draw(n, task="b", rng=key)
+    rng_pick, rng_z = jax.random.split(key)
+    seg = jnp.asarray(model.layout.segment_of)
+    pi = jnp.where(seg == 1, jnp.exp(model.log_prior()), 0.0)
+    learner = bound.draw_learners(pi, jax.random.uniform(rng_pick, (32,)))[:n]
+    z = jnp.where(model._latent_mask()[:, None, :], model._noise(rng_z, 32), 0.0)
+    pooled = model._tower("dec", z, D.dense_layout(32, model.layout.size,
+                                                    sum(model.layout.depths)))
+    np.testing.assert_array_equal(np.asarray(got["learner"]), np.asarray(learner))
+    chex.assert_trees_all_close(got["out"], pooled[learner, jnp.arange(n)], atol=1e-5)
+    assert set(np.asarray(learner).tolist()) == {2, 3}  # both of squad b's learners drawn

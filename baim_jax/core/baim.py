@@ -26,7 +26,15 @@ from flax import nnx
 
 from baim_jax.core import bound, connections, dispatch, gates, learners, losses
 from baim_jax.core.config import BAIMConfig
-from baim_jax.core.pool import Member, PoolLayout, decode_pool, encode_pool, run_pool, run_tower
+from baim_jax.core.pool import (
+    Member,
+    PoolLayout,
+    decode_alone,
+    decode_pool,
+    encode_pool,
+    run_pool,
+    run_tower,
+)
 from baim_jax.core.spec import ModelSpec, ParamCounts, learner_entries
 
 
@@ -684,6 +692,11 @@ def _draw(model: BAIM, n: int, task: jax.Array, rng):
     learner = bound.draw_learners(pi, jax.random.uniform(rng_pick, (n,)))
     mask = model._latent_mask()
     z = jnp.where(mask[:, None, :], model._noise(rng_z, n), 0.0)
+    if not any(g.tower == "dec" for g in model.conns.groups):
+        # Decoders alone: each drawable learner at its own widths, not the pool's padded ones.
+        out = jnp.stack([decode_alone(model.layout, values(model.learners), m, z[m])
+                         for m in range(model.num_gated)])                   # [gated, n, ...]
+        return out[learner, jnp.arange(n)], learner
     if model.config.latent == "shared":
         z = bound.shared_latents(z, learner, mask)
     layout = dispatch.dense_layout(n, model.layout.size, sum(model.layout.depths))

@@ -376,6 +376,21 @@ def encode_pool(layout: PoolLayout, params: dict, x: jax.Array, mix: Mix | None 
     return run_tower(layout, params, "enc", x, mix, enc_caps)
 
 
+def decode_alone(layout: PoolLayout, params: dict, n: int, z: jax.Array) -> jax.Array:
+    """Learner n's own decoder at its real widths, sliced from the pool's padded parameters (no
+    padding, no connections), on ``z [R, >= L_n]``; returns ``[R, *image]``."""
+    member = layout.members[n]
+    a = z[:, :member.spec.latent]
+    for k, stage in enumerate(learners.stages(member.spec)["dec"]):
+        p = layout.position("dec", n, k)
+        padded = layout.param_shapes("dec", p)
+        real = {name: params["dec"][p][name][n].reshape(padded[name])[
+            tuple(slice(0, r) for r in shape)]
+            for name, shape in learners.stage_param_shapes(stage).items()}
+        a = learners.apply_stage(stage, real, a)
+    return a
+
+
 def decode_pool(layout: PoolLayout, params: dict, x: jax.Array,
                 posterior: tuple[jax.Array, jax.Array], eps: jax.Array,
                 mix: Mix | None = None, caps: Sequence[int] | None = None,

@@ -36,4 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.personalize.epochs = 1
     c.fl.update({"rounds": 2, "learning_rate": 1e-3})
     c.central.epochs = 4
+    c.curve_every = 2  # the curves' points after the last epoch (and central's second)
     return c

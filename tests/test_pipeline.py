@@ -42,8 +42,11 @@ def test_results_has_every_approach_with_its_costs(results):
         # The bound's parts add up to it; the importance-weighted NLL is finite and positive.
         assert math.isclose(sum(row["test_loss_parts"].values()), row["test_loss"], rel_tol=1e-6)
         assert math.isfinite(row["test_nll"]) and row["test_nll"] > 0
-        # 2 cloud epochs, 2 FL rounds, 4 central epochs (the route's 2 + 2)
-        assert len(row["test_loss_curve"]) == (4 if name == "central" else 2)
+        # 2 cloud epochs, 2 FL rounds, 4 central epochs (the route's 2 + 2), measured every
+        # 2 (curve_every): None between
+        curve = row["test_loss_curve"]
+        assert len(curve) == (4 if name == "central" else 2)
+        assert [v is None for v in curve] == [True, False] * (len(curve) // 2), name
         assert math.isclose(row["test_nll_over_central"],
                             row["test_nll"] / results["approaches"]["central"]["test_nll"])
         for key in ("edge_params", "upload_bytes_per_edge", "download_bytes_per_edge",
@@ -247,7 +250,9 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(smoke_run, results, tmp_p
     remounted larger), the same command resumes and ends as the uninterrupted run."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    run = f"{sys.executable} -m baim_jax.cli run --config {SMOKE} --workdir {mnt}/run"
+    # One cloud strategy is enough to fill the disk and resume; its phases are the smoke run's.
+    run = (f"{sys.executable} -m baim_jax.cli run --config {SMOKE} --workdir {mnt}/run "
+           f"--config.strategies=\"['finetune']\"")
     script = (f"mount -t tmpfs -o size=40m tmpfs {mnt} && {{ {run} 2> {tmp_path}/err1; "
               f"echo $? > {tmp_path}/rc1; ls {mnt}/run/phases > {tmp_path}/phases1; "
               f"mount -o remount,size=400m {mnt} && {run} 2> {tmp_path}/err2; "
@@ -265,5 +270,10 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(smoke_run, results, tmp_p
     assert "edges.json" in finished
     assert (tmp_path / "rc2").read_text().strip() == "0"
     assert "Traceback" not in (tmp_path / "err2").read_text()
-    resumed = json.loads((tmp_path / "results.json").read_text())
-    assert _comparable(resumed, mnt / "run") == _comparable(results, smoke_run["workdir"])
+    resumed = _comparable(json.loads((tmp_path / "results.json").read_text()), mnt / "run")
+    whole = _comparable(results, smoke_run["workdir"])
+    assert set(resumed["approaches"]) == {"finetune", "fl", "central"}
+    for key in ("edges", "toolkit", "fid_floor"):
+        assert resumed[key] == whole[key], key
+    for name, row in resumed["approaches"].items():
+        assert row == whole["approaches"][name], name

@@ -4,21 +4,18 @@ span 42x (26k to 1.09M parameters; the paper's span 30x), and the paper's budget
 epochs, then 100 cloud epochs per strategy, against 100 FedAvg rounds (equal total epochs) and
 a central reference of 200 epochs. Curves are measured every 10 epochs.
 
-    baim-jax run --config configs/paper.py --workdir runs/paper      # about an hour here
+    baim-jax run --config configs/paper.py --workdir runs/paper      # 31 minutes here
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from baim_jax.cli import load_config
+
 
 def _case_study() -> ml_collections.ConfigDict:
-    path = Path(__file__).with_name("case_study.py")
-    spec = importlib.util.spec_from_file_location("baim_config_case_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(str(Path(__file__).with_name("case_study.py")), [])
 
 
 def get_config() -> ml_collections.ConfigDict:

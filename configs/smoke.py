@@ -2,18 +2,15 @@
 0.6M parameters), 2 tasks, IID shards, 2 epochs everywhere, all four approaches, on 2,000 of
 the embedded MNIST digits, with connections in both towers. About 2 minutes on 2 CPU cores."""
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from baim_jax.cli import load_config
+
 
 def _case_study() -> ml_collections.ConfigDict:
-    path = Path(__file__).with_name("case_study.py")
-    spec = importlib.util.spec_from_file_location("baim_config_case_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(str(Path(__file__).with_name("case_study.py")), [])
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -96,7 +96,7 @@ def test_dense_and_capacity_paths_equal_loop_reference(kind, h, prune, mlp_specs
 
 
 @pytest.mark.parametrize("likelihood,latent", [("gaussian", "own"), ("bernoulli", "own"),
-                                               ("gaussian", "shared"), ("bernoulli", "shared")])
+                                               ("gaussian", "shared")])
 def test_likelihoods_equal_loop_reference_with_latent_draws(likelihood, latent, images):
     """K = 2 of each squad's 2, trained-like connections, a non-uniform prior, each learner's
     own latent draw: both paths equal the loop reference, Gaussian learners (learned scales)

@@ -16,7 +16,6 @@ latents decode once per selected slot, so their executed FLOPs count K decoder p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -30,31 +29,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from baim_jax.cli import load_config  # noqa: E402
+import case_study_baim  # noqa: E402
+
 from baim_jax.core import strategies  # noqa: E402
-from baim_jax.core.baim import BAIM  # noqa: E402
-from baim_jax.core.config import LATENTS  # noqa: E402
-from baim_jax.core.learners import TOWERS  # noqa: E402
 from baim_jax.framework import cloud, edges  # noqa: E402
-from baim_jax.framework import plan as plan_lib  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--latent", choices=LATENTS, default=None)
-    parser.add_argument("--connect", nargs="*", choices=TOWERS, default=None,
-                        help="the connected towers (default: the config's)")
+    case_study_baim.add_design_flags(parser)
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
-    plan = plan_lib.validate(load_config(str(ROOT / "configs" / "case_study.py"), []))
-    config = dataclasses.replace(
-        plan.baim, latent=args.latent or plan.baim.latent,
-        connect=plan.baim.connect if args.connect is None else tuple(args.connect))
-    model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, config)
+    plan, model = case_study_baim.build(args.latent, args.connect)
     rng = np.random.default_rng(0)
-    for var in model.connections:
-        var[...] = jnp.asarray(0.01 * rng.standard_normal(var[...].shape).astype(np.float32))
     batch = plan.config.cloud.batch_size
     optimizer = strategies.make_optimizer(model, "finetune", cloud.adam(1e-3))
     step = strategies.make_train_step(model, optimizer, "finetune")
@@ -71,7 +59,7 @@ def main() -> None:
         jax.block_until_ready(step(x, task, jax.random.key(100 + s)))
         times.append(time.perf_counter() - start)
     print(json.dumps({
-        "batch": batch, "latent": config.latent, "connect": config.connect,
+        "batch": batch, "latent": model.config.latent, "connect": model.config.connect,
         "params": params.to_json(),
         "connections": len(model.conns),
         "connection_groups": len(model.conns.groups),

@@ -18,7 +18,6 @@ Medians of ``--repeats`` calls after two warm-up calls.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -33,15 +32,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import case_study_baim  # noqa: E402
+
 import baim_jax  # noqa: E402
-from baim_jax.cli import load_config  # noqa: E402
 from baim_jax.core import learners  # noqa: E402
-from baim_jax.core.baim import BAIM  # noqa: E402
-from baim_jax.core.config import LATENTS  # noqa: E402
 from baim_jax.core.edge_model import EdgeModel  # noqa: E402
-from baim_jax.core.learners import TOWERS  # noqa: E402
 from baim_jax.core.partition import partition  # noqa: E402
-from baim_jax.framework import plan as plan_lib  # noqa: E402
 
 
 def task_model(workdir: str | None, latent: str | None, connect: list[str] | None):
@@ -49,14 +45,7 @@ def task_model(workdir: str | None, latent: str | None, connect: list[str] | Non
         results = json.loads((Path(workdir) / "results.json").read_text())
         name = sorted(results["toolkit"])[0]
         return baim_jax.load(Path(workdir) / "toolkit" / name)
-    plan = plan_lib.validate(load_config(str(ROOT / "configs" / "case_study.py"), []))
-    config = dataclasses.replace(
-        plan.baim, latent=latent or plan.baim.latent,
-        connect=plan.baim.connect if connect is None else tuple(connect))
-    model = BAIM.assemble(plan.specs, plan.edge_tasks, plan.tasks, config)
-    rng = np.random.default_rng(0)
-    for var in model.connections:
-        var[...] = jnp.asarray(0.01 * rng.standard_normal(var[...].shape).astype(np.float32))
+    plan, model = case_study_baim.build(latent, connect)
     return partition(model, plan.tasks[0])
 
 
@@ -84,9 +73,7 @@ def main() -> None:
     parser.add_argument("--workdir")
     parser.add_argument("--num", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--latent", choices=LATENTS, default=None)
-    parser.add_argument("--connect", nargs="*", choices=TOWERS, default=None,
-                        help="the connected towers (default: the config's)")
+    case_study_baim.add_design_flags(parser)
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     model = task_model(args.workdir, args.latent, args.connect)

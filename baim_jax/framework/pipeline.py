@@ -260,7 +260,7 @@ def phase_toolkit(plan: Plan, workdir: Path, show: bool) -> dict:
             "learners": spec.gated, "feeders": spec.feeders, "params": spec.params.total,
             "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
             "connections_kept": spec.connections_kept,
-            **scores(model, plan.task_test(t)), "path": str(path)}
+            **scores(model, plan.task_test(t))}
     checkpoint.save(TaskRouter.from_baim(baim), workdir / "router")
     return {"toolkit": toolkit, "wall_seconds": time.perf_counter() - start}
 
@@ -440,7 +440,9 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
               "personalized_params": personal[r["id"]]["params"],
               "path": str(workdir / "edges" / r["id"])} for r in edge_recs]
     results = {
-        "approaches": approaches, "edges": edges, "toolkit": done["toolkit"]["toolkit"],
+        "approaches": approaches, "edges": edges,
+        "toolkit": {name: {**rec, "path": str(workdir / "toolkit" / name)}
+                    for name, rec in done["toolkit"]["toolkit"].items()},
         "fid_feature_net": done["features"]["feature_net"], "fid_floor": done["features"]["floor"],
         "phases": {name: rec["wall_seconds"] for name, rec in done.items()},
         "data": {"dataset": plan.config.data.dataset, "test": len(plan.data.test.images),

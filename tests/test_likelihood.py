@@ -55,14 +55,16 @@ def test_test_loss_is_a_monte_carlo_negative_bound_on_fixed_draws():
 
 def test_iw_nll_of_an_edge_model_is_iwae_of_the_learner_alone():
     """``-log (1/k) sum_s p(x | z_s) p(z_s) / q(z_s | x)`` with the draws of key 1 folded by
-    batch start and draw index, the densities written out here from their definitions."""
+    batch start and draw index, the densities written out here from their definitions. k = 11
+    draws run as a step of ``bound.DRAWS_AT_ONCE`` = 8 and a remainder of 3."""
     data = _split(5)
     edge = EdgeModel(mlp([8], 3, [8]), "a", seed=2)
     x = jnp.asarray(data.images)
     key = jax.random.fold_in(jax.random.key(1), 0)
-    log_w = np.stack([_alone(edge, x, jax.random.fold_in(key, s))[1] for s in range(8)])
-    want = -(np.logaddexp.reduce(log_w, axis=0) - np.log(8))
-    np.testing.assert_allclose(likelihood.image_nll(edge, data, k=8), want, rtol=1e-5)
+    log_w = np.stack([_alone(edge, x, jax.random.fold_in(key, s))[1] for s in range(11)])
+    want = -(np.logaddexp.reduce(log_w, axis=0) - np.log(11))
+    assert bound.DRAWS_AT_ONCE == 8
+    np.testing.assert_allclose(likelihood.image_nll(edge, data, k=11), want, rtol=1e-5)
     bounds = likelihood.image_bounds(edge, data, samples=8)["nelbo"]
     assert np.mean(likelihood.image_nll(edge, data, k=64)) < np.mean(bounds)
 

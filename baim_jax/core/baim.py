@@ -432,7 +432,7 @@ class BAIM(nnx.Module):
 
         log_pi = jnp.broadcast_to(self.log_prior(), in_squad.shape)
         draws = shared_draw if self.config.latent == "shared" else draw
-        return jax.lax.map(draws, rngs), jnp.where(in_squad, log_pi, -jnp.inf)
+        return bound.map_draws(draws, rngs), jnp.where(in_squad, log_pi, -jnp.inf)
 
     def loss(self, x: jax.Array, task: jax.Array, rng: jax.Array,
              selected: jax.Array | None = None) -> tuple[jax.Array, dict]:

@@ -79,7 +79,7 @@ class EdgeModel(nnx.Module):
         """Importance draws, as ``BAIM.log_weights``: ``(log_w [k, B, 1], log_pi [B, 1])``
         (``task`` is unused: the model has one task and one learner, ``pi = 1``)."""
         del task
-        log_w = jax.lax.map(lambda rng: self.forward(x, rng)["log_w"][:, None], rngs)
+        log_w = bound.map_draws(lambda rng: self.forward(x, rng)["log_w"][:, None], rngs)
         return log_w, jnp.zeros(log_w.shape[1:])
 
     def _check(self, x) -> jax.Array:

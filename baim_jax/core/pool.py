@@ -258,24 +258,26 @@ class PoolLayout:
         masks["log_scale"] = jax.device_put(np.ones((self.size,), bool))
         return stacked, masks
 
+    def real_stage(self, stacked: dict, tower: str, n: int, k: int) -> learners.Params:
+        """Learner ``n``'s own stage ``k`` of ``tower``, its real (unpadded) parameters sliced
+        from the stacked pool tree (numpy or jax arrays; traceable)."""
+        p = self.position(tower, n, k)
+        padded = self.param_shapes(tower, p)
+        stage = learners.stages(self.members[n].spec)[tower][k]
+        return {name: stacked[tower][p][name][n].reshape(padded[name])[
+            tuple(slice(0, r) for r in shape)]
+            for name, shape in learners.stage_param_shapes(stage).items()}
+
     def unstack(self, stacked: dict) -> list[learners.Params]:
         """Inverse of ``stack``: each member's real (unpadded) parameters, kept stages only."""
         stacked = jax.tree.map(np.asarray, stacked)
         out = []
         for n, member in enumerate(self.members):
-            own = learners.stages(member.spec)
             tree = ({"log_scale": stacked["log_scale"][n]}
                     if self.likelihood == "gaussian" else {})
             for tower in learners.TOWERS:
-                tree[tower] = []
-                for k in range(member.kept(tower)):
-                    p = self.position(tower, n, k)
-                    real = learners.stage_param_shapes(own[tower][k])
-                    padded = self.param_shapes(tower, p)
-                    tree[tower].append({
-                        name: stacked[tower][p][name][n].reshape(padded[name])[
-                            tuple(slice(0, r) for r in shape)]
-                        for name, shape in real.items()})
+                tree[tower] = [self.real_stage(stacked, tower, n, k)
+                               for k in range(member.kept(tower))]
             out.append(tree)
         return out
 
@@ -382,12 +384,7 @@ def decode_alone(layout: PoolLayout, params: dict, n: int, z: jax.Array) -> jax.
     member = layout.members[n]
     a = z[:, :member.spec.latent]
     for k, stage in enumerate(learners.stages(member.spec)["dec"]):
-        p = layout.position("dec", n, k)
-        padded = layout.param_shapes("dec", p)
-        real = {name: params["dec"][p][name][n].reshape(padded[name])[
-            tuple(slice(0, r) for r in shape)]
-            for name, shape in learners.stage_param_shapes(stage).items()}
-        a = learners.apply_stage(stage, real, a)
+        a = learners.apply_stage(stage, layout.real_stage(params, "dec", n, k), a)
     return a
 
 

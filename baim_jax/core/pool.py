@@ -16,6 +16,11 @@ alone (tested, as is the zero padding after training).
 A member may also keep only the first stages of a tower (a *feeder* in a partitioned task model,
 which needs only the stages whose inputs feed other learners); its dropped stages are ``ABSENT``
 and output zeros.
+
+A position runs its REAL learners in a few *stage groups* (``PoolLayout.groups``), each padded
+only to its own largest shapes, and skips its identity and absent learners: with learners of
+32 to 512 units, one stack padded to the widest would run several times the FLOPs the real
+stages need.
 """
 
 from __future__ import annotations
@@ -70,6 +75,70 @@ class Member:
         keep = d.get("keep")
         return cls(learners.LearnerSpec.from_json(d["spec"]), d["squad"],
                    None if keep is None else tuple(keep), d.get("stream"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageGroup:
+    """REAL learners of one position that run as one stacked stage.
+
+    Attributes:
+      learners: their indices, increasing.
+      stage: the position's stage padded to the largest real shapes of these learners only.
+    """
+
+    learners: tuple[int, ...]
+    stage: learners.Stage
+
+    def runs(self) -> list[tuple[int, int]]:
+        """``learners`` as maximal runs of consecutive indices ``[(start, stop)]``."""
+        out = []
+        for n in self.learners:
+            if out and out[-1][1] == n:
+                out[-1] = (out[-1][0], n + 1)
+            else:
+                out.append((n, n + 1))
+        return out
+
+
+MAX_GROUPS = 3  # stage groups per position (each one more stacked matmul and weight copy)
+
+
+def partition_stages(stages: Sequence[learners.Stage], max_groups: int = MAX_GROUPS
+                     ) -> list[list[int]]:
+    """Splits stages into at most ``max_groups`` groups with the fewest padded FLOPs.
+
+    The stages are sorted by their FLOPs and cut into consecutive runs (dynamic programming);
+    a group runs ``len(group)`` times the FLOPs of its elementwise-largest stage. Of partitions
+    within 5% of the cheapest, the one with the fewest groups wins.
+
+    Args:
+      stages: one stage per learner (one op; shapes may differ).
+      max_groups: the most groups to form.
+
+    Returns:
+      lists of indices into ``stages``, each increasing.
+    """
+    order = sorted(range(len(stages)), key=lambda i: (learners.stage_flops(stages[i]), i))
+
+    def cost(a: int, b: int) -> int:
+        run = [stages[i] for i in order[a:b]]
+        box = dataclasses.replace(
+            run[0], in_shape=tuple(np.max([s.in_shape for s in run], axis=0)),
+            out_shape=tuple(np.max([s.out_shape for s in run], axis=0)))
+        return (b - a) * learners.stage_flops(box)
+
+    n = len(order)
+    best = {(0, 0): (0, [])}  # (groups, stages covered) -> (cost, cuts)
+    for g in range(1, max_groups + 1):
+        for b in range(1, n + 1):
+            options = [(best[(g - 1, a)][0] + cost(a, b), best[(g - 1, a)][1] + [b])
+                       for a in range(b) if (g - 1, a) in best]
+            if options:
+                best[(g, b)] = min(options)
+    full = [best[(g, n)] for g in range(1, min(max_groups, n) + 1)]
+    cheapest = min(c for c, _ in full)
+    _, cuts = next(f for f in full if f[0] <= 1.05 * cheapest)
+    return [sorted(order[a:b]) for a, b in zip([0] + cuts[:-1], cuts)]
 
 
 def pad_to(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -162,6 +231,27 @@ class PoolLayout:
             self.status[tower] = status
             self.stage_index[tower] = index
             self.in_shapes[tower] = in_shapes
+        self._groups = {tower: tuple(self._group(own, tower, p)
+                                     for p in range(len(self.stages[tower])))
+                        for tower in learners.TOWERS}
+
+    def _group(self, own: list, tower: str, p: int) -> tuple[StageGroup, ...]:
+        real = [n for n in range(self.size) if self.status[tower][p, n] == REAL]
+        if not real:
+            return ()
+        mine = [own[n][tower][self.stage_index[tower][p][n]] for n in real]
+        out = []
+        for part in partition_stages(mine):
+            run = [mine[i] for i in part]
+            out.append(StageGroup(tuple(real[i] for i in part), dataclasses.replace(
+                self.stages[tower][p],
+                in_shape=tuple(int(v) for v in np.max([s.in_shape for s in run], axis=0)),
+                out_shape=tuple(int(v) for v in np.max([s.out_shape for s in run], axis=0)))))
+        return tuple(out)
+
+    def groups(self, tower: str, p: int) -> tuple[StageGroup, ...]:
+        """The stage groups of a position (its REAL learners, ``partition_stages``)."""
+        return self._groups[tower][p]
 
     def __eq__(self, other) -> bool:
         """Layouts of the same members are equal (so equal models share compiled code)."""
@@ -282,39 +372,127 @@ class PoolLayout:
         return out
 
     def padding_waste(self) -> float:
-        """Executed FLOPs of the padded pool over the useful FLOPs of its real stages."""
+        """Executed FLOPs of the grouped pool over the useful FLOPs of its real stages."""
         executed = useful = 0
         for tower in learners.TOWERS:
-            for p, stage in enumerate(self.stages[tower]):
+            for p in range(len(self.stages[tower])):
+                for group in self.groups(tower, p):
+                    executed += len(group.learners) * learners.stage_flops(group.stage)
                 for n, member in enumerate(self.members):
-                    executed += learners.stage_flops(stage)
-                    k = self.stage_index[tower][p][n]
                     if self.status[tower][p, n] == REAL:
+                        k = self.stage_index[tower][p][n]
                         useful += learners.stage_flops(learners.stages(member.spec)[tower][k])
         return executed / max(useful, 1)
 
 
-def apply_pool_stage(stage: learners.Stage, params: dict, status: jax.Array, x: jax.Array):
-    """One position for one learner (``vmap`` over the learner axis).
+def _box(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``x [..., *padded]`` sliced or zero-padded at the end of its last ``len(shape)`` axes to
+    ``shape``."""
+    lead = x.ndim - len(shape)
+    x = x[(slice(None),) * lead + tuple(slice(0, d) for d in shape)]
+    return jnp.pad(x, [(0, 0)] * lead + [(0, d - s) for s, d in zip(x.shape[lead:], shape)])
+
+
+def _rows_of(runs: Sequence[tuple[int, int]], x: jax.Array) -> jax.Array:
+    """The learners ``runs`` of ``x [N, ...]``, concatenated."""
+    return jnp.concatenate([x[a:b] for a, b in runs]) if len(runs) > 1 else x[runs[0][0]:
+                                                                               runs[0][1]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_groups(x: jax.Array, groups: tuple) -> tuple[jax.Array, ...]:
+    """Each group's learners of ``x [N, *shape]``, cut to the group's box.
 
     Args:
-      stage: the padded stage of this position.
-      params: this learner's padded leaves of the position.
-      status: scalar REAL / IDENTITY / ABSENT.
-      x: ``[R, *stage.in_shape]``.
+      x: a stacked leaf or activation.
+      groups: per group ``(runs, box)``: ``StageGroup.runs()`` and the trailing shape it keeps
+        (static).
 
     Returns:
-      ``[R, *stage.out_shape]`` (a head returns ``(mean, logvar)``, each ``[R, latent]``).
+      per group ``[learners, *box]``. Differentiated in one pass: the cotangent of ``x`` is one
+      concatenation of the groups' padded cotangents in learner order (the transposes of
+      slices, added up, would write a zero-padded copy of ``x`` per group).
     """
-    y = learners.apply_stage(stage, params, x)
-    if stage.op == "head":
-        keep = (status == REAL).astype(x.dtype)
-        return y[0] * keep, y[1] * keep
-    if x.ndim == y.ndim and x.shape[1:-1] == y.shape[1:-1]:
-        ident = resize_last(x, y.shape[-1])
-    else:
-        ident = jnp.zeros_like(y)
-    return jnp.where(status == REAL, y, jnp.where(status == IDENTITY, ident, 0.0))
+    return tuple(_box(_rows_of(runs, x), box) for runs, box in groups)
+
+
+def _split_fwd(x, groups):
+    return split_groups(x, groups), jnp.zeros((0, *x.shape), x.dtype)
+
+
+def _split_bwd(groups, shape_of, cotangents):
+    size, trailing = shape_of.shape[1], shape_of.shape[2:]
+    pieces, covered = [], set()
+    for (runs, _), ct in zip(groups, cotangents):
+        full = _box(ct, trailing)
+        start = 0
+        for a, b in runs:
+            pieces.append((a, full[start:start + b - a]))
+            covered.update(range(a, b))
+            start += b - a
+    pieces += [(n, jnp.zeros((1, *trailing), shape_of.dtype))
+               for n in range(size) if n not in covered]
+    pieces.sort(key=lambda piece: piece[0])
+    return (jnp.concatenate([v for _, v in pieces]),)
+
+
+split_groups.defvjp(_split_fwd, _split_bwd)
+
+
+def _flat_box(stage: learners.Stage, box: learners.Stage) -> bool:
+    """Whether ``box``'s dense or head kernels are a top-left block of ``stage``'s flat
+    ``[in, out]`` kernels (true unless a multi-axis input or output shape shrinks)."""
+    return stage.op in ("dense", "head") and all(
+        len(b) == 1 or b == s for s, b in ((stage.in_shape, box.in_shape),
+                                           (stage.out_shape, box.out_shape)))
+
+
+def run_position(layout: PoolLayout, params: dict, tower: str, p: int, x: jax.Array):
+    """One position for every learner: each stage group stacked at its own padded shapes, the
+    identity learners passing their input on, the absent ones giving zeros.
+
+    Args:
+      params: the position's stacked leaves ``{name: [N, *pool_shape]}``.
+      x: ``[N, R, *in_shape]`` at the pool's padded input shape.
+
+    Returns:
+      ``[N, R, *out_shape]`` at the pool's padded output shape (a head returns ``(mean,
+      logvar)``, each ``[N, R, latent]``).
+    """
+    stage = layout.stages[tower][p]
+    padded = layout.param_shapes(tower, p)
+    status = layout.status[tower][p]
+    groups = layout.groups(tower, p)
+    runs = [tuple(group.runs()) for group in groups]
+    leaves = [{} for _ in groups]
+    for name, leaf in params.items():
+        if not all(_flat_box(stage, group.stage) for group in groups):
+            leaf = leaf.reshape(-1, *padded[name])  # a box of the [*in, *out] kernel
+        boxes = [learners.stage_param_shapes(group.stage)[name] for group in groups]
+        if leaf.ndim - 1 != len(padded[name]):  # flat: ([in], [out]) boxes as stored
+            k = len(stage.in_shape)
+            boxes = [(math.prod(b[:k]), math.prod(b[k:])) if name.endswith("kernel")
+                     else (math.prod(b),) for b in boxes]
+        for g, part in enumerate(split_groups(leaf, tuple(zip(runs, boxes)))):
+            leaves[g][name] = part
+    inputs = split_groups(x, tuple((r, group.stage.in_shape) for r, group in zip(runs, groups)))
+    pieces = []  # (first learner, output of a run of consecutive learners)
+    for group, group_runs, group_leaves, group_x in zip(groups, runs, leaves, inputs):
+        y = jax.vmap(functools.partial(learners.apply_stage, group.stage))(group_leaves, group_x)
+        y = jax.tree.map(lambda v: _box(v, stage.out_shape), y)
+        sizes = np.cumsum([0] + [b - a for a, b in group_runs])
+        pieces += [(a, jax.tree.map(lambda v, i=i: v[sizes[i]:sizes[i + 1]], y))
+                   for i, (a, b) in enumerate(group_runs)]
+    passes = (stage.op != "head" and len(stage.in_shape) == len(stage.out_shape)
+              and stage.in_shape[:-1] == stage.out_shape[:-1])
+    for n in np.flatnonzero(status != REAL):
+        if status[n] == IDENTITY and passes:
+            y = resize_last(x[n:n + 1], stage.out_shape[-1])
+        else:
+            y = jnp.zeros((1, x.shape[1], *stage.out_shape), x.dtype)
+        pieces.append((int(n), (y, y) if stage.op == "head" else y))
+    pieces.sort(key=lambda piece: piece[0])
+    return jax.tree.map(lambda *v: jnp.concatenate(v), *[y for _, y in pieces])
 
 
 Mix = Callable[[str, int, jax.Array, list], jax.Array]
@@ -339,13 +517,12 @@ def run_tower(layout: PoolLayout, params: dict, tower: str, a: jax.Array,
       ``(mean, logvar)``).
     """
     inputs = []
-    for p, stage in enumerate(layout.stages[tower]):
+    for p in range(len(layout.stages[tower])):
         inputs.append(a)
         if caps is not None:
             a = a[:, :caps[p]]
         mixed = a if mix is None else mix(tower, p, a, inputs)
-        fn = functools.partial(apply_pool_stage, stage)
-        a = jax.vmap(fn)(params[tower][p], jnp.asarray(layout.status[tower][p]), mixed)
+        a = run_position(layout, params[tower][p], tower, p, mixed)
     return a
 
 

@@ -100,6 +100,13 @@ class StageGroup:
         return out
 
 
+def bounding_stage(stages: Sequence[learners.Stage]) -> learners.Stage:
+    """The first of ``stages`` with the elementwise-largest input and output shapes of all."""
+    return dataclasses.replace(
+        stages[0], in_shape=tuple(int(v) for v in np.max([s.in_shape for s in stages], axis=0)),
+        out_shape=tuple(int(v) for v in np.max([s.out_shape for s in stages], axis=0)))
+
+
 MAX_GROUPS = 3  # stage groups per position (each one more stacked matmul and weight copy)
 
 
@@ -121,11 +128,7 @@ def partition_stages(stages: Sequence[learners.Stage], max_groups: int = MAX_GRO
     order = sorted(range(len(stages)), key=lambda i: (learners.stage_flops(stages[i]), i))
 
     def cost(a: int, b: int) -> int:
-        run = [stages[i] for i in order[a:b]]
-        box = dataclasses.replace(
-            run[0], in_shape=tuple(np.max([s.in_shape for s in run], axis=0)),
-            out_shape=tuple(np.max([s.out_shape for s in run], axis=0)))
-        return (b - a) * learners.stage_flops(box)
+        return (b - a) * learners.stage_flops(bounding_stage([stages[i] for i in order[a:b]]))
 
     n = len(order)
     best = {(0, 0): (0, [])}  # (groups, stages covered) -> (cost, cuts)
@@ -154,12 +157,14 @@ def box_mask(real: tuple[int, ...], padded: tuple[int, ...]) -> np.ndarray:
     return m
 
 
-def resize_last(x: jax.Array, size: int) -> jax.Array:
-    """Truncates or zero-pads the last axis to ``size``."""
-    d = x.shape[-1]
-    if d >= size:
-        return x[..., :size]
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - d)])
+def stored_shapes(stage: learners.Stage) -> dict[str, tuple[int, ...]]:
+    """A stage's parameter shapes as the pool stores them (``PoolLayout.pool_shapes``)."""
+    shapes = learners.stage_param_shapes(stage)
+    if stage.op not in ("dense", "head"):
+        return shapes
+    n_in = math.prod(stage.in_shape)
+    return {name: (n_in, math.prod(shape) // n_in) if name.endswith("kernel")
+            else (math.prod(shape),) for name, shape in shapes.items()}
 
 
 class PoolLayout:
@@ -240,14 +245,9 @@ class PoolLayout:
         if not real:
             return ()
         mine = [own[n][tower][self.stage_index[tower][p][n]] for n in real]
-        out = []
-        for part in partition_stages(mine):
-            run = [mine[i] for i in part]
-            out.append(StageGroup(tuple(real[i] for i in part), dataclasses.replace(
-                self.stages[tower][p],
-                in_shape=tuple(int(v) for v in np.max([s.in_shape for s in run], axis=0)),
-                out_shape=tuple(int(v) for v in np.max([s.out_shape for s in run], axis=0)))))
-        return tuple(out)
+        return tuple(StageGroup(tuple(real[i] for i in part),
+                                bounding_stage([mine[i] for i in part]))
+                     for part in partition_stages(mine))
 
     def groups(self, tower: str, p: int) -> tuple[StageGroup, ...]:
         """The stage groups of a position (its REAL learners, ``partition_stages``)."""
@@ -297,13 +297,7 @@ class PoolLayout:
         whole gradient into the parameter's layout on every step (measured: 7 ms of a 60 ms
         step at N = 32 on a 2-core CPU).
         """
-        stage = self.stages[tower][p]
-        shapes = self.param_shapes(tower, p)
-        if stage.op not in ("dense", "head"):
-            return shapes
-        n_in = math.prod(stage.in_shape)
-        return {name: (n_in, math.prod(shape) // n_in) if name.endswith("kernel")
-                else (math.prod(shape),) for name, shape in shapes.items()}
+        return stored_shapes(self.stages[tower][p])
 
     def latent_mask(self) -> np.ndarray:
         """``[N, latent]``: True on each learner's real latent coordinates (when its head runs)."""
@@ -420,20 +414,27 @@ def _split_fwd(x, groups):
     return split_groups(x, groups), jnp.zeros((0, *x.shape), x.dtype)
 
 
-def _split_bwd(groups, shape_of, cotangents):
-    size, trailing = shape_of.shape[1], shape_of.shape[2:]
+def _in_learner_order(runs: Sequence[Sequence[tuple[int, int]]], values: Sequence[jax.Array],
+                      size: int, fill: Callable[[int], jax.Array]) -> jax.Array:
+    """``[size, ...]`` from each group's ``values [learners, ...]`` (its learners ``runs``), and
+    ``fill(n) [1, ...]`` for every learner in no group."""
     pieces, covered = [], set()
-    for (runs, _), ct in zip(groups, cotangents):
-        full = _box(ct, trailing)
+    for group_runs, v in zip(runs, values):
         start = 0
-        for a, b in runs:
-            pieces.append((a, full[start:start + b - a]))
+        for a, b in group_runs:
+            pieces.append((a, v[start:start + b - a]))
             covered.update(range(a, b))
             start += b - a
-    pieces += [(n, jnp.zeros((1, *trailing), shape_of.dtype))
-               for n in range(size) if n not in covered]
+    pieces += [(n, fill(n)) for n in range(size) if n not in covered]
     pieces.sort(key=lambda piece: piece[0])
-    return (jnp.concatenate([v for _, v in pieces]),)
+    return jnp.concatenate([v for _, v in pieces])
+
+
+def _split_bwd(groups, shape_of, cotangents):
+    trailing = shape_of.shape[2:]
+    return (_in_learner_order([runs for runs, _ in groups],
+                              [_box(ct, trailing) for ct in cotangents], shape_of.shape[1],
+                              lambda n: jnp.zeros((1, *trailing), shape_of.dtype)),)
 
 
 split_groups.defvjp(_split_fwd, _split_bwd)
@@ -465,34 +466,31 @@ def run_position(layout: PoolLayout, params: dict, tower: str, p: int, x: jax.Ar
     groups = layout.groups(tower, p)
     runs = [tuple(group.runs()) for group in groups]
     leaves = [{} for _ in groups]
+    flat = all(_flat_box(stage, group.stage) for group in groups)
     for name, leaf in params.items():
-        if not all(_flat_box(stage, group.stage) for group in groups):
-            leaf = leaf.reshape(-1, *padded[name])  # a box of the [*in, *out] kernel
-        boxes = [learners.stage_param_shapes(group.stage)[name] for group in groups]
-        if leaf.ndim - 1 != len(padded[name]):  # flat: ([in], [out]) boxes as stored
-            k = len(stage.in_shape)
-            boxes = [(math.prod(b[:k]), math.prod(b[k:])) if name.endswith("kernel")
-                     else (math.prod(b),) for b in boxes]
+        if flat:  # boxes of the flat kernels as stored
+            boxes = [stored_shapes(group.stage)[name] for group in groups]
+        else:  # boxes of the [*in, *out] kernels
+            leaf = leaf.reshape(-1, *padded[name])
+            boxes = [learners.stage_param_shapes(group.stage)[name] for group in groups]
         for g, part in enumerate(split_groups(leaf, tuple(zip(runs, boxes)))):
             leaves[g][name] = part
     inputs = split_groups(x, tuple((r, group.stage.in_shape) for r, group in zip(runs, groups)))
-    pieces = []  # (first learner, output of a run of consecutive learners)
-    for group, group_runs, group_leaves, group_x in zip(groups, runs, leaves, inputs):
-        y = jax.vmap(functools.partial(learners.apply_stage, group.stage))(group_leaves, group_x)
-        y = jax.tree.map(lambda v: _box(v, stage.out_shape), y)
-        sizes = np.cumsum([0] + [b - a for a, b in group_runs])
-        pieces += [(a, jax.tree.map(lambda v, i=i: v[sizes[i]:sizes[i + 1]], y))
-                   for i, (a, b) in enumerate(group_runs)]
+    outputs = [jax.tree.map(lambda v: _box(v, stage.out_shape), jax.vmap(functools.partial(
+        learners.apply_stage, group.stage))(group_leaves, group_x))
+        for group, group_leaves, group_x in zip(groups, leaves, inputs)]
     passes = (stage.op != "head" and len(stage.in_shape) == len(stage.out_shape)
               and stage.in_shape[:-1] == stage.out_shape[:-1])
-    for n in np.flatnonzero(status != REAL):
+
+    def fill(n: int) -> jax.Array:  # a learner of no group
         if status[n] == IDENTITY and passes:
-            y = resize_last(x[n:n + 1], stage.out_shape[-1])
-        else:
-            y = jnp.zeros((1, x.shape[1], *stage.out_shape), x.dtype)
-        pieces.append((int(n), (y, y) if stage.op == "head" else y))
-    pieces.sort(key=lambda piece: piece[0])
-    return jax.tree.map(lambda *v: jnp.concatenate(v), *[y for _, y in pieces])
+            return _box(x[n:n + 1], stage.out_shape[-1:])
+        return jnp.zeros((1, x.shape[1], *stage.out_shape), x.dtype)
+
+    if stage.op == "head":
+        return tuple(_in_learner_order(runs, [y[i] for y in outputs], len(status), fill)
+                     for i in range(2))
+    return _in_learner_order(runs, outputs, len(status), fill)
 
 
 Mix = Callable[[str, int, jax.Array, list], jax.Array]

@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     # connected towers by experiments/levers.py (docs/case_study/levers.json: encoder
     # connections only 147.3 nats, both towers 153.3, both with shared latents 145.5 at K
     # decoder passes a step and 5x the evaluation cost); the test set was not looked at.
-    c.edge = ml_collections.ConfigDict({"epochs": 8, "batch_size": 64, "learning_rate": 1e-2})
+    c.edge = ml_collections.ConfigDict({"epochs": 8, "batch_size": 64, "learning_rate": 1e-2,
+                                        "validation_fraction": 0.0, "patience": 0})
     c.baim = ml_collections.ConfigDict({
         "k": 4, "h": 2, "connect": ["enc"], "latent": "own", "gate": "topk_softmax",
         "noise_std": 0.5,

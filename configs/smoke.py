@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
         {"task": 1, "encoder": [384], "latent": 16, "decoder": [384], "share": 3.0},
     ]
     # The machinery, not the case study's tuned values: squads of 2 take K = 2 at most.
-    c.edge.update({"epochs": 2, "learning_rate": 1e-3})
+    # Early stopping on 20% of each edge's shard, so that the run exercises it.
+    c.edge.update({"epochs": 2, "learning_rate": 1e-3, "validation_fraction": 0.2,
+                   "patience": 1})
     c.baim.update({"feature_dim": 32, "k": 2, "h": 1, "connect": ["enc", "dec"]})
     c.cloud.update({"epochs": 2, "learning_rate": 1e-3, "rho": 0.5, "prune_start": 0.25,
                     "prune_end": 0.75, "prune_every": 2})

@@ -10,9 +10,16 @@ thing of the base, the config's BAIM with own latents (``--levers`` picks them b
 every model is scored by the
 importance-weighted NLL (k = 64) and the negative bound on the validation images.
 
-Prints one JSON object and writes it to ``--out``.
+Budget levers (``BUDGET_LEVERS``) change the config itself: the edges' training (early
+stopping on a local validation share of each edge's images) or the cloud's share of the data.
+Each gets its own split, its own edges and its own FedAvg and central, at equal total epochs:
+FedAvg runs as many rounds as the most epochs an edge trained (or the cloud's epochs, if more),
+central that many epochs plus the cloud's.
+
+Prints one JSON object and writes it to ``--out`` (budget levers: ``--budget-out``).
 
     python experiments/levers.py [--out docs/case_study/levers.json]
+    python experiments/levers.py --levers "edges stop early" [--budget-out PATH]
 """
 
 from __future__ import annotations
@@ -54,6 +61,18 @@ LEVERS = {
     "encoder connections only, K = 2": {"connect": ("enc",), "k": 2},
 }
 
+BUDGET_LEVERS = {  # config overrides
+    "case study": [],
+    "edges stop early": ["--config.edge.epochs=100", "--config.edge.validation_fraction=0.15",
+                         "--config.edge.patience=3"],
+    "cloud share 0.4": ["--config.data.cloud_fraction=0.4"],
+    "cloud share 0.1": ["--config.data.cloud_fraction=0.1"],
+    "edges stop early, cloud share 0.4": ["--config.edge.epochs=100",
+                                          "--config.edge.validation_fraction=0.15",
+                                          "--config.edge.patience=3",
+                                          "--config.data.cloud_fraction=0.4"],
+}
+
 
 def score(model, val: Split) -> dict:
     bounds = likelihood.image_bounds(model, val)
@@ -72,12 +91,59 @@ def train_central(plan, images: np.ndarray) -> EdgeModel:
     return EdgeModel(spec, "all", params=trainer.params()[0])
 
 
+def budget_lever(overrides: list[str], val_fraction: float) -> dict:
+    """The case study with ``overrides``: its edges, its fine-tuned BAIM, and FedAvg and
+    central at equal total epochs, all scored on its own validation cut."""
+    config = load_config(str(CONFIG), overrides)
+    plan = plan_lib.validate(config)
+    cloud, val = cut_validation(plan.data.cloud, val_fraction, config.seed)
+    trainer = pipeline.edge_trainer(plan, config.edge.learning_rate)
+    for epoch in range(config.edge.epochs):
+        if trainer.finished:
+            break
+        trainer.run_epoch(epoch)
+    stopping = trainer.stopping() if config.edge.patience else None
+    edge_epochs = max(stopping["epochs"]) if stopping else config.edge.epochs
+    uploads = [EdgeModel(s, plan.tasks[t], params=p)
+               for s, t, p in zip(plan.specs, plan.edge_tasks, trainer.params())]
+    config.fl.rounds = max(edge_epochs, config.cloud.epochs)
+    config.central.epochs = edge_epochs + config.cloud.epochs
+    model = train_cloud(plan, uploads, cloud, "finetune", plan.cloud_learning_rate("finetune"))
+    return {"overrides": overrides, "edge_epochs": stopping["epochs"] if stopping else
+            [edge_epochs] * len(plan.specs),
+            "edge_best_epochs": stopping["best_epoch"] if stopping else None,
+            "fl_rounds": config.fl.rounds, "central_epochs": config.central.epochs,
+            "validation_images": len(val.images), "cloud_train_images": len(cloud.images),
+            "finetune": score(model, val), "fl": score(train_fl(plan, cloud,
+                                                                config.fl.learning_rate), val),
+            "central": score(train_central(plan, np.concatenate(
+                [cloud.images, *[s.images for s in plan.data.edges]])), val)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--val-fraction", type=float, default=0.25)
-    parser.add_argument("--levers", nargs="*", default=list(LEVERS))
+    parser.add_argument("--levers", nargs="*", default=list(LEVERS),
+                        choices=[*LEVERS, *BUDGET_LEVERS])
     parser.add_argument("--out", default="docs/case_study/levers.json")
+    parser.add_argument("--budget-out", default="docs/case_study/levers_budget.json")
     args = parser.parse_args()
+    budget = [name for name in args.levers if name in BUDGET_LEVERS]
+    if budget:
+        start = time.perf_counter()
+        out = {"protocol": __doc__.split("\n\n")[2].replace("\n", " "), "levers": {}}
+        for name in tqdm(budget, desc="budget levers", unit="lever"):
+            out["levers"][name] = budget_lever(BUDGET_LEVERS[name], args.val_fraction)
+            tqdm.write(f"{name}: finetune {out['levers'][name]['finetune']['val_nll']:.1f}, "
+                       f"fl {out['levers'][name]['fl']['val_nll']:.1f}, "
+                       f"central {out['levers'][name]['central']['val_nll']:.1f}")
+        out.update(wall_seconds=time.perf_counter() - start, device=jax.devices()[0].platform)
+        Path(args.budget_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.budget_out).write_text(json.dumps(out, indent=1))
+        print(json.dumps(out, indent=1))
+        args.levers = [name for name in args.levers if name in LEVERS]
+        if not args.levers:
+            return
     config = load_config(str(CONFIG), [])
     plan = plan_lib.validate(config)
     cloud, val = cut_validation(plan.data.cloud, args.val_fraction, config.seed)

@@ -197,12 +197,91 @@ def test_what_an_edge_learns_does_not_depend_on_the_other_edges():
     chex.assert_trees_all_close(params[0], params[1], rtol=1e-5, atol=1e-6)
 
 
+def test_track_best_keeps_each_edges_best_epoch():
+    """Three edges, one scalar parameter each. Epoch 1 (losses 5, 3, 4) is everyone's first
+    best. In epoch 2 edge 0 improves (4 < 5), edge 1 does not (3.5 > 3), and edge 2 has
+    stopped: its loss of 1 is not looked at, nor does its epoch count grow."""
+    stop = edges.EarlyStop({"w": jnp.zeros(3)}, jnp.full(3, jnp.inf), jnp.zeros(3, jnp.int32),
+                           jnp.zeros(3, jnp.int32))
+    first, second = {"w": jnp.array([1.0, 2.0, 3.0])}, {"w": jnp.array([10.0, 20.0, 30.0])}
+    stop = edges.track_best(stop, first, jnp.array([5.0, 3.0, 4.0]), jnp.ones(3, bool))
+    stop = edges.track_best(stop, second, jnp.array([4.0, 3.5, 1.0]),
+                            jnp.array([True, True, False]))
+    np.testing.assert_array_equal(stop.best["w"], [10.0, 2.0, 3.0])
+    np.testing.assert_array_equal(stop.loss, [4.0, 3.0, 4.0])
+    np.testing.assert_array_equal(stop.best_epoch, [2, 1, 1])
+    np.testing.assert_array_equal(stop.epochs, [2, 2, 1])
+
+
+def test_early_stopping_keeps_each_edges_best_epoch_and_resumes():
+    """Two edges trained with patience 1 against the same edges trained without stopping:
+    each stops one epoch after its validation loss (the plain run's, recomputed here) first
+    fails to improve, keeps the parameters of its best epoch, and sits out the rest (NaN
+    training loss). Stopping, checkpointed mid-way and resumed, ends the same."""
+    specs, patience, epochs = [mlp([16], 4, [16]), mlp([6], 3, [6, 5])], 1, 8
+    shards, held = _shards([12, 8]), _shards([4, 3], seed=5)
+    kw = dict(batch_size=4, learning_rate=0.1, seed=2)
+    plain = edges.EdgeTrainer(specs, shards, **kw)
+    images, mask = edges._pad_shards(held)
+    curve, snapshots = [], []
+    for epoch in range(epochs):
+        plain.run_epoch(epoch)
+        snapshots.append(plain.params())
+        curve.append(np.asarray(edges.validation_loss(plain.layout, plain.state.params,
+                                                      images, mask, jax.random.key(3))))
+    curve = np.array(curve)  # [epochs, E]
+    expected = []  # (epochs trained, best epoch) by the patience rule
+    for e in range(len(specs)):
+        best = 0
+        for epoch in range(epochs):
+            if curve[epoch, e] < curve[best, e]:
+                best = epoch
+            elif epoch - best >= patience:
+                break
+        expected.append((epoch + 1, best + 1))
+    assert any(trained < epochs for trained, _ in expected)  # some edge does stop
+    stopping = edges.EdgeTrainer(specs, shards, validation=held, patience=patience, **kw)
+    losses = [stopping.run_epoch(epoch) for epoch in range(3)]
+    resumed = edges.EdgeTrainer(specs, shards, validation=held, patience=patience, **kw)
+    resumed.load_state([np.asarray(v) for v in stopping.state_leaves()])
+    losses += [stopping.run_epoch(epoch) for epoch in range(3, epochs)]
+    for epoch in range(3, epochs):
+        resumed.run_epoch(epoch)
+    for trainer in (stopping, resumed):
+        out = trainer.stopping()
+        assert list(zip(out["epochs"], out["best_epoch"])) == expected
+        assert trainer.finished == all(trained < epochs for trained, _ in expected)
+        for e, (_, best) in enumerate(expected):
+            chex.assert_trees_all_close(trainer.params()[e], snapshots[best - 1][e], atol=1e-6)
+            np.testing.assert_allclose(out["validation_loss"][e], curve[best - 1, e], rtol=1e-5)
+    for e, (trained, _) in enumerate(expected):
+        assert np.isfinite([loss[e] for loss in losses[:trained]]).all()
+        assert np.isnan([loss[e] for loss in losses[trained:]]).all()
+
+
+def test_local_validation_holds_out_a_fraction_of_each_shard():
+    shard = np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1)
+    train, val = edges.local_validation(shard, 0.25, seed=0, edge=3)
+    assert len(val) == 5 and len(train) == 15
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val]).ravel()), np.arange(20))
+    again, _ = edges.local_validation(shard, 0.25, seed=0, edge=3)
+    np.testing.assert_array_equal(train, again)
+    with pytest.raises(ValueError, match=r"edges\[1\]: 1 images leave none"):
+        edges.local_validation(shard[:1], 0.25, seed=0, edge=1)
+
+
 def test_edge_trainer_refuses_bad_inputs():
     with pytest.raises(ValueError, match="2 specs for 1"):
         edges.EdgeTrainer([TINY, TINY], _shards([3]), batch_size=2, learning_rate=1e-3, seed=0)
     with pytest.raises(ValueError, match=r"edges\[1\]: no data"):
         edges.EdgeTrainer([TINY, TINY], [_shards([3])[0], np.zeros((0, 8, 8, 1), np.float32)],
                           batch_size=2, learning_rate=1e-3, seed=0)
+    with pytest.raises(ValueError, match="validation shards and a patience"):
+        edges.EdgeTrainer([TINY], _shards([3]), batch_size=2, learning_rate=1e-3, seed=0,
+                          patience=2)
+    with pytest.raises(ValueError, match="one non-empty validation shard per edge"):
+        edges.EdgeTrainer([TINY, TINY], _shards([3, 3]), batch_size=2, learning_rate=1e-3,
+                          seed=0, validation=_shards([2]), patience=2)
 
 
 def test_step_flops_positive_grows_with_width_and_covers_the_output_matmul():

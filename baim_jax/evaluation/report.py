@@ -174,10 +174,12 @@ def write_pipeline_report(results: dict, workdir: Path) -> None:
               f"images. Real held-out against real training images scores "
               f"{results['fid_floor']:.2f} (the floor).", "",
               "## Edges before and after personalisation", "",
-              "| edge | task | params | data | test loss: edge -> personalised | "
+              "| edge | task | params | data (trained on) | epochs (best) | "
+              "test loss: edge -> personalised | "
               "test NLL: edge -> personalised | FID: edge -> personalised |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {e['id']} | {e['task']} | {e['params']:,} | {e['data_size']} | "
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['id']} | {e['task']} | {e['params']:,} | {e['data_size']} "
+              f"({e['train_size']}) | {e['epochs']} ({e['best_epoch']}) | "
               f"{e['test_loss_initial']:.2f} -> {e['test_loss_personalized']:.2f} | "
               f"{e['test_nll_initial']:.2f} -> {e['test_nll_personalized']:.2f} | "
               f"{e['fid_initial']:.1f} -> {e['fid_personalized']:.1f} |"

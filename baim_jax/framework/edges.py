@@ -9,6 +9,10 @@ mask, and an edge whose epoch has ended sits out the remaining steps (its update
 optimiser state included). Adam is elementwise with a per-edge step count, and an edge's data
 order and noise depend only on (seed, epoch, step, its index), so what an edge learns does not
 depend on the other edges: their models or their data (tested).
+
+With a local validation shard per edge and a patience, each edge stops once its validation
+loss has not improved for ``patience`` epochs and keeps its best parameters (docs/design.md
+§1): its update is masked from then on, as for an edge whose epoch has ended.
 """
 
 from __future__ import annotations
@@ -32,6 +36,47 @@ class TrainState(NamedTuple):
 
     params: dict
     opt_state: optax.OptState
+
+
+class EarlyStop(NamedTuple):
+    """Each edge's early stopping (leading axis: edge).
+
+    Attributes:
+      best: stacked parameters of each edge's best epoch by its validation loss.
+      loss: ``[E]`` that best validation loss (inf before the first epoch).
+      best_epoch: ``[E]`` the epoch (1-based) it was reached at, 0 before.
+      epochs: ``[E]`` epochs each edge has trained.
+    """
+
+    best: dict
+    loss: jax.Array
+    best_epoch: jax.Array
+    epochs: jax.Array
+
+
+VALIDATION_DRAWS = 4  # latent draws averaged per validation image (the same draws every epoch)
+
+
+def local_validation(shard: np.ndarray, fraction: float, seed: int, edge: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)``: a random ``fraction`` (at least one image) of an edge's shard
+    held out, drawn from ``(seed, edge)`` only."""
+    order = np.random.default_rng([seed, edge, 7]).permutation(len(shard))
+    held = max(1, round(fraction * len(shard)))
+    if held >= len(shard):
+        raise ValueError(f"edges[{edge}]: {len(shard)} images leave none to train on after "
+                         f"holding out {held} for validation")
+    return shard[np.sort(order[held:])], shard[np.sort(order[:held])]
+
+
+def _pad_shards(shards: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [E, n_max, H, W, C], mask [E, n_max])``: shards zero-padded to the largest."""
+    n_max = max(len(s) for s in shards)
+    padded = np.zeros((len(shards), n_max) + tuple(shards[0].shape[1:]), np.float32)
+    mask = np.zeros((len(shards), n_max), bool)
+    for e, shard in enumerate(shards):
+        padded[e, :len(shard)], mask[e, :len(shard)] = shard, True
+    return padded, mask
 
 
 def edge_mesh(num_edges: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -111,6 +156,29 @@ def train_step(layout: PoolLayout, tx: optax.GradientTransformation, state: Trai
     return jax.tree.map(keep, new, state), per_edge
 
 
+def validation_loss(layout: PoolLayout, params: dict, images: jax.Array, mask: jax.Array,
+                    rng: jax.Array) -> jax.Array:
+    """Per-edge mean negative ELBO ``[E]`` of the validation shards ``images [E, v_max, H, W,
+    C]`` (rows where ``mask [E, v_max]``), averaged over ``VALIDATION_DRAWS`` latent draws."""
+    draws = [_nelbo(layout, params, images, mask, jax.random.fold_in(rng, d))
+             for d in range(VALIDATION_DRAWS)]
+    return sum(draws) / VALIDATION_DRAWS
+
+
+def track_best(stop: EarlyStop, params: dict, loss: jax.Array, running: jax.Array
+               ) -> EarlyStop:
+    """``stop`` after an epoch that the ``running [E]`` edges trained, ending at validation
+    ``loss [E]``: an edge that improved keeps these parameters as its best."""
+    better = running & (loss < stop.loss)
+
+    def pick(new, old):
+        return jnp.where(better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    epochs = stop.epochs + running.astype(stop.epochs.dtype)
+    return EarlyStop(jax.tree.map(pick, params, stop.best), jnp.where(better, loss, stop.loss),
+                     jnp.where(better, epochs, stop.best_epoch), epochs)
+
+
 class EdgeTrainer:
     """Trains E edge learners at once, sharded over the mesh axis ``edge``.
 
@@ -121,27 +189,39 @@ class EdgeTrainer:
       seed: data order and noise.
       params: optional starting parameters per edge (else fresh, drawn from ``seed``).
       devices: devices of the mesh (default: all).
+      validation: optional ``[E]`` local validation shards; with ``patience``, each edge stops
+        once its validation loss has not improved for ``patience`` epochs, and ``params()``
+        gives its best epoch's parameters.
+      patience: epochs without improvement before an edge stops (needs ``validation``).
     """
 
     def __init__(self, specs: Sequence[learners.LearnerSpec], shards: Sequence[np.ndarray], *,
                  batch_size: int, learning_rate: float, seed: int,
                  params: Sequence[learners.Params] | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None,
+                 validation: Sequence[np.ndarray] | None = None, patience: int = 0):
         if len(specs) != len(shards):
             raise ValueError(f"edges: {len(specs)} specs for {len(shards)} data shards")
         for e, shard in enumerate(shards):
             if len(shard) == 0:
                 raise ValueError(f"edges[{e}]: no data")
+        if (validation is None) != (patience == 0) or patience < 0:
+            raise ValueError(f"edges: early stopping needs validation shards and a patience "
+                             f">= 1 together (patience {patience})")
+        if validation is not None and (len(validation) != len(shards)
+                                       or any(len(v) == 0 for v in validation)):
+            raise ValueError(f"edges: need one non-empty validation shard per edge, got "
+                             f"{[len(v) for v in validation]}")
         self.specs = list(specs)
         self.layout = PoolLayout([Member(s, 0) for s in specs])
         self.sizes = [len(s) for s in shards]
         self.batch_size, self.seed = batch_size, seed
         self.mesh = edge_mesh(len(specs), devices)
         self.sharding = NamedSharding(self.mesh, PartitionSpec("edge"))
-        padded = np.zeros((len(shards), max(self.sizes)) + tuple(shards[0].shape[1:]), np.float32)
-        for e, shard in enumerate(shards):
-            padded[e, :len(shard)] = shard
-        self.images = jax.device_put(padded, self.sharding)
+        self.images = jax.device_put(_pad_shards(shards)[0], self.sharding)
+        self.patience, self.stop = patience, None
+        if validation is not None:
+            self.validation = self._place(_pad_shards(validation))
         self.tx = optax.adam(learning_rate)
         if params is None:
             key = jax.random.key(seed)
@@ -150,6 +230,8 @@ class EdgeTrainer:
         self.state = self._fresh(params)
         self._step = jax.jit(functools.partial(train_step, self.layout, self.tx),
                              donate_argnums=0)
+        self._validate = jax.jit(functools.partial(validation_loss, self.layout))
+        self._track = jax.jit(track_best)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -162,23 +244,57 @@ class EdgeTrainer:
         stacked, _ = self.layout.stack(list(params))
         with jax.numpy_dtype_promotion("standard"):
             opt_state = jax.vmap(self.tx.init)(stacked)
+        if self.patience:
+            n = len(self.sizes)
+            best = jax.tree.map(np.array, stacked)  # a copy: the steps consume (donate) the state
+            self.stop = self._place(EarlyStop(best, jnp.full(n, jnp.inf), jnp.zeros(n, int),
+                                              jnp.zeros(n, int)))
         return self._place(TrainState(stacked, opt_state))
+
+    def _whole(self):
+        """What a checkpoint holds: the training state, and the early stopping if any."""
+        return (self.state, self.stop) if self.patience else self.state
 
     def state_leaves(self) -> list:
         """The training state as a flat list of arrays (for checkpoints)."""
-        return jax.tree.leaves(self.state)
+        return jax.tree.leaves(self._whole())
 
     def load_state(self, leaves: list) -> None:
         """Restores ``state_leaves()`` output, placed on the mesh."""
-        self.state = self._place(jax.tree.unflatten(jax.tree.structure(self.state), leaves))
+        whole = self._place(jax.tree.unflatten(jax.tree.structure(self._whole()), leaves))
+        self.state, self.stop = whole if self.patience else (whole, None)
 
     def reset(self, params: Sequence[learners.Params]) -> None:
         """Starts again from ``params`` with a fresh optimiser (a FedAvg round)."""
         self.state = self._fresh(params)
 
+    @property
+    def running(self) -> np.ndarray:
+        """``[E]`` the edges still training (all of them without early stopping)."""
+        if not self.patience:
+            return np.ones(len(self.sizes), bool)
+        stop = jax.device_get(self.stop)
+        return stop.epochs - stop.best_epoch < self.patience
+
+    @property
+    def finished(self) -> bool:
+        """Every edge has stopped: further epochs change nothing."""
+        return not self.running.any()
+
+    def stopping(self) -> dict:
+        """Per edge, ``{"epochs", "best_epoch", "validation_loss"}`` lists (early stopping)."""
+        stop = jax.device_get(self.stop)
+        return {"epochs": stop.epochs.tolist(), "best_epoch": stop.best_epoch.tolist(),
+                "validation_loss": stop.loss.tolist()}
+
     def run_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
-        """One local epoch of every edge. Returns the per-edge mean training loss ``[E]``."""
+        """One local epoch of every running edge. Returns the per-edge mean training loss
+        ``[E]`` (NaN for an edge that has stopped)."""
         idx, mask, active = epoch_plan(self.sizes, self.batch_size, self.seed, epoch)
+        running = self.running
+        if not running.any():
+            return np.full(len(self.sizes), np.nan)
+        active &= running
         key = jax.random.fold_in(jax.random.key(self.seed), epoch)
         losses = []  # read back once, after the epoch: no host sync per step
         for s in range(len(idx)):
@@ -188,14 +304,19 @@ class EdgeTrainer:
             losses.append(loss)
             if on_step is not None:
                 on_step()
+        if self.patience:
+            loss = self._validate(self.state.params, *self.validation,
+                                  jax.random.key(self.seed + 1))
+            self.stop = self._track(self.stop, self.state.params, loss, self._place(running))
         total = np.zeros(len(self.sizes))
         for loss, act in zip(jax.device_get(losses), active):
             total += loss * act
-        return total / np.maximum(active.sum(axis=0), 1)
+        return np.where(running, total / np.maximum(active.sum(axis=0), 1), np.nan)
 
     def params(self) -> list[learners.Params]:
-        """Each edge's unpadded parameters (host arrays)."""
-        return self.layout.unstack(self.state.params)
+        """Each edge's unpadded parameters (host arrays): its best epoch's with early
+        stopping, else its latest."""
+        return self.layout.unstack(self.stop.best if self.patience else self.state.params)
 
 
 @functools.lru_cache(maxsize=None)

@@ -70,10 +70,13 @@ def _devices(plan: Plan):
 
 
 def edge_trainer(plan: Plan, learning_rate: float) -> edges_lib.EdgeTrainer:
-    """Every edge's local training (paper step 1), as the edges phase runs it."""
+    """Every edge's local training (paper step 1), as the edges phase runs it: with
+    ``edge.patience``, each edge stops early on its local validation images."""
+    shards, validation = plan.edge_shards()
     return edges_lib.EdgeTrainer(
-        plan.specs, [s.images for s in plan.data.edges], batch_size=plan.config.edge.batch_size,
-        learning_rate=learning_rate, seed=plan.config.seed, devices=_devices(plan))
+        plan.specs, shards, batch_size=plan.config.edge.batch_size,
+        learning_rate=learning_rate, seed=plan.config.seed, devices=_devices(plan),
+        validation=validation, patience=plan.config.edge.patience)
 
 
 def cloud_trainer(plan: Plan, uploads: list[EdgeModel], strategy: str, learning_rate: float,
@@ -179,8 +182,11 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
     cfg = plan.config.edge
     trainer = edge_trainer(plan, cfg.learning_rate)
     meta = _train(workdir, "edges", trainer, cfg.epochs, show,
-                  lambda epoch, loss: {"train_loss": loss.tolist()}, ["train_loss"])
+                  lambda epoch, loss: {"train_loss": [None if np.isnan(v) else v
+                                                      for v in loss.tolist()]},
+                  ["train_loss"])
     start = time.perf_counter() - meta["elapsed"]
+    stopping = trainer.stopping() if cfg.patience else None
     records = []
     extract, _ = _extractor(plan, workdir)
     for e, (eid, params) in enumerate(zip(plan.edge_ids, trainer.params())):
@@ -190,13 +196,17 @@ def phase_edges(plan: Plan, workdir: Path, show: bool) -> dict:
         records.append({"id": eid, "task": model.task,
                         "params": learners.count_params(plan.specs[e]),
                         "data_size": len(plan.data.edges[e].images),
+                        "train_size": trainer.sizes[e],
+                        "epochs": stopping["epochs"][e] if stopping else meta["epoch"],
+                        "best_epoch": stopping["best_epoch"][e] if stopping else meta["epoch"],
                         **scores(model, real, "_initial"),
                         "fid_initial": measures.model_fid(model, real, extract,
                                                           plan.config.seed)})
     for spec, rec in zip(plan.specs, records):  # step_flops compiles once per distinct spec
         rec["flops_per_epoch"] = (edges_lib.step_flops(spec, cfg.batch_size)
-                                  * math.ceil(rec["data_size"] / cfg.batch_size))
+                                  * math.ceil(rec["train_size"] / cfg.batch_size))
     return {"edges": records, "train_loss": meta["train_loss"],
+            "validation_loss": stopping["validation_loss"] if stopping else None,
             "wall_seconds": time.perf_counter() - start}
 
 

@@ -18,13 +18,15 @@ from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.evaluation import data as data_lib
 from baim_jax.evaluation.data import Split
+from baim_jax.framework import edges as edges_lib
 from baim_jax.names import check_task_name
 
 EDGE_FIELDS = {"task", "encoder", "latent", "decoder", "share"}
 SECTIONS = {
     "data": {"dataset": str, "size": int, "test_size": int, "cloud_fraction": float,
              "alpha": (float, None), "data_dir": (str, ""), "image_size": int, "label": str},
-    "edge": {"epochs": int, "batch_size": int, "learning_rate": float},
+    "edge": {"epochs": int, "batch_size": int, "learning_rate": float,
+             "validation_fraction": (float, 0.0), "patience": (int, 0)},
     "cloud": {"epochs": int, "batch_size": int, "learning_rate": float,
               "learning_rates": object, "rho": float,
               "prune_start": (float, 0.0), "prune_end": float, "prune_every": int,
@@ -63,6 +65,16 @@ class Plan:
         """Every real training image: the cloud's and the edges'."""
         parts = [self.data.cloud, *self.data.edges]
         return Split(*(np.concatenate([getattr(p, f) for p in parts]) for f in Split._fields))
+
+    def edge_shards(self) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Each edge's training images and, with early stopping (``edge.patience``), the
+        local validation images it holds out (``edges.local_validation``); else None."""
+        shards = [s.images for s in self.data.edges]
+        if not self.config.edge.patience:
+            return shards, None
+        cut = [edges_lib.local_validation(s, self.config.edge.validation_fraction,
+                                          self.config.seed, e) for e, s in enumerate(shards)]
+        return [train for train, _ in cut], [val for _, val in cut]
 
     def task_test(self, t: int) -> Split:
         test = self.data.test
@@ -242,6 +254,14 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     if config.toolkit_strategy not in chosen:
         raise ValueError(f"toolkit_strategy: {config.toolkit_strategy!r} is not in "
                          f"strategies {chosen}")
+    edge = config.edge
+    if not edge.validation_fraction < 0.5:
+        raise ValueError(f"edge.validation_fraction: must be in [0, 0.5), got "
+                         f"{edge.validation_fraction}")
+    if (edge.validation_fraction == 0) != (edge.patience == 0):
+        raise ValueError(f"edge.patience: early stopping needs both a patience and a "
+                         f"validation_fraction > 0 (or neither), got {edge.patience} and "
+                         f"{edge.validation_fraction}")
     if not 0 < config.cloud.rho <= 1:
         raise ValueError(f"cloud.rho: must be in (0, 1], got {config.cloud.rho}")
     if not 0 <= config.cloud.prune_start <= config.cloud.prune_end <= 1:
@@ -254,4 +274,6 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     data = data_lib.edge_cloud_split(
         images, labels, config.task_classes, edge_tasks, shares, test_size=dc.test_size,
         cloud_fraction=dc.cloud_fraction, seed=config.seed, alpha=dc.alpha)
-    return Plan(config, tasks, specs, edge_tasks, baim, data)
+    plan = Plan(config, tasks, specs, edge_tasks, baim, data)
+    plan.edge_shards()  # every edge keeps images to train on beside its validation
+    return plan

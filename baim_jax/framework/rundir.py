@@ -146,7 +146,8 @@ def train_epochs(ckpt: PhaseCheckpoint, trainer: Trainer, epochs: int,
     Restores the latest epoch checkpoint that restores whole (or starts afresh), runs the
     remaining epochs, and after each saves the trainer's state with the phase's record: the
     epoch, the elapsed seconds, and per name in ``curves`` one value a epoch from
-    ``observe(epoch, what run_epoch returned)``.
+    ``observe(epoch, what run_epoch returned)``. It ends early once ``trainer.finished``
+    (edges that have all stopped early: ``edges.EdgeTrainer``).
 
     Args:
       on_step: called after every training step (progress).
@@ -163,6 +164,8 @@ def train_epochs(ckpt: PhaseCheckpoint, trainer: Trainer, epochs: int,
     on_resume(meta["epoch"])
     start = time.perf_counter() - meta["elapsed"]
     for epoch in range(meta["epoch"], epochs):
+        if getattr(trainer, "finished", False):
+            break
         seen = observe(epoch, trainer.run_epoch(epoch, on_step))
         meta = {"epoch": epoch + 1, "elapsed": time.perf_counter() - start,
                 **{name: meta[name] + [seen[name]] for name in curves}}

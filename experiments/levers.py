@@ -81,9 +81,11 @@ def score(model, val: Split) -> dict:
             "val_loss_parts": {p: float(bounds[p].mean()) for p in ("rec", "kl", "gate_kl")}}
 
 
-def train_central(plan, images: np.ndarray) -> EdgeModel:
-    """The central phase's training (``pipeline.phase_central``) on ``images``."""
+def train_central(plan, cloud: Split) -> EdgeModel:
+    """The central phase's training (``pipeline.phase_central``) on ``cloud``'s images and
+    every edge's."""
     cfg, spec = plan.config.central, pipeline.fl_spec(plan)
+    images = np.concatenate([cloud.images, *[s.images for s in plan.data.edges]])
     trainer = edges_lib.EdgeTrainer([spec], [images], batch_size=cfg.batch_size,
                                     learning_rate=cfg.learning_rate, seed=plan.config.seed + 6)
     for epoch in range(cfg.epochs):
@@ -97,15 +99,8 @@ def budget_lever(overrides: list[str], val_fraction: float) -> dict:
     config = load_config(str(CONFIG), overrides)
     plan = plan_lib.validate(config)
     cloud, val = cut_validation(plan.data.cloud, val_fraction, config.seed)
-    trainer = pipeline.edge_trainer(plan, config.edge.learning_rate)
-    for epoch in range(config.edge.epochs):
-        if trainer.finished:
-            break
-        trainer.run_epoch(epoch)
-    stopping = trainer.stopping() if config.edge.patience else None
+    uploads, stopping = train_edges(plan, config.edge.learning_rate)
     edge_epochs = max(stopping["epochs"]) if stopping else config.edge.epochs
-    uploads = [EdgeModel(s, plan.tasks[t], params=p)
-               for s, t, p in zip(plan.specs, plan.edge_tasks, trainer.params())]
     config.fl.rounds = max(edge_epochs, config.cloud.epochs)
     config.central.epochs = edge_epochs + config.cloud.epochs
     model = train_cloud(plan, uploads, cloud, "finetune", plan.cloud_learning_rate("finetune"))
@@ -116,8 +111,7 @@ def budget_lever(overrides: list[str], val_fraction: float) -> dict:
             "validation_images": len(val.images), "cloud_train_images": len(cloud.images),
             "finetune": score(model, val), "fl": score(train_fl(plan, cloud,
                                                                 config.fl.learning_rate), val),
-            "central": score(train_central(plan, np.concatenate(
-                [cloud.images, *[s.images for s in plan.data.edges]])), val)}
+            "central": score(train_central(plan, cloud), val)}
 
 
 def main() -> None:
@@ -149,12 +143,11 @@ def main() -> None:
     cloud, val = cut_validation(plan.data.cloud, args.val_fraction, config.seed)
     start = time.perf_counter()
     bar = tqdm(total=3 + len(args.levers), desc="levers", unit="model")
-    uploads = train_edges(plan, config.edge.learning_rate)
+    uploads, _ = train_edges(plan, config.edge.learning_rate)
     bar.update()
     rows = {"fl": score(train_fl(plan, cloud, config.fl.learning_rate), val)}
     bar.update()
-    rows["central"] = score(train_central(plan, np.concatenate(
-        [cloud.images, *[s.images for s in plan.data.edges]])), val)
+    rows["central"] = score(train_central(plan, cloud), val)
     bar.update()
     levers = {}
     for name in args.levers:

@@ -59,13 +59,15 @@ def cut_validation(cloud: Split, fraction: float, seed: int) -> tuple[Split, Spl
     return take(cloud, keep), take(cloud, np.sort(val))
 
 
-def train_edges(plan, lr: float) -> list[EdgeModel]:
-    """The edges phase's training (``pipeline.edge_trainer``) at rate ``lr``."""
+def train_edges(plan, lr: float) -> tuple[list[EdgeModel], dict | None]:
+    """The edges phase's training (``pipeline.edge_trainer``) at rate ``lr``: the uploads,
+    and with early stopping each edge's epochs (``EdgeTrainer.stopping``), else None."""
     trainer = pipeline.edge_trainer(plan, lr)
     for epoch in range(plan.config.edge.epochs):
-        trainer.run_epoch(epoch)
-    return [EdgeModel(s, plan.tasks[t], params=p)
-            for s, t, p in zip(plan.specs, plan.edge_tasks, trainer.params())]
+        trainer.run_epoch(epoch)  # a no-op once every edge has stopped early
+    uploads = [EdgeModel(s, plan.tasks[t], params=p)
+               for s, t, p in zip(plan.specs, plan.edge_tasks, trainer.params())]
+    return uploads, trainer.stopping() if plan.config.edge.patience else None
 
 
 def train_cloud(plan, uploads, cloud: Split, strategy: str, lr: float, **baim_changes):
@@ -135,7 +137,7 @@ def main() -> None:
     uploads = {}
 
     def edges_loss(lr):
-        uploads[lr] = train_edges(plan, lr)
+        uploads[lr], _ = train_edges(plan, lr)
         return float(np.mean([
             test_loss(m, take(val, np.flatnonzero(val.tasks == plan.edge_tasks[e])))
             for e, m in enumerate(uploads[lr])]))

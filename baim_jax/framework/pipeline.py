@@ -72,11 +72,10 @@ def _devices(plan: Plan):
 def edge_trainer(plan: Plan, learning_rate: float) -> edges_lib.EdgeTrainer:
     """Every edge's local training (paper step 1), as the edges phase runs it: with
     ``edge.patience``, each edge stops early on its local validation images."""
-    shards, validation = plan.edge_shards()
     return edges_lib.EdgeTrainer(
-        plan.specs, shards, batch_size=plan.config.edge.batch_size,
+        plan.specs, plan.edge_train, batch_size=plan.config.edge.batch_size,
         learning_rate=learning_rate, seed=plan.config.seed, devices=_devices(plan),
-        validation=validation, patience=plan.config.edge.patience)
+        validation=plan.edge_validation, patience=plan.config.edge.patience)
 
 
 def cloud_trainer(plan: Plan, uploads: list[EdgeModel], strategy: str, learning_rate: float,

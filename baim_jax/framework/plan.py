@@ -42,7 +42,12 @@ TOP_LEVEL = {"seed", "kind", "likelihood", "task_names", "task_classes", "edges"
 
 @dataclasses.dataclass
 class Plan:
-    """A validated configuration and the data split it implies."""
+    """A validated configuration and the data split it implies.
+
+    ``edge_train`` holds each edge's training images; with early stopping
+    (``edge.patience``), ``edge_validation`` the local validation images each edge holds out
+    of its shard (``edges.local_validation``), else None.
+    """
 
     config: ml_collections.ConfigDict
     tasks: list[str]
@@ -50,6 +55,8 @@ class Plan:
     edge_tasks: list[int]
     baim: BAIMConfig
     data: data_lib.Partition
+    edge_train: list[np.ndarray]
+    edge_validation: list[np.ndarray] | None
 
     def cloud_learning_rate(self, strategy: str) -> float:
         """The strategy's own rate (``cloud.learning_rates``), else ``cloud.learning_rate``."""
@@ -65,16 +72,6 @@ class Plan:
         """Every real training image: the cloud's and the edges'."""
         parts = [self.data.cloud, *self.data.edges]
         return Split(*(np.concatenate([getattr(p, f) for p in parts]) for f in Split._fields))
-
-    def edge_shards(self) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Each edge's training images and, with early stopping (``edge.patience``), the
-        local validation images it holds out (``edges.local_validation``); else None."""
-        shards = [s.images for s in self.data.edges]
-        if not self.config.edge.patience:
-            return shards, None
-        cut = [edges_lib.local_validation(s, self.config.edge.validation_fraction,
-                                          self.config.seed, e) for e, s in enumerate(shards)]
-        return [train for train, _ in cut], [val for _, val in cut]
 
     def task_test(self, t: int) -> Split:
         test = self.data.test
@@ -274,6 +271,9 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     data = data_lib.edge_cloud_split(
         images, labels, config.task_classes, edge_tasks, shares, test_size=dc.test_size,
         cloud_fraction=dc.cloud_fraction, seed=config.seed, alpha=dc.alpha)
-    plan = Plan(config, tasks, specs, edge_tasks, baim, data)
-    plan.edge_shards()  # every edge keeps images to train on beside its validation
-    return plan
+    train, validation = [s.images for s in data.edges], None
+    if config.edge.patience:
+        cut = [edges_lib.local_validation(shard, config.edge.validation_fraction, config.seed, e)
+               for e, shard in enumerate(train)]
+        train, validation = [t for t, _ in cut], [v for _, v in cut]
+    return Plan(config, tasks, specs, edge_tasks, baim, data, train, validation)

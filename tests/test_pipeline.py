@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -243,7 +244,11 @@ def test_killed_run_resumes_to_the_same_results(smoke_run, results, tmp_path, ca
     err = capfd.readouterr().err
     assert "Traceback" not in err
     warning = [line for line in err.replace("\r", "\n").splitlines() if "warning" in line]
-    assert len(warning) == 1 and "ckpt/central/2: its arrays are not the ones saved" in warning[0]
+    # Where the bytes land (raw values or compressed chunk data) varies with orbax's layout:
+    # either reason is right; test_rundir.py reaches each one on purpose.
+    assert len(warning) == 1 and re.search(
+        r"ckpt/central/2: (its arrays are not the ones saved|it cannot be restored \(\w+\));",
+        warning[0])
     assert warning[0].endswith("the phase resumes after epoch 1")
     assert (workdir / "ckpt" / "set_aside" / "central-2").is_dir()
     resumed = json.loads((workdir / "results.json").read_text())

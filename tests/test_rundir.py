@@ -3,6 +3,7 @@ the one before it, whatever the damage; errors end as one line, a full disk says
 
 import errno
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -61,6 +62,22 @@ def test_a_damaged_latest_epoch_falls_back_to_the_one_before(damage, tmp_path):
     assert warnings[0].startswith("baim-jax: warning: epoch checkpoint ")
     assert warnings[0].endswith("the phase resumes after epoch 1")
     assert (tmp_path / "ckpt" / "set_aside" / "phase-2").is_dir()  # renamed, never deleted
+    ckpt.close()
+
+
+def test_arrays_that_restore_but_were_not_saved_are_set_aside(tmp_path):
+    """Epoch 2's state files replaced by epoch 1's (whole, readable, the right shapes): only
+    the record's digest of the saved arrays can tell, and the reason says so."""
+    warnings = []
+    ckpt = _two_epochs(tmp_path, warnings)
+    steps = tmp_path / "ckpt" / "phase"
+    shutil.rmtree(steps / "2" / "state")
+    shutil.copytree(steps / "1" / "state", steps / "2" / "state")
+    like = [np.zeros(50_000, np.float32), np.zeros(7, np.int64)]
+    leaves, meta = ckpt.latest(like, FRESH)
+    assert meta["epoch"] == 1
+    assert len(warnings) == 1
+    assert "phase/2: its arrays are not the ones saved; set aside as " in warnings[0]
     ckpt.close()
 
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 import case_study_baim  # noqa: E402
 
-from baim_jax.core import strategies  # noqa: E402
-from baim_jax.framework import cloud, edges  # noqa: E402
+from baim_jax.core import optim, strategies  # noqa: E402
+from baim_jax.framework import edges  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     plan, model = case_study_baim.build(args.latent, args.connect)
     rng = np.random.default_rng(0)
     batch = plan.config.cloud.batch_size
-    optimizer = strategies.make_optimizer(model, "finetune", cloud.adam(1e-3))
+    optimizer = strategies.make_optimizer(model, "finetune", optim.adam(1e-3))
     step = strategies.make_train_step(model, optimizer, "finetune")
     x = jnp.asarray(rng.random((batch, *plan.specs[0].image_shape), np.float32))
     task = jnp.asarray(np.arange(batch) % len(plan.tasks), jnp.int32)

@@ -41,11 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
         "k": 4, "h": 2, "connect": ["enc"], "latent": "own", "gate": "topk_softmax",
         "noise_std": 0.5,
         "feature_dim": 64, "dispatch": "capacity", "capacity_factor": None,
-        "load_balance_weight": 0.01, "z_loss_weight": 0.001, "task_loss_weight": 1.0})
+        "load_balance_weight": 0.01, "z_loss_weight": 0.001, "task_loss_weight": 1.0,
+        "prior_init": "uniform"})
     c.cloud = ml_collections.ConfigDict({
         "epochs": 8, "batch_size": 64, "learning_rate": 1e-3, "learning_rates": {"freeze": 3e-4},
         "rho": 1.0, "prune_start": 0.2,
-        "prune_end": 0.7, "prune_every": 5, "max_upload_params": 20_000_000})
+        "prune_end": 0.7, "prune_every": 5, "max_upload_params": 20_000_000,
+        "schedule": "constant"})
     c.strategies = ["finetune", "freeze", "scratch"]
     c.toolkit_strategy = "finetune"
     c.personalize = ml_collections.ConfigDict({"epochs": 3, "batch_size": 64,
@@ -54,6 +56,6 @@ def get_config() -> ml_collections.ConfigDict:
     # The central reference (what privacy forbids): the FL model's spec trained at the cloud
     # on every training image, the edges' and the cloud's, for the route's 8 + 8 epochs.
     c.central = ml_collections.ConfigDict({"epochs": 16, "batch_size": 64,
-                                           "learning_rate": 1e-3})
+                                           "learning_rate": 1e-3, "schedule": "constant"})
     c.fid = ml_collections.ConfigDict({"feature_epochs": 3})
     return c

@@ -16,7 +16,8 @@ Each gets its own split, its own edges and its own FedAvg and central, at equal 
 FedAvg runs as many rounds as the most epochs an edge trained (or the cloud's epochs, if more),
 central that many epochs plus the cloud's.
 
-Prints one JSON object and writes it to ``--out`` (budget levers: ``--budget-out``).
+Prints one JSON object and writes it to ``--out`` (budget levers: ``--budget-out``, where the
+levers measured before and not rerun stay).
 
     python experiments/levers.py [--out docs/case_study/levers.json]
     python experiments/levers.py --levers "edges stop early" [--budget-out PATH]
@@ -42,7 +43,6 @@ from baim_jax.cli import load_config  # noqa: E402
 from baim_jax.core.edge_model import EdgeModel  # noqa: E402
 from baim_jax.evaluation import likelihood  # noqa: E402
 from baim_jax.evaluation.data import Split  # noqa: E402
-from baim_jax.framework import edges as edges_lib  # noqa: E402
 from baim_jax.framework import pipeline  # noqa: E402
 from baim_jax.framework import plan as plan_lib  # noqa: E402
 
@@ -71,6 +71,13 @@ BUDGET_LEVERS = {  # config overrides
                                           "--config.edge.validation_fraction=0.15",
                                           "--config.edge.patience=3",
                                           "--config.data.cloud_fraction=0.4"],
+    "edges stop early at rate 3e-3": ["--config.edge.epochs=100",
+                                      "--config.edge.validation_fraction=0.15",
+                                      "--config.edge.patience=3",
+                                      "--config.edge.learning_rate=3e-3"],
+    # FedAvg keeps its constant rate: its clients start a fresh Adam every round.
+    "cosine schedules": ["--config.cloud.schedule=cosine", "--config.central.schedule=cosine"],
+    "prior pi by parameters": ["--config.baim.prior_init=params"],
 }
 
 
@@ -82,15 +89,13 @@ def score(model, val: Split) -> dict:
 
 
 def train_central(plan, cloud: Split) -> EdgeModel:
-    """The central phase's training (``pipeline.phase_central``) on ``cloud``'s images and
+    """The central phase's training (``pipeline.central_trainer``) on ``cloud``'s images and
     every edge's."""
-    cfg, spec = plan.config.central, pipeline.fl_spec(plan)
     images = np.concatenate([cloud.images, *[s.images for s in plan.data.edges]])
-    trainer = edges_lib.EdgeTrainer([spec], [images], batch_size=cfg.batch_size,
-                                    learning_rate=cfg.learning_rate, seed=plan.config.seed + 6)
-    for epoch in range(cfg.epochs):
+    trainer = pipeline.central_trainer(plan, images)
+    for epoch in range(plan.config.central.epochs):
         trainer.run_epoch(epoch)
-    return EdgeModel(spec, "all", params=trainer.params()[0])
+    return EdgeModel(pipeline.fl_spec(plan), "all", params=trainer.params()[0])
 
 
 def budget_lever(overrides: list[str], val_fraction: float) -> dict:
@@ -125,7 +130,9 @@ def main() -> None:
     budget = [name for name in args.levers if name in BUDGET_LEVERS]
     if budget:
         start = time.perf_counter()
-        out = {"protocol": __doc__.split("\n\n")[2].replace("\n", " "), "levers": {}}
+        path = Path(args.budget_out)
+        out = {"levers": json.loads(path.read_text())["levers"] if path.exists() else {}}
+        out["protocol"] = __doc__.split("\n\n")[2].replace("\n", " ")
         for name in tqdm(budget, desc="budget levers", unit="lever"):
             out["levers"][name] = budget_lever(BUDGET_LEVERS[name], args.val_fraction)
             tqdm.write(f"{name}: finetune {out['levers'][name]['finetune']['val_nll']:.1f}, "

@@ -16,6 +16,7 @@ from reference import randomize_connections
 
 import baim_jax
 from baim_jax.core import learners as L
+from baim_jax.core import optim
 from baim_jax.core.baim import BAIM, BAIMConfig, values
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
@@ -330,6 +331,20 @@ def test_aggregate_builds_squads_from_the_uploads_tasks(images):
         chex.assert_trees_all_close(big["recon"], alone["recon"], atol=1e-6)
 
 
+def test_prior_init_by_parameters_weighs_each_squad_by_size():
+    """Squad a: TINY (612 parameters) and a learner of 3 times its widths; squad b: TINY
+    alone. pi is 612 / (612 + big) and big / (612 + big) in a, 1 in b; uniform: 1/2, 1/2, 1."""
+    big = mlp([12], 6, [12])
+    sizes = [L.count_params(s) for s in (TINY, big)]
+    for how, want in [("params", [sizes[0] / sum(sizes), sizes[1] / sum(sizes), 1.0]),
+                      ("uniform", [0.5, 0.5, 1.0])]:
+        model = BAIM.assemble([TINY, big, TINY], [0, 0, 1], TASKS,
+                              BAIMConfig(k=1, h=0, prior_init=how))
+        np.testing.assert_allclose(np.exp(np.asarray(model.log_prior())), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="prior_init: 'size' is not one of"):
+        BAIMConfig(prior_init="size").validate()
+
+
 def test_aggregate_refuses_bad_uploads_naming_them():
     config = BAIMConfig(k=1, h=1)
     with pytest.raises(ValueError, match="no edge model"):
@@ -535,6 +550,46 @@ def test_cloud_trainer_freeze_keeps_learners_and_trains_gate(mlp_specs):
     for before, after in zip(learners, _leaves(model.learners)):
         np.testing.assert_array_equal(before, after)
     assert any(np.abs(b - a).max() > 0 for b, a in zip(gate, _leaves(model.gate)))
+
+
+def test_adam_follows_a_cosine_to_zero_over_its_decay_steps():
+    """A constant gradient of 1: each of Adam's bias-corrected updates is -rate (to its eps);
+    the cosine over 4 steps scales step s by (1 + cos(pi s / 4)) / 2, so the updates are
+    -0.1 * (1, 0.854, 0.5, 0.146) and then 0 for good. The constant rate stays -0.1."""
+    params = {"w": jnp.zeros(())}
+    grads = {"w": jnp.ones(())}
+    for tx, scales in [(optim.adam(0.1, 4), [1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]),
+                       (optim.adam(0.1), [1.0] * 6)]:
+        state, got = tx.init(params), []
+        for _ in scales:
+            with jax.numpy_dtype_promotion("standard"):  # optax: float ** int32 step count
+                updates, state = tx.update(grads, state)
+            got.append(float(updates["w"]))
+        np.testing.assert_allclose(got, [-0.1 * s for s in scales], atol=1e-4)
+    assert optim.decay_steps("constant", 40) is None and optim.decay_steps("cosine", 40) == 40
+    with pytest.raises(ValueError, match="schedule: 'linear' is not one of"):
+        optim.decay_steps("linear", 40)
+
+
+def test_trainers_change_nothing_once_the_rate_has_decayed(mlp_specs):
+    """Decay over one epoch's steps: the first epoch trains, the second (rate 0) leaves every
+    parameter as it was, for the cloud's trainer and the edges' alike."""
+    data = _split(16)
+    model = _tiny_baim(mlp_specs)
+    trainer = cloud.Trainer(model, "freeze", data, learning_rate=1e-2, batch_size=8, seed=0,
+                            decay_steps=2)
+    gate = _leaves(model.gate)
+    trainer.run_epoch(0)
+    after = _leaves(model.gate)
+    assert any(np.abs(b - a).max() > 0 for b, a in zip(gate, after))
+    trainer.run_epoch(1)
+    chex.assert_trees_all_equal(_leaves(model.gate), after)
+    edge = edges.EdgeTrainer([TINY], _shards([6]), batch_size=2, learning_rate=1e-2, seed=0,
+                             decay_steps=3)
+    edge.run_epoch(0)
+    after = edge.params()
+    edge.run_epoch(1)
+    chex.assert_trees_all_equal(edge.params(), after)
 
 
 def test_cloud_trainer_resume_from_state_leaves_is_exact(mlp_specs):

@@ -116,6 +116,16 @@ def init_learners(members: Sequence[Member], key: jax.Array) -> list[learners.Pa
             for n, m in enumerate(members)]
 
 
+def initial_prior(layout: PoolLayout, how: str) -> np.ndarray:
+    """Prior logits ``[N]`` of a fresh BAIM (``BAIMConfig.prior_init``): zeros, uniform over
+    each squad; or ``"params"``, each gated learner's log parameter count, so that pi is
+    proportional to it within its squad (feeders 0: never drawn)."""
+    if how == "uniform":
+        return np.zeros(layout.size, np.float32)
+    return np.array([np.log(learners.count_params(m.spec)) if m.squad is not None else 0.0
+                     for m in layout.members], np.float32)
+
+
 def sample_rows(n: int) -> int:
     """The rows a sampler draws for ``n`` images: the least power of two >= n.
 
@@ -196,7 +206,7 @@ class BAIM(nnx.Module):
         gate_params = _pad_gate_columns(gate_params, self.layout.size)
         self.gate = nnx.data(jax.tree.map(GateParam, gate_params))
         if prior_logits is None:
-            prior_logits = np.zeros(self.layout.size, np.float32)
+            prior_logits = initial_prior(self.layout, config.prior_init)
         if np.shape(prior_logits) != (self.layout.size,):
             raise ValueError(f"prior: shape {np.shape(prior_logits)}, expected "
                              f"({self.layout.size},)")

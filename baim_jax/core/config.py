@@ -7,6 +7,7 @@ import dataclasses
 from baim_jax.core import gates, learners
 
 LATENTS = ("own", "shared")
+PRIOR_INITS = ("uniform", "params")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,8 @@ class BAIMConfig:
       capacity_factor: rows per learner = factor * B * K / N; one factor, or one per stage
         position (encoder then decoder; ``dispatch.capacities``); None: B (never drops).
       load_balance_weight, z_loss_weight, task_loss_weight: auxiliary loss weights.
+      prior_init: the prior pi of an assembled BAIM before training: ``"uniform"`` over each
+        squad, or ``"params"``, proportional to each learner's parameter count.
     """
 
     k: int = 2
@@ -42,6 +45,7 @@ class BAIMConfig:
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     task_loss_weight: float = 1.0
+    prior_init: str = "uniform"
 
     def __post_init__(self):
         for name in ("capacity_factor", "connect"):  # lists from JSON or a config file
@@ -59,6 +63,8 @@ class BAIMConfig:
                              f"got {self.connect!r}")
         if self.latent not in LATENTS:
             raise ValueError(f"latent: {self.latent!r} is not one of {LATENTS}")
+        if self.prior_init not in PRIOR_INITS:
+            raise ValueError(f"prior_init: {self.prior_init!r} is not one of {PRIOR_INITS}")
         gates.get_gate(self.gate)
         if self.dispatch not in ("capacity", "dense"):
             raise ValueError(f"dispatch: {self.dispatch!r} is not 'capacity' or 'dense'")

@@ -5,16 +5,14 @@ model at an edge."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from baim_jax.core import connections, strategies
+from baim_jax.core import connections, optim, strategies
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.evaluation.data import Split
@@ -80,13 +78,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return [order[i:i + size] for i in range(0, n - size + 1, size)]
 
 
-@functools.lru_cache(maxsize=None)
-def adam(learning_rate: float) -> optax.GradientTransformation:
-    """One Adam per learning rate: the optimiser is part of the compiled step's static
-    arguments, so reusing it lets models of one architecture share compiled code."""
-    return optax.adam(learning_rate)
-
-
 class Trainer:
     """Trains a BAIM (or a TaskModel) on its data epoch by epoch with one strategy.
 
@@ -96,14 +87,18 @@ class Trainer:
         have been applied).
       data: the images and task ids it trains on.
       learning_rate, batch_size, seed: optimiser, batches, noise.
+      decay_steps: the learning rate decays by a cosine to 0 over this many steps
+        (``optim.adam``); None: constant.
       pruning: optional connection pruning schedule.
     """
 
     def __init__(self, model: BAIM, strategy: str, data: Split, *, learning_rate: float,
-                 batch_size: int, seed: int, pruning: Pruning | None = None):
+                 batch_size: int, seed: int, pruning: Pruning | None = None,
+                 decay_steps: int | None = None):
         self.model, self.strategy, self.data = model, strategy, data
         self.batch_size, self.seed, self.pruning = batch_size, seed, pruning
-        self.optimizer = strategies.make_optimizer(model, strategy, adam(learning_rate))
+        self.optimizer = strategies.make_optimizer(model, strategy,
+                                                    optim.adam(learning_rate, decay_steps))
         self.step = strategies.make_train_step(model, self.optimizer, strategy)
 
     def state_leaves(self) -> list:

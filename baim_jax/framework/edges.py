@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from baim_jax.core import bound, learners
+from baim_jax.core import bound, learners, optim
 from baim_jax.core.pool import Member, PoolLayout, run_pool
 
 
@@ -193,13 +193,16 @@ class EdgeTrainer:
         once its validation loss has not improved for ``patience`` epochs, and ``params()``
         gives its best epoch's parameters.
       patience: epochs without improvement before an edge stops (needs ``validation``).
+      decay_steps: the learning rate decays by a cosine to 0 over this many steps of each
+        edge (``optim.adam``); None: constant.
     """
 
     def __init__(self, specs: Sequence[learners.LearnerSpec], shards: Sequence[np.ndarray], *,
                  batch_size: int, learning_rate: float, seed: int,
                  params: Sequence[learners.Params] | None = None,
                  devices: Sequence[jax.Device] | None = None,
-                 validation: Sequence[np.ndarray] | None = None, patience: int = 0):
+                 validation: Sequence[np.ndarray] | None = None, patience: int = 0,
+                 decay_steps: int | None = None):
         if len(specs) != len(shards):
             raise ValueError(f"edges: {len(specs)} specs for {len(shards)} data shards")
         for e, shard in enumerate(shards):
@@ -222,7 +225,7 @@ class EdgeTrainer:
         self.patience, self.stop = patience, None
         if validation is not None:
             self.validation = self._place(_pad_shards(validation))
-        self.tx = optax.adam(learning_rate)
+        self.tx = optim.adam(learning_rate, decay_steps)
         if params is None:
             key = jax.random.key(seed)
             params = [learners.init_learner(s, jax.random.fold_in(key, e))

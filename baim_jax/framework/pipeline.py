@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from baim_jax import checkpoint
-from baim_jax.core import learners, strategies
+from baim_jax.core import learners, optim, strategies
 from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
 from baim_jax.core.partition import partition
@@ -92,7 +92,8 @@ def cloud_trainer(plan: Plan, uploads: list[EdgeModel], strategy: str, learning_
     pruning = Pruning.over(total, cfg.rho if rho is None else rho, cfg.prune_start,
                            cfg.prune_end, cfg.prune_every)
     return Trainer(model, strategy, data, learning_rate=learning_rate,
-                   batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning)
+                   batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning,
+                   decay_steps=optim.decay_steps(cfg.schedule, total))
 
 
 def fl_trainer(plan: Plan, learning_rate: float, cloud: Split) -> fedavg.FedAvg:
@@ -106,6 +107,16 @@ def fl_trainer(plan: Plan, learning_rate: float, cloud: Split) -> fedavg.FedAvg:
     at_cloud = edges_lib.EdgeTrainer([spec], [cloud.images], seed=seed + 5, **kw)
     return fedavg.FedAvg(spec, edges, at_cloud,
                          learners.init_learner(spec, jax.random.key(seed + 3)))
+
+
+def central_trainer(plan: Plan, images: np.ndarray) -> edges_lib.EdgeTrainer:
+    """The central reference's training on ``images``, as the central phase runs it."""
+    cfg = plan.config.central
+    total = cfg.epochs * math.ceil(len(images) / cfg.batch_size)
+    return edges_lib.EdgeTrainer([fl_spec(plan)], [images], batch_size=cfg.batch_size,
+                                 learning_rate=cfg.learning_rate, seed=plan.config.seed + 6,
+                                 devices=_devices(plan),
+                                 decay_steps=optim.decay_steps(cfg.schedule, total))
 
 
 def _train(workdir: Path, phase: str, trainer, epochs: int, show: bool,
@@ -336,11 +347,9 @@ def phase_fl(plan: Plan, workdir: Path, show: bool) -> dict:
 def phase_central(plan: Plan, workdir: Path, show: bool) -> dict:
     """The central reference: the FL model's spec trained at the cloud on every training
     image (the edges' too: what privacy forbids), scored as every other approach."""
-    cfg, seed = plan.config.central, plan.config.seed
+    cfg = plan.config.central
     spec = fl_spec(plan)
-    trainer = edges_lib.EdgeTrainer([spec], [plan.train.images], batch_size=cfg.batch_size,
-                                    learning_rate=cfg.learning_rate, seed=seed + 6,
-                                    devices=_devices(plan))
+    trainer = central_trainer(plan, plan.train.images)
     extract, _ = _extractor(plan, workdir)
 
     def model():

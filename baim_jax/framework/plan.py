@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from baim_jax.core import dispatch, learners, strategies
+from baim_jax.core import dispatch, learners, optim, strategies
 from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.evaluation import data as data_lib
@@ -30,10 +30,10 @@ SECTIONS = {
     "cloud": {"epochs": int, "batch_size": int, "learning_rate": float,
               "learning_rates": object, "rho": float,
               "prune_start": (float, 0.0), "prune_end": float, "prune_every": int,
-              "max_upload_params": int},
+              "max_upload_params": int, "schedule": str},
     "personalize": {"epochs": int, "batch_size": int, "learning_rate": float},
     "fl": {"rounds": int, "batch_size": int, "learning_rate": float},
-    "central": {"epochs": int, "batch_size": int, "learning_rate": float},
+    "central": {"epochs": int, "batch_size": int, "learning_rate": float, "schedule": str},
     "fid": {"feature_epochs": int},
 }
 TOP_LEVEL = {"seed", "kind", "likelihood", "task_names", "task_classes", "edges", "baim",
@@ -176,6 +176,10 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
             raise ValueError(f"{section}: unknown key(s) {sorted(unknown)}")
         for key, kind in keys.items():
             _get(config, section, key, kind)
+    for section in ("cloud", "central"):
+        if config[section].schedule not in optim.SCHEDULES:
+            raise ValueError(f"{section}.schedule: {config[section].schedule!r} is not one of "
+                             f"{list(optim.SCHEDULES)}")
     dc = config.data
     for section in ("edge", "cloud", "personalize", "fl", "central"):
         if config[section].batch_size > dc.size:

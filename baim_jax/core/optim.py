@@ -1,0 +1,29 @@
+"""The optimiser every training phase uses: Adam at a constant learning rate, or one that
+follows a cosine from the rate down to 0 over the phase's steps (docs/design.md §10)."""
+
+from __future__ import annotations
+
+import functools
+
+import optax
+
+SCHEDULES = ("constant", "cosine")
+
+
+def decay_steps(schedule: str, total_steps: int) -> int | None:
+    """The ``decay_steps`` of ``adam`` for a phase of ``total_steps`` with ``schedule``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: {schedule!r} is not one of {SCHEDULES}")
+    return None if schedule == "constant" else max(int(total_steps), 1)
+
+
+@functools.lru_cache(maxsize=None)
+def adam(learning_rate: float, decay_steps: int | None = None) -> optax.GradientTransformation:
+    """Adam at ``learning_rate``, or decayed by a cosine to 0 over ``decay_steps`` steps.
+
+    One transformation per argument pair: it is part of a compiled step's static arguments,
+    so reusing it lets models of one architecture share compiled code.
+    """
+    if decay_steps is None:
+        return optax.adam(learning_rate)
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, decay_steps))

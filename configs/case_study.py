@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
         "epochs": 8, "batch_size": 64, "learning_rate": 1e-3, "learning_rates": {"freeze": 3e-4},
         "rho": 1.0, "prune_start": 0.2,
         "prune_end": 0.7, "prune_every": 5, "max_upload_params": 20_000_000,
-        "schedule": "constant"})
+        "schedule": "constant", "decoder_pruning": "magnitude"})
     c.strategies = ["finetune", "freeze", "scratch"]
     c.toolkit_strategy = "finetune"
     c.personalize = ml_collections.ConfigDict({"epochs": 3, "batch_size": 64,

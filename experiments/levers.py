@@ -59,6 +59,9 @@ LEVERS = {
     "K = 1": {"k": 1},
     "no gate noise": {"noise_std": 0.0},
     "encoder connections only, K = 2": {"connect": ("enc",), "k": 2},
+    "both towers": {"connect": ("enc", "dec")},
+    "both towers, decoder links pruned by KL cost": {"connect": ("enc", "dec"),
+                                                     "decoder_pruning": "kl_cost"},
 }
 
 BUDGET_LEVERS = {  # config overrides

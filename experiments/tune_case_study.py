@@ -71,12 +71,14 @@ def train_edges(plan, lr: float) -> tuple[list[EdgeModel], dict | None]:
 
 
 def train_cloud(plan, uploads, cloud: Split, strategy: str, lr: float, **baim_changes):
-    """A cloud phase's training (``pipeline.cloud_trainer``) on ``cloud``, with rho or any
-    field of the BAIM's config (K, h, connect, ...) changed."""
+    """A cloud phase's training (``pipeline.cloud_trainer``) on ``cloud``, with rho, the
+    decoder pruning or any field of the BAIM's config (K, h, connect, ...) changed."""
+    cloud_keys = ("rho", "decoder_pruning")
     baim_config = dataclasses.replace(plan.baim, **{k: v for k, v in baim_changes.items()
-                                                    if k != "rho"})
+                                                    if k not in cloud_keys})
     trainer = pipeline.cloud_trainer(plan, uploads, strategy, lr, cloud, baim=baim_config,
-                                     rho=baim_changes.get("rho"))
+                                     rho=baim_changes.get("rho"),
+                                     decoder_pruning=baim_changes.get("decoder_pruning"))
     for epoch in range(plan.config.cloud.epochs):
         trainer.run_epoch(epoch)
     return trainer.model

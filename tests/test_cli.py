@@ -115,6 +115,10 @@ BAD_CONFIGS = {
     "unknown schedule": (["--config.central.schedule=linear"],
                          ["central.schedule", "'linear'", "cosine"]),
     "unknown prior": (["--config.baim.prior_init=size"], ["prior_init: 'size'", "params"]),
+    "unknown decoder pruning": (["--config.cloud.decoder_pruning=kl"],
+                                ["cloud.decoder_pruning: 'kl'", "kl_cost"]),
+    "KL-cost pruning without decoder connections": (
+        ["--config.baim.connect=['enc']"], ["cloud.decoder_pruning", "'kl_cost'", "['enc']"]),
     "rho zero": (["--config.cloud.rho=0"], ["rho"]),
     "rho above one": (["--config.cloud.rho=1.5"], ["rho", "(0, 1]"]),
     "unknown strategy": (["--config.strategies=['finetune','melt']"], ["strategy", "melt"]),

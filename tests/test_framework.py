@@ -19,6 +19,7 @@ from baim_jax.core import learners as L
 from baim_jax.core import optim
 from baim_jax.core.baim import BAIM, BAIMConfig, values
 from baim_jax.core.edge_model import EdgeModel
+from baim_jax.evaluation import likelihood
 from baim_jax.evaluation.data import Split
 from baim_jax.framework import accounting, cloud, edges, fedavg, rundir
 
@@ -687,6 +688,52 @@ def test_cloud_trainer_resume_is_exact_with_pruning(mlp_specs):
     resumed.load_state(saved)
     resumed.run_epoch(1)
     chex.assert_trees_all_equal(resumed.state_leaves(), trainer.state_leaves())
+
+
+def _links(model, tower="dec"):
+    return {(c.src, c.tgt) for c, k in zip(model.conns.connections, model.kept_flat())
+            if k and c.tower == tower}
+
+
+def test_decoder_links_that_only_cost_kl_are_pruned():
+    """A fresh BAIM: every connection kernel is zero, so a decoder link gives its target
+    nothing and only brings its feeder's latent KL. All decoder links go; reconstruction is
+    exactly as before, the KL lower; the encoder connections (no latent) all stay."""
+    specs = [mlp([16], 4, [16]), mlp([12], 3, [8, 8]), mlp([6], 5, [6]), mlp([16], 4, [16])]
+    model = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, feature_dim=8))
+    data = _split(12)
+    enc, dec = _links(model, "enc"), _links(model)
+    assert enc and dec
+    before = likelihood.image_bounds(model, data)
+    dropped = cloud.prune_links_by_bound(model, data)
+    after = likelihood.image_bounds(model, data)
+    assert set(dropped) == dec and not _links(model) and _links(model, "enc") == enc
+    np.testing.assert_allclose(after["rec"], before["rec"], rtol=1e-6)
+    assert after["kl"].mean() < before["kl"].mean()
+
+
+def test_decoder_link_pruning_is_greedy_to_a_fixed_point(mlp_specs, monkeypatch):
+    """A made-up bound over the kept decoder links, in pool order a, b, c, then the rest: a
+    is worth 3 nats while c is kept (0 without), b is worth 4, c costs 5, every other link
+    costs 1. Pass 1 keeps a (c is still there) and b, drops c and the rest; pass 2 drops a,
+    now worth nothing (an equal bound drops); pass 3 drops nothing. Only b is left, and the
+    dropped links' kernels are zeroed."""
+    model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, feature_dim=8))
+    randomize_connections(model, jax.random.key(3))
+    a, b, c, *rest = sorted(_links(model))
+
+    def made_up(m, data):
+        kept = _links(m)
+        return (100.0 - 3 * (a in kept and c in kept) - 4 * (b in kept) + 5 * (c in kept)
+                + sum(link in kept for link in rest))
+
+    monkeypatch.setattr(cloud, "_mean_nelbo", made_up)
+    assert cloud.prune_links_by_bound(model, None) == [c, *rest, a]
+    assert _links(model) == {b}
+    kernels = model.export_tree()["connections"]
+    for conn, kept, kernel in zip(model.conns.connections, model.kept_flat(), kernels):
+        assert kept == (conn.tower == "enc" or (conn.src, conn.tgt) == b)
+        assert kept == bool(np.asarray(kernel).any())
 
 
 def test_cloud_learning_rate_per_strategy():

@@ -489,15 +489,28 @@ class BAIM(nnx.Module):
         kept = np.asarray(self.kept_by_group())
         n_keep = int(np.ceil(kept_fraction * len(self.conns) - 1e-9))
         new = connections.prune_mask(norm, kept, n_keep)
-        start = 0
-        for var, kvar in zip(self.connections, self.kept):
-            size = kvar[...].shape[0]
-            part = jax.device_put(new[start:start + size])
-            kvar[...] = part
-            var[...] = var[...] * part.astype(var[...].dtype).reshape(
-                (-1,) + (1,) * (var[...].ndim - 1))
-            start += size
+        flat = np.zeros(len(self.conns), bool)  # group order -> conns.connections order
+        flat[[i for g in self.conns.groups for i in g.index]] = new
+        self.set_kept(flat, zero=True)
         return int(new.sum())
+
+    def set_kept(self, kept: np.ndarray, *, zero: bool = False) -> None:
+        """Sets which connections are kept, ``[P]`` bool in ``conns.connections`` order.
+
+        Args:
+          kept: the mask.
+          zero: also zero the kernels of the connections not kept (as pruning does); else
+            they stay, and a connection kept again projects as before.
+        """
+        kept = np.asarray(kept, bool)
+        if kept.shape != (len(self.conns),):
+            raise ValueError(f"kept: shape {kept.shape}, expected ({len(self.conns)},)")
+        for g, var, kvar in zip(self.conns.groups, self.connections, self.kept):
+            part = jax.device_put(kept[list(g.index)])
+            kvar[...] = part
+            if zero:
+                var[...] = var[...] * part.astype(var[...].dtype).reshape(
+                    (-1,) + (1,) * (var[...].ndim - 1))
 
     def padding_max_abs(self) -> float:
         """Largest magnitude among the pool's padded learner parameters (0 when none leaks)."""

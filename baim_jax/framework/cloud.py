@@ -15,6 +15,7 @@ from flax import nnx
 from baim_jax.core import connections, optim, strategies
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.edge_model import EdgeModel
+from baim_jax.evaluation import likelihood
 from baim_jax.evaluation.data import Split
 
 
@@ -49,26 +50,71 @@ def aggregate(uploads: Sequence[EdgeModel], tasks: Sequence[str], config: BAIMCo
                          params=[jax.tree.map(np.asarray, up.arrays()) for up in uploads])
 
 
+DECODER_PRUNINGS = ("magnitude", "kl_cost")  # cloud.decoder_pruning
+
+
+def _mean_nelbo(model: BAIM, data: Split) -> float:
+    return float(likelihood.image_bounds(model, data)["nelbo"].mean())
+
+
+def prune_links_by_bound(model: BAIM, data: Split) -> list[tuple[int, int]]:
+    """Decoder links pruned by their KL cost (docs/design.md §10).
+
+    A link ``(m, n)`` is every kept decoder connection from learner m into learner n. With it,
+    m's latent reaches n's path and pays its KL there; without it, that KL and what m's
+    features gave n's reconstruction are gone. Each link in turn is dropped when the mean
+    negative bound of ``data`` (``likelihood.image_bounds``: the same draws with and without)
+    is no higher without it. Passes repeat until one drops nothing, so every link left raises
+    the bound when dropped alone. The dropped connections' kernels are zeroed.
+
+    Returns:
+      the links ``(m, n)`` dropped, in the order they were.
+    """
+    conns = model.conns.connections
+    kept = model.kept_flat()
+    best = _mean_nelbo(model, data)
+    dropped: list[tuple[int, int]] = []
+    while True:
+        links = sorted({(c.src, c.tgt) for c, k in zip(conns, kept) if k and c.tower == "dec"})
+        before = len(dropped)
+        for link in links:
+            trial = kept & ~np.array([c.tower == "dec" and (c.src, c.tgt) == link
+                                      for c in conns])
+            model.set_kept(trial)
+            loss = _mean_nelbo(model, data)
+            if loss <= best:
+                kept, best = trial, loss
+                dropped.append(link)
+        model.set_kept(kept, zero=True)
+        if len(dropped) == before:
+            return dropped
+
+
 @dataclasses.dataclass(frozen=True)
 class Pruning:
     """Magnitude pruning to ``rho`` along the cubic schedule (``connections.kept_fraction``):
     every ``every`` global steps from ``start`` on, and at step ``end`` itself, so that the
-    kept fraction reaches ``rho`` even when ``end`` is not a multiple of ``every``."""
+    kept fraction reaches ``rho`` even when ``end`` is not a multiple of ``every``. With
+    ``links`` (images), decoder links are then pruned by their KL cost at step ``end``
+    (``prune_links_by_bound``)."""
 
     rho: float
     start: int
     end: int
     every: int
+    links: Split | None = None
 
     @classmethod
     def over(cls, total_steps: int, rho: float, start: float, end: float,
-             every: int) -> "Pruning":
+             every: int, links: Split | None = None) -> "Pruning":
         """The schedule of a run of ``total_steps``, its start and end given as fractions."""
-        return cls(rho, int(start * total_steps), max(int(end * total_steps), 1), every)
+        return cls(rho, int(start * total_steps), max(int(end * total_steps), 1), every, links)
 
     def after_step(self, model: BAIM, step: int) -> None:
         if step >= self.start and (step % self.every == 0 or step == self.end):
             model.prune_connections(connections.kept_fraction(step, self.rho, self.start, self.end))
+        if step == self.end and self.links is not None:
+            prune_links_by_bound(model, self.links)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

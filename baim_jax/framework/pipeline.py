@@ -80,17 +80,20 @@ def edge_trainer(plan: Plan, learning_rate: float) -> edges_lib.EdgeTrainer:
 
 def cloud_trainer(plan: Plan, uploads: list[EdgeModel], strategy: str, learning_rate: float,
                   data: Split, *, baim: BAIMConfig | None = None,
-                  rho: float | None = None) -> Trainer:
+                  rho: float | None = None, decoder_pruning: str | None = None) -> Trainer:
     """A BAIM aggregated from ``uploads``, prepared for ``strategy`` and set to train on
     ``data`` with the pruning schedule (paper steps 2 to 4), as the cloud phases run it;
-    ``baim`` and ``rho`` override the plan's (tuning). The BAIM is ``trainer.model``."""
+    ``baim``, ``rho`` and ``decoder_pruning`` override the plan's (tuning). With
+    ``decoder_pruning = "kl_cost"`` the decoder links are pruned by their KL cost on ``data``
+    at the schedule's end. The BAIM is ``trainer.model``."""
     cfg, seed = plan.config.cloud, plan.config.seed
     model = aggregate(uploads, plan.tasks, baim or plan.baim, seed=seed,
                       max_upload_params=cfg.max_upload_params)
     strategies.prepare(model, strategy, seed + 1)
     total = cfg.epochs * len(epoch_batches(len(data.images), cfg.batch_size, 0, 0))
+    by_cost = (decoder_pruning or cfg.decoder_pruning) == "kl_cost"
     pruning = Pruning.over(total, cfg.rho if rho is None else rho, cfg.prune_start,
-                           cfg.prune_end, cfg.prune_every)
+                           cfg.prune_end, cfg.prune_every, links=data if by_cost else None)
     return Trainer(model, strategy, data, learning_rate=learning_rate,
                    batch_size=cfg.batch_size, seed=seed + 2, pruning=pruning,
                    decay_steps=optim.decay_steps(cfg.schedule, total))

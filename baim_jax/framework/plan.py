@@ -18,6 +18,7 @@ from baim_jax.core.baim import BAIMConfig
 from baim_jax.core.pool import Member, PoolLayout
 from baim_jax.evaluation import data as data_lib
 from baim_jax.evaluation.data import Split
+from baim_jax.framework import cloud as cloud_lib
 from baim_jax.framework import edges as edges_lib
 from baim_jax.names import check_task_name
 
@@ -30,7 +31,7 @@ SECTIONS = {
     "cloud": {"epochs": int, "batch_size": int, "learning_rate": float,
               "learning_rates": object, "rho": float,
               "prune_start": (float, 0.0), "prune_end": float, "prune_every": int,
-              "max_upload_params": int, "schedule": str},
+              "max_upload_params": int, "schedule": str, "decoder_pruning": str},
     "personalize": {"epochs": int, "batch_size": int, "learning_rate": float},
     "fl": {"rounds": int, "batch_size": int, "learning_rate": float},
     "central": {"epochs": int, "batch_size": int, "learning_rate": float, "schedule": str},
@@ -234,6 +235,13 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         raise ValueError(f"baim: {err}") from None
     pool = PoolLayout([Member(spec, t) for spec, t in zip(specs, edge_tasks)])
     dispatch.check_capacity_factor(baim.capacity_factor, sum(pool.depths))
+    pruning = config.cloud.decoder_pruning
+    if pruning not in cloud_lib.DECODER_PRUNINGS:
+        raise ValueError(f"cloud.decoder_pruning: {pruning!r} is not one of "
+                         f"{list(cloud_lib.DECODER_PRUNINGS)}")
+    if pruning == "kl_cost" and "dec" not in baim.connect:
+        raise ValueError("cloud.decoder_pruning: 'kl_cost' prunes decoder connections, and "
+                         f"baim.connect {list(baim.connect)} has none")
     smallest = min(edge_tasks.count(t) for t in range(len(tasks)))
     if baim.k > smallest:
         raise ValueError(f"baim.k: {baim.k} is larger than the smallest squad ({smallest} edges)")

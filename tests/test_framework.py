@@ -762,6 +762,22 @@ def test_plan_takes_pruning_from_step_zero_and_refuses_unknown_top_level_keys():
         plan.validate(config)
 
 
+def test_the_cloud_phase_prunes_decoder_links_on_its_own_images_when_asked():
+    """``cloud.decoder_pruning = kl_cost`` gives the cloud's pruning schedule the cloud's
+    training images to score decoder links on (``Pruning.links``); ``magnitude`` none."""
+    from conftest import SMOKE
+
+    from baim_jax.cli import load_config
+    from baim_jax.framework import pipeline, plan
+
+    for how in ("kl_cost", "magnitude"):
+        p = plan.validate(load_config(SMOKE, [f"--config.cloud.decoder_pruning={how}"]))
+        uploads = [EdgeModel(s, p.tasks[t]) for s, t in zip(p.specs, p.edge_tasks)]
+        trainer = pipeline.cloud_trainer(p, uploads, "finetune", 1e-3, p.data.cloud)
+        assert (trainer.pruning.links is p.data.cloud) == (how == "kl_cost")
+        assert (trainer.pruning.links is None) == (how == "magnitude")
+
+
 def test_the_cloud_takes_only_the_uploads_its_config_trained(tmp_path):
     """An upload swapped for another edge's model (same task or not) is refused by name."""
     from conftest import SMOKE

@@ -118,7 +118,8 @@ BAD_CONFIGS = {
     "unknown decoder pruning": (["--config.cloud.decoder_pruning=kl"],
                                 ["cloud.decoder_pruning: 'kl'", "kl_cost"]),
     "KL-cost pruning without decoder connections": (
-        ["--config.baim.connect=['enc']"], ["cloud.decoder_pruning", "'kl_cost'", "['enc']"]),
+        ["--config.cloud.decoder_pruning=kl_cost", "--config.baim.connect=['enc']"],
+        ["cloud.decoder_pruning", "'kl_cost'", "['enc']"]),
     "rho zero": (["--config.cloud.rho=0"], ["rho"]),
     "rho above one": (["--config.cloud.rho=1.5"], ["rho", "(0, 1]"]),
     "unknown strategy": (["--config.strategies=['finetune','melt']"], ["strategy", "melt"]),

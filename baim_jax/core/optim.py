@@ -10,10 +10,15 @@ import optax
 SCHEDULES = ("constant", "cosine")
 
 
+def check_schedule(schedule: str, where: str = "schedule") -> None:
+    """Raises ``ValueError`` naming ``where`` unless ``schedule`` is one of ``SCHEDULES``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{where}: {schedule!r} is not one of {list(SCHEDULES)}")
+
+
 def decay_steps(schedule: str, total_steps: int) -> int | None:
     """The ``decay_steps`` of ``adam`` for a phase of ``total_steps`` with ``schedule``."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule: {schedule!r} is not one of {SCHEDULES}")
+    check_schedule(schedule)
     return None if schedule == "constant" else max(int(total_steps), 1)
 
 

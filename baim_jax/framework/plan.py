@@ -178,9 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         for key, kind in keys.items():
             _get(config, section, key, kind)
     for section in ("cloud", "central"):
-        if config[section].schedule not in optim.SCHEDULES:
-            raise ValueError(f"{section}.schedule: {config[section].schedule!r} is not one of "
-                             f"{list(optim.SCHEDULES)}")
+        optim.check_schedule(config[section].schedule, f"{section}.schedule")
     dc = config.data
     for section in ("edge", "cloud", "personalize", "fl", "central"):
         if config[section].batch_size > dc.size:

@@ -69,6 +69,28 @@ def test_iw_nll_of_an_edge_model_is_iwae_of_the_learner_alone():
     assert np.mean(likelihood.image_nll(edge, data, k=64)) < np.mean(bounds)
 
 
+def test_a_padded_last_batch_scores_its_images_as_alone():
+    """7 images in batches of 4: the last batch (3 >= 4 / 2) is padded to 4 rows, and its 3
+    images score as the model scores them in a batch of their own under the same key (key 0
+    or 1 folded by the batch start 4, then by the draw): padding changes no image's noise."""
+    data = _split(7)
+    x, tasks = jnp.asarray(data.images[4:]), data.tasks[4:]
+    model = BAIM.assemble([mlp([8], 3, [8])] * 4, [0, 0, 1, 1], ["a", "b"],
+                          BAIMConfig(k=2, h=1))
+    edge = EdgeModel(mlp([8], 3, [8]), "a", seed=0)
+    for m, task in ((model, tasks), (edge, None)):
+        want = np.mean([m.bound(x, task=task, rng=jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(0), 4), s))["nelbo"] for s in range(2)], axis=0)
+        got = likelihood.image_bounds(m, data, batch=4, samples=2)["nelbo"]
+        assert got.shape == (7,)
+        np.testing.assert_allclose(got[4:], want, rtol=1e-5)
+        ids = m.task_ids(task if task is not None else 0, 3)
+        alone = likelihood._iw_log_likelihood(m, x, ids, jax.random.fold_in(jax.random.key(1), 4),
+                                              5)
+        np.testing.assert_allclose(likelihood.image_nll(m, data, k=5, batch=4)[4:], -alone,
+                                   rtol=1e-5)
+
+
 def test_per_class_means_and_bad_k():
     values = np.array([1.0, 2.0, 3.0, 5.0])
     assert likelihood.per_class(values, np.array([0, 1, 0, 1])) == {"0": 2.0, "1": 3.5}

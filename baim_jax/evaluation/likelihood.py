@@ -22,11 +22,22 @@ PARTS = ("nelbo", "rec", "kl", "gate_kl")
 
 
 def _batches(model, data: Split, batch: int):
-    """``(start, images, task)`` of each batch; a model of several tasks routes by the data's
-    task ids, a model of one task (task model, edge model) takes every image as its own."""
+    """``(start, images, task, n)`` of each batch, its first ``n`` rows real.
+
+    A model of several tasks routes by the data's task ids, a model of one task (task model,
+    edge model) takes every image as its own. A last batch of at least half the batch size is
+    padded to it (with copies of its last row), so that the model's compiled evaluation serves
+    it: every row's noise depends only on its batch's key and its own row (``bound``), never
+    on the batch's size, so the real rows score as they would alone.
+    """
     for i in range(0, len(data.images), batch):
-        task = data.tasks[i:i + batch] if len(model.tasks) > 1 else 0
-        yield i, data.images[i:i + batch], task
+        x = data.images[i:i + batch]
+        task = data.tasks[i:i + batch] if len(model.tasks) > 1 else np.zeros(len(x), np.int32)
+        n = len(x)
+        if batch // 2 <= n < batch:
+            x, task = (np.concatenate([a, np.repeat(a[-1:], batch - n, axis=0)])
+                       for a in (x, task))
+        yield i, x, (task if len(model.tasks) > 1 else 0), n
 
 
 def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_SAMPLES,
@@ -35,11 +46,11 @@ def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_S
     each ``[n]`` nats: the mean of ``samples`` one-draw estimates (unbiased)."""
     key = jax.random.key(0) if key is None else key
     out = {p: [] for p in PARTS}
-    for i, x, task in _batches(model, data, batch):
+    for i, x, task, n in _batches(model, data, batch):
         draws = [model.bound(x, task=task, rng=jax.random.fold_in(jax.random.fold_in(key, i), s))
                  for s in range(samples)]
         for p in PARTS:
-            out[p].append(np.mean([np.asarray(d[p], np.float64) for d in draws], axis=0))
+            out[p].append(np.mean([np.asarray(d[p], np.float64)[:n] for d in draws], axis=0))
     return {p: np.concatenate(v) if v else np.zeros(0) for p, v in out.items()}
 
 
@@ -60,11 +71,11 @@ def image_nll(model, data: Split, *, k: int = IW_SAMPLES, batch: int = 250,
         raise ValueError(f"k: must be a positive integer, got {k!r}")
     key = jax.random.key(1) if key is None else key
     out = []
-    for i, x, task in _batches(model, data, batch):
+    for i, x, task, n in _batches(model, data, batch):
         x = jnp.asarray(x, jnp.float32)
         ids = model.task_ids(task, x.shape[0])
         out.append(-np.asarray(_iw_log_likelihood(model, x, ids, jax.random.fold_in(key, i), k),
-                               np.float64))
+                               np.float64)[:n])
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -505,12 +505,13 @@ class BAIM(nnx.Module):
         kept = np.asarray(kept, bool)
         if kept.shape != (len(self.conns),):
             raise ValueError(f"kept: shape {kept.shape}, expected ({len(self.conns)},)")
-        for g, var, kvar in zip(self.conns.groups, self.connections, self.kept):
-            part = jax.device_put(kept[list(g.index)])
+        parts = [jax.device_put(kept[list(g.index)]) for g in self.conns.groups]
+        for kvar, part in zip(self.kept, parts):
             kvar[...] = part
-            if zero:
-                var[...] = var[...] * part.astype(var[...].dtype).reshape(
-                    (-1,) + (1,) * (var[...].ndim - 1))
+        if zero:
+            zeroed = connections.zero_pruned([var[...] for var in self.connections], parts)
+            for var, kernel in zip(self.connections, zeroed):
+                var[...] = kernel
 
     def padding_max_abs(self) -> float:
         """Largest magnitude among the pool's padded learner parameters (0 when none leaks)."""

@@ -215,10 +215,19 @@ def project(group: Group, kernel: jax.Array, src_feat: jax.Array) -> jax.Array:
     return jnp.pad(out, pad) if any(p for _, p in pad) else out
 
 
+@jax.jit
 def norms(kernels: list[jax.Array]) -> jax.Array:
-    """Frobenius norm of every connection, ``[P]`` in group order."""
+    """Frobenius norm of every connection, ``[P]`` in group order (one compiled call: a
+    pruning step runs it on every group's kernels)."""
     parts = [jnp.sqrt(jnp.sum(k.reshape(k.shape[0], -1) ** 2, axis=1)) for k in kernels]
     return jnp.concatenate(parts) if parts else jnp.zeros((0,))
+
+
+@jax.jit
+def zero_pruned(kernels: list[jax.Array], kept: list[jax.Array]) -> list[jax.Array]:
+    """Each group's kernels ``[G, *kernel]`` times its kept mask ``[G]`` (one compiled call)."""
+    return [k * m.astype(k.dtype).reshape((-1,) + (1,) * (k.ndim - 1))
+            for k, m in zip(kernels, kept)]
 
 
 def kept_fraction(step: int, rho: float, start: int, end: int) -> float:

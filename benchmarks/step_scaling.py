@@ -1,8 +1,9 @@
 """Does the BAIM's step time follow K (active learners) rather than N (pool size)?
 
-One squad of N equal MLP VAE learners (784-256-2x32 encoder, 32-256-784 decoder), K = 2,
-batch 256, h = 1. Routing is forced balanced (docs/design.md §9): example b goes to learners
-(b + k N / K) mod N, with the gate's softmax weights there; the load it got is reported.
+One squad of N equal MLP VAE learners (784-256-2x32 encoder, 32-256-784 decoder by default;
+``--hidden``, ``--latent``, ``--image-size``), K = 2, batch 256 (``--batch``), h = 1. Routing is
+forced balanced (docs/design.md §9): example b goes to learners (b + k N / K) mod N, with the
+gate's softmax weights there; the load it got is reported.
 
 Connections: a pruned, compacted BAIM (pruned connections are gone) that keeps
 ``--kept-per-learner`` = r connections per learner, balanced like the routing: learner m feeds
@@ -14,10 +15,12 @@ feeds), so nothing is dropped.
 
 Prints one JSON object: ``seconds_per_grad`` and ``seconds_per_train_step`` keyed by N (fast
 capacity path), ``ratio_32_over_4``, ``grad_flops_per_s`` (useful work of the K active
-learners at N = 4), ``matmul_flops_per_s``, ``fraction_of_matmul``, and for comparison the dense
-reference path and the pool without connections, ``fraction_of_matmul_no_connections`` and
+learners at the first size), ``matmul_flops_per_s`` (a square float32 matmul of
+``--matmul-size``), ``fraction_of_matmul``, and for comparison the dense reference path and the
+pool without connections, ``fraction_of_matmul_no_connections`` and
 ``fraction_of_matmul_executed`` (every row run counted, the feeders' stages and the
-connections' projections included).
+connections' projections included). On a device of ``PEAK_FLOPS`` (or with ``--peak-flops``),
+``mfu`` and ``mfu_no_connections``: useful FLOP/s over that peak, keyed by N.
 
 ``seconds_per_grad_pool_only`` times the learner pool alone (``pool.run_pool``) on the same
 buffers and per-position capacities, with no gate, no dispatch and no connections: the cost of
@@ -26,9 +29,12 @@ the stacked per-learner weights on this machine, which no dispatch can go below.
 
 Every variant of every size is compiled first and then timed in turn, ``--repeats`` rounds
 (medians reported): on a shared machine a slow spell then slows all of them alike, and the
-ratios between sizes and variants compare times taken side by side.
+ratios between sizes and variants compare times taken side by side. ``--variants`` times a
+subset (the dense path at large widths needs N times the memory of the others).
 
     python benchmarks/step_scaling.py [--sizes 4 8 16 32] [--repeats 20] [--trace DIR]
+    python benchmarks/step_scaling.py --sizes 8 32 --batch 8192 --hidden 2048 \
+        --matmul-size 8192 --variants seconds_per_grad seconds_per_grad_no_connections
 """
 
 from __future__ import annotations
@@ -53,6 +59,11 @@ from baim_jax.core.pool import Member, PoolLayout, run_pool
 
 SPEC = LearnerSpec("mlp", (28, 28, 1), (256,), 32, (256,))
 BATCH, K, H = 256, 2, 1
+# Dense matmul peak of float32 operands at JAX's default precision (TF32 tensor cores on these
+# GPUs), FLOP/s, from NVIDIA's data sheets (without sparsity), by ``device_kind``.
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 494.7e12, "NVIDIA H100 PCIe": 378e12,
+              "NVIDIA H200": 494.7e12, "NVIDIA A100-SXM4-80GB": 156e12,
+              "NVIDIA A100-SXM4-40GB": 156e12}
 
 
 def balanced_selection(batch: int, n: int, k: int) -> np.ndarray:
@@ -63,10 +74,16 @@ def balanced_selection(batch: int, n: int, k: int) -> np.ndarray:
     return sel
 
 
-def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
-    """A compacted pruned BAIM of n learners, its balanced routing (``[B, N]``), the load
-    figures and the capacity layout; the capacity fits exactly."""
-    members = [Member(SPEC, 0) for _ in range(n)]
+def learner_spec(hidden: int = 256, latent: int = 32, image_size: int = 28) -> LearnerSpec:
+    """The benchmark's learner: an MLP VAE image-hidden-2xlatent / latent-hidden-image."""
+    return LearnerSpec("mlp", (image_size, image_size, 1), (hidden,), latent, (hidden,))
+
+
+def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0, spec: LearnerSpec = SPEC,
+          batch: int = BATCH):
+    """A compacted pruned BAIM of n learners ``spec``, its balanced routing (``[batch, N]``),
+    the load figures and the capacity layout; the capacity fits exactly."""
+    members = [Member(spec, 0) for _ in range(n)]
     potential = C.potential_set(PoolLayout(members), H)
     rng = np.random.default_rng(seed)
     by_pair: dict[tuple[int, int], list] = {}
@@ -78,7 +95,7 @@ def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
     probe = C.ConnectionSet(PoolLayout(members), chosen)
     kernels = [(0.01 * rng.standard_normal(probe.real_kernel_shape(c))).astype(np.float32)
                for c in chosen]
-    selected = balanced_selection(BATCH, n, K)
+    selected = balanced_selection(batch, n, K)
     model = BAIM(members, ["all"], BAIMConfig(k=K, h=H, dispatch=dispatch),
                  rngs=nnx.Rngs(seed), conns=chosen, connection_kernels=kernels)
     depths = model.layout.depths
@@ -86,8 +103,8 @@ def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
         jnp.asarray(selected), model.conns.flat_arrays(), jnp.ones(len(chosen), bool), depths)))
     loads = [int((depth > q).sum(0).max()) for q in range(sum(depths))]
     model.config = BAIMConfig(k=K, h=H, dispatch=dispatch,
-                              capacity_factor=tuple(c * n / (BATCH * K) for c in loads))
-    chain = [st for tower in ("enc", "dec") for st in stages(SPEC)[tower]]
+                              capacity_factor=tuple(c * n / (batch * K) for c in loads))
+    chain = [st for tower in ("enc", "dec") for st in stages(spec)[tower]]
     # Each connection's projection runs on its target position's rows (as a stage does,
     # counted as 3 times its forward FLOPs, like the learners' work).
     connection_flops = 3 * sum(
@@ -99,9 +116,9 @@ def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0):
             "capacity": loads[0], "capacity_per_position": loads,
             "active_learners_per_example": K,
             "needed_learners_per_example": float((depth > 0).sum(1).mean()),
-            "largest_share_of_rows": float(loads[0] / BATCH),
+            "largest_share_of_rows": float(loads[0] / batch),
             "executed_flops_per_grad": executed, "connection_flops_per_grad": connection_flops,
-            "executed_over_useful": executed / (3 * K * BATCH * learner_flops(SPEC))}
+            "executed_over_useful": executed / (3 * K * batch * learner_flops(spec))}
     return model, jnp.asarray(selected), info, D.capacity_layout(depth, loads)
 
 
@@ -126,18 +143,24 @@ def interleaved_medians(calls: dict, repeats: int) -> dict:
     return {key: float(np.median(t)) for key, t in times.items()}
 
 
-def objective(selected):
+def images(model: BAIM, batch: int) -> jax.Array:
+    """The benchmark's one batch of images ``[batch, H, W, C]`` (uniform, fixed key)."""
+    return jax.random.uniform(jax.random.key(1), (batch, *model.layout.image_shape))
+
+
+def objective(model: BAIM, selected):
     """``model -> loss``: the BAIM's training objective on the benchmark's one batch (fixed
     images, task 0, noise key) with the imposed choice ``selected`` ``[B, N]``."""
-    x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
-    task = jnp.zeros((BATCH,), jnp.int32)
+    batch = selected.shape[0]
+    x = images(model, batch)
+    task = jnp.zeros((batch,), jnp.int32)
     rng = jax.random.key(2)
     return lambda model: model.loss(x, task, rng, selected=selected)[0]
 
 
 def grad_call(model: BAIM, selected):
     """Loss and gradients of the BAIM's training objective (jitted)."""
-    loss = objective(selected)
+    loss = objective(model, selected)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -149,7 +172,7 @@ def grad_call(model: BAIM, selected):
 
 def step_call(model: BAIM, selected):
     """The full train step, optimizer update included (jitted; the state is carried on)."""
-    loss = objective(selected)
+    loss = objective(model, selected)
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     state = jax.tree.map(jnp.copy, state)  # donated below; the other calls share the model's
@@ -172,16 +195,16 @@ def step_call(model: BAIM, selected):
 
 def pool_only_call(model: BAIM, layout: D.Layout):
     """Loss and gradients of the learner pool alone on the layout's buffers (see module doc)."""
-    x = jax.random.uniform(jax.random.key(1), (BATCH, *SPEC.image_shape))
-    buffers = D.gather_rows(x, layout.rows_of)
-    eps = D.gather_rows(jax.random.normal(jax.random.key(2), (BATCH, model.layout.latent)),
+    batch = layout.slot_of.shape[0] - 1
+    buffers = D.gather_rows(images(model, batch), layout.rows_of)
+    eps = D.gather_rows(jax.random.normal(jax.random.key(2), (batch, model.layout.latent)),
                         layout.rows_of)
 
     @jax.jit
     @jax.grad
     def grad(params):
         out = run_pool(model.layout, params, buffers, eps, caps=layout.caps)
-        return (jnp.sum(out["rec"]) + jnp.sum(out["kl"][:, :out["rec"].shape[1]])) / BATCH
+        return (jnp.sum(out["rec"]) + jnp.sum(out["kl"][:, :out["rec"].shape[1]])) / batch
 
     params = values(model.learners)
     return lambda: grad(params)
@@ -203,26 +226,47 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--kept-per-learner", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--hidden", type=int, default=256, help="each learner's hidden width")
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=28, help="square, one channel")
+    parser.add_argument("--matmul-size", type=int, default=2048,
+                        help="side of the square matmul that sets the machine's rate")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="what to time (seconds_per_grad always)")
+    parser.add_argument("--peak-flops", type=float,
+                        help="the device's peak FLOP/s for mfu (default: PEAK_FLOPS)")
     parser.add_argument("--trace", metavar="DIR",
                         help="also write a profiler trace (TensorBoard / Perfetto) of 10 grad "
                              "steps at each size to DIR, after the timings")
     args = parser.parse_args()
+    if min(args.batch, args.hidden, args.latent, args.image_size, args.matmul_size) < 1:
+        parser.error("--batch, --hidden, --latent, --image-size, --matmul-size: must be >= 1")
+    variants = ["seconds_per_grad"] + [v for v in args.variants if v != "seconds_per_grad"]
+    spec = learner_spec(args.hidden, args.latent, args.image_size)
+    batch = args.batch
     load_start = os.getloadavg()[0]
-    out = {"device": str(jax.devices()[0].device_kind), "batch": BATCH, "k": K, "h": H,
-           "learner": SPEC.to_json(), "kept_per_learner": args.kept_per_learner,
+    device = str(jax.devices()[0].device_kind)
+    out = {"device": device, "batch": batch, "k": K, "h": H,
+           "learner": spec.to_json(), "kept_per_learner": args.kept_per_learner,
            "repeats": args.repeats, "timing": "medians, every variant and size timed in turn",
-           **{v: {} for v in VARIANTS}, "grad_over_pool_only": {}, "load": {}}
-    matmul_size = 2048
-    calls = {("matmul", 0): matmul_call(matmul_size)}
+           **{v: {} for v in variants}, "load": {}}
+    calls = {("matmul", 0): matmul_call(args.matmul_size)}
     for n in args.sizes:
-        model, selected, out["load"][n], layout = build(n, args.kept_per_learner, "capacity")
+        model, selected, out["load"][n], layout = build(n, args.kept_per_learner, "capacity",
+                                                        spec=spec, batch=batch)
         calls["seconds_per_grad", n] = grad_call(model, selected)
-        calls["seconds_per_train_step", n] = step_call(model, selected)
-        calls["seconds_per_grad_pool_only", n] = pool_only_call(model, layout)
-        dense, selected, _, _ = build(n, args.kept_per_learner, "dense")
-        calls["seconds_per_grad_dense", n] = grad_call(dense, selected)
-        bare, selected, _, _ = build(n, 0, "capacity")
-        calls["seconds_per_grad_no_connections", n] = grad_call(bare, selected)
+        if "seconds_per_train_step" in variants:
+            calls["seconds_per_train_step", n] = step_call(model, selected)
+        if "seconds_per_grad_pool_only" in variants:
+            calls["seconds_per_grad_pool_only", n] = pool_only_call(model, layout)
+        if "seconds_per_grad_dense" in variants:
+            dense, selected, _, _ = build(n, args.kept_per_learner, "dense", spec=spec,
+                                          batch=batch)
+            calls["seconds_per_grad_dense", n] = grad_call(dense, selected)
+        if "seconds_per_grad_no_connections" in variants:
+            bare, selected, _, _ = build(n, 0, "capacity", spec=spec, batch=batch)
+            calls["seconds_per_grad_no_connections", n] = grad_call(bare, selected)
     medians = interleaved_medians(calls, args.repeats)
     if args.trace:
         with jax.profiler.trace(args.trace, create_perfetto_trace=True):
@@ -233,24 +277,34 @@ def main() -> None:
     for (variant, n), t in medians.items():
         if variant != "matmul":
             out[variant][n] = t
-    for n in args.sizes:
-        out["grad_over_pool_only"][n] = (out["seconds_per_grad"][n]
-                                         / out["seconds_per_grad_pool_only"][n])
+    if "seconds_per_grad_pool_only" in variants:
+        out["grad_over_pool_only"] = {n: out["seconds_per_grad"][n]
+                                      / out["seconds_per_grad_pool_only"][n] for n in args.sizes}
     first, last = args.sizes[0], args.sizes[-1]
     for variant, suffix in (("seconds_per_grad", ""), ("seconds_per_grad_dense", "_dense"),
                             ("seconds_per_grad_no_connections", "_no_connections"),
                             ("seconds_per_grad_pool_only", "_pool_only")):
-        out[f"ratio_{last}_over_{first}{suffix}"] = out[variant][last] / out[variant][first]
-    useful = 3 * K * BATCH * learner_flops(SPEC)
+        if variant in variants:
+            out[f"ratio_{last}_over_{first}{suffix}"] = out[variant][last] / out[variant][first]
+    useful = 3 * K * batch * learner_flops(spec)
     out["useful_flops_per_grad"] = useful
     out["grad_flops_per_s"] = useful / out["seconds_per_grad"][first]
-    out["matmul_flops_per_s"] = 2 * matmul_size**3 / medians["matmul", 0]
+    out["matmul_size"] = args.matmul_size
+    out["matmul_flops_per_s"] = 2 * args.matmul_size**3 / medians["matmul", 0]
     out["fraction_of_matmul"] = out["grad_flops_per_s"] / out["matmul_flops_per_s"]
     out["fraction_of_matmul_executed"] = (out["load"][first]["executed_flops_per_grad"]
                                           / out["seconds_per_grad"][first]
                                           / out["matmul_flops_per_s"])
-    out["fraction_of_matmul_no_connections"] = (useful / out["seconds_per_grad_no_connections"]
-                                                [first] / out["matmul_flops_per_s"])
+    if "seconds_per_grad_no_connections" in variants:
+        out["fraction_of_matmul_no_connections"] = (
+            useful / out["seconds_per_grad_no_connections"][first] / out["matmul_flops_per_s"])
+    peak = args.peak_flops or PEAK_FLOPS.get(device)
+    out["peak_flops"] = peak
+    if peak:
+        for variant, key in (("seconds_per_grad", "mfu"),
+                             ("seconds_per_grad_no_connections", "mfu_no_connections")):
+            if variant in variants:
+                out[key] = {n: useful / out[variant][n] / peak for n in args.sizes}
     out["loadavg_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     print(json.dumps(out, indent=1))
 

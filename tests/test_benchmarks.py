@@ -10,24 +10,30 @@ from pathlib import Path
 import chex
 import jax
 
-from baim_jax.core.learners import LearnerSpec
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_step_scaling_prints_its_json(monkeypatch, capsys, tmp_path):
-    # In-process, with small learners (8x8 images) so that compiling stays cheap; routing,
-    # connections and capacities do not depend on the learners' widths.
+def _step_scaling():
     path = ROOT / "benchmarks" / "step_scaling.py"
     spec = importlib.util.spec_from_file_location("step_scaling", path)
     step_scaling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_scaling)
-    monkeypatch.setattr(step_scaling, "SPEC", LearnerSpec("mlp", (8, 8, 1), (16,), 4, (16,)))
+    return step_scaling, path
+
+
+# Small learners (8x8 images) so that compiling stays cheap; routing, connections and
+# capacities do not depend on the learners' widths.
+SMALL = ["--hidden", "16", "--latent", "4", "--image-size", "8", "--matmul-size", "64"]
+
+
+def test_step_scaling_prints_its_json(monkeypatch, capsys, tmp_path):
+    step_scaling, path = _step_scaling()
     monkeypatch.setattr(sys, "argv", [str(path), "--sizes", "2", "4", "--repeats", "2",
-                                      "--trace", str(tmp_path / "trace")])
+                                      *SMALL, "--trace", str(tmp_path / "trace")])
     with jax.numpy_dtype_promotion("standard"):  # as the script runs (conftest makes it strict)
         step_scaling.main()
     result = json.loads(capsys.readouterr().out)
+    assert result["learner"]["encoder"] == [16] and result["learner"]["image_shape"] == [8, 8, 1]
     for key in ("seconds_per_grad", "seconds_per_train_step", "seconds_per_grad_dense",
                 "seconds_per_grad_no_connections", "seconds_per_grad_pool_only",
                 "grad_over_pool_only"):
@@ -35,6 +41,9 @@ def test_step_scaling_prints_its_json(monkeypatch, capsys, tmp_path):
     assert result["ratio_4_over_2"] > 0 and 0 < result["fraction_of_matmul"]
     assert result["ratio_4_over_2_pool_only"] > 0
     assert result["grad_flops_per_s"] > 0 and result["matmul_flops_per_s"] > 0
+    # Learners of 64 * 16 + 16 * (2 * 4) + 4 * 16 + 16 * 64 = 2240 MACs (4480 FLOPs) an image,
+    # K = 2 of them on each of 256 images, forward and backward (3 times the forward).
+    assert result["useful_flops_per_grad"] == 3 * 2 * 256 * 4480
     load = result["load"]["4"]
     # Balanced routing: every learner gets B K / N = 128 rows of its own; learner m also feeds
     # m+1, whose 128 rows are the other half of the batch, so the busiest learner needs all 256.
@@ -45,6 +54,26 @@ def test_step_scaling_prints_its_json(monkeypatch, capsys, tmp_path):
     assert 1.0 < load["executed_over_useful"] < 2.0 and 0 < result["fraction_of_matmul_executed"]
     assert load["kept_connections"] == 4
     assert list((tmp_path / "trace").rglob("*.trace.json.gz"))
+    assert result["peak_flops"] is None and "mfu" not in result  # no peak known for a CPU
+
+
+def test_step_scaling_times_the_variants_asked_for_with_mfu(monkeypatch, capsys):
+    # A device's busy configuration skips the dense path (N times the memory): only the
+    # variants asked for are built and timed, and a given peak gives the MFU of each size.
+    step_scaling, path = _step_scaling()
+    monkeypatch.setattr(sys, "argv", [str(path), "--sizes", "2", "--repeats", "1", *SMALL,
+                                      "--batch", "64", "--variants",
+                                      "seconds_per_grad_no_connections", "--peak-flops", "1e12"])
+    with jax.numpy_dtype_promotion("standard"):
+        step_scaling.main()
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch"] == 64 and result["load"]["2"]["capacity"] == 64
+    assert "seconds_per_grad_dense" not in result and "grad_over_pool_only" not in result
+    useful = result["useful_flops_per_grad"]
+    for key, variant in (("mfu", "seconds_per_grad"),
+                         ("mfu_no_connections", "seconds_per_grad_no_connections")):
+        assert result[key]["2"] == useful / result[variant]["2"] / 1e12
+    assert result["fraction_of_matmul_no_connections"] > 0
 
 
 def test_serve_prints_its_json(tmp_path):

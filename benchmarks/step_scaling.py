@@ -57,7 +57,6 @@ from baim_jax.core.baim import BAIM, BAIMConfig, values
 from baim_jax.core.learners import LearnerSpec, learner_flops, stage_flops, stages
 from baim_jax.core.pool import Member, PoolLayout, run_pool
 
-SPEC = LearnerSpec("mlp", (28, 28, 1), (256,), 32, (256,))
 BATCH, K, H = 256, 2, 1
 # Dense matmul peak of float32 operands at JAX's default precision (TF32 tensor cores on these
 # GPUs), FLOP/s, from NVIDIA's data sheets (without sparsity), by ``device_kind``.
@@ -77,6 +76,9 @@ def balanced_selection(batch: int, n: int, k: int) -> np.ndarray:
 def learner_spec(hidden: int = 256, latent: int = 32, image_size: int = 28) -> LearnerSpec:
     """The benchmark's learner: an MLP VAE image-hidden-2xlatent / latent-hidden-image."""
     return LearnerSpec("mlp", (image_size, image_size, 1), (hidden,), latent, (hidden,))
+
+
+SPEC = learner_spec()
 
 
 def build(n: int, kept_per_learner: int, dispatch: str, seed: int = 0, spec: LearnerSpec = SPEC,
@@ -155,7 +157,7 @@ def objective(model: BAIM, selected):
     x = images(model, batch)
     task = jnp.zeros((batch,), jnp.int32)
     rng = jax.random.key(2)
-    return lambda model: model.loss(x, task, rng, selected=selected)[0]
+    return lambda m: m.loss(x, task, rng, selected=selected)[0]
 
 
 def grad_call(model: BAIM, selected):

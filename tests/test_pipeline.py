@@ -162,6 +162,9 @@ def test_results_record_config_versions_and_split(smoke_run, results):
     together = np.concatenate(parts)
     assert len(together) == len(set(together.tolist()))  # no image in two places
     assert [len(e) for e in split["edges"]] == results["data"]["edges"]
+    per_task = results["data"]["test_per_task"]  # what each task's FID draws (and its grid)
+    assert list(per_task) == results["config"]["task_names"] and all(per_task.values())
+    assert sum(per_task.values()) == results["data"]["test"] == len(split["test"])
 
 
 def test_finished_run_is_not_redone(smoke_run):

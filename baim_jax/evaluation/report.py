@@ -95,28 +95,31 @@ def _plot_fid(results: dict, path: Path) -> None:
 
 
 GRID_ROWS = 8  # samples per grid row
-# The grids take the first rows of a draw of this many: every sampler draws a power of two of
-# rows and row i does not depend on how many are drawn (baim.sample_rows), so these are the
-# images a draw of 8 gives, from the sampler the FID of a task's test images (257 to 512 of
-# them, as in the case study) has already compiled.
-GRID_DRAW = 512
 
 
 def _phase_grids(results: dict, workdir: Path) -> list[str]:
     """Samples of the three phases: every edge model, each strategy's BAIM per task, every
-    personalised task model (8 per row)."""
+    personalised task model (8 per row).
+
+    A row is the first 8 of as many samples as the task's FID drew (a draw's row i does not
+    depend on how many rows are drawn, ``baim.sample_rows``): the images a draw of 8 gives,
+    from the sampler the FID has already compiled.
+    """
     from baim_jax import checkpoint
 
     key = jax.random.key(0)
+    drawn = results["data"]["test_per_task"]
 
-    def row(model, task) -> np.ndarray:
-        return np.asarray(model.sample(GRID_DRAW, task=task, rng=key)[:GRID_ROWS])
+    def row(model, task: str) -> np.ndarray:
+        one = len(model.tasks) == 1
+        return np.asarray(model.sample(drawn[task], task=None if one else task,
+                                       rng=key)[:GRID_ROWS])
 
     rows = {"edges_initial": [], "cloud": [], "edges_personalized": []}
     for e in results["edges"]:
         for phase, sub in (("edges_initial", "initial"), ("edges_personalized", "personalized")):
             model = checkpoint.load(Path(e["path"]) / sub)
-            rows[phase].append(row(model, None if sub == "initial" else e["task"]))
+            rows[phase].append(row(model, e["task"]))
     for strategy in [a for a in APPROACHES if a not in ("fl", "central")
                      and a in results["approaches"]]:
         model = checkpoint.load(workdir / "baim" / strategy)

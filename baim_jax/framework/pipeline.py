@@ -467,6 +467,8 @@ def assemble_results(plan: Plan, done: dict, workdir: Path) -> dict:
         "fid_feature_net": done["features"]["feature_net"], "fid_floor": done["features"]["floor"],
         "phases": {name: rec["wall_seconds"] for name, rec in done.items()},
         "data": {"dataset": plan.config.data.dataset, "test": len(plan.data.test.images),
+                 "test_per_task": {name: int(np.sum(plan.data.test.tasks == t))
+                                   for t, name in enumerate(plan.tasks)},
                  "cloud": len(plan.data.cloud.images),
                  "edges": [len(s.images) for s in plan.data.edges]},
         "fl_model": fl["spec"],

@@ -25,16 +25,17 @@ def _batches(model, data: Split, batch: int):
     """``(start, images, task, n)`` of each batch, its first ``n`` rows real.
 
     A model of several tasks routes by the data's task ids, a model of one task (task model,
-    edge model) takes every image as its own. A last batch of at least half the batch size is
-    padded to it (with copies of its last row), so that the model's compiled evaluation serves
-    it: every row's noise depends only on its batch's key and its own row (``bound``), never
-    on the batch's size, so the real rows score as they would alone.
+    edge model) takes every image as its own. In a split of more than one batch, the last is
+    padded to the batch size (with copies of its last row), so that the model's one compiled
+    evaluation serves every batch (compiling another costs more than one batch's compute):
+    every row's noise depends only on its batch's key and its own row (``bound``), never on
+    the batch's size, so the real rows score as they would alone.
     """
     for i in range(0, len(data.images), batch):
         x = data.images[i:i + batch]
         task = data.tasks[i:i + batch] if len(model.tasks) > 1 else np.zeros(len(x), np.int32)
         n = len(x)
-        if batch // 2 <= n < batch:
+        if i and n < batch:
             x, task = (np.concatenate([a, np.repeat(a[-1:], batch - n, axis=0)])
                        for a in (x, task))
         yield i, x, (task if len(model.tasks) > 1 else 0), n

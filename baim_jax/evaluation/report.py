@@ -101,9 +101,9 @@ def _phase_grids(results: dict, workdir: Path) -> list[str]:
     """Samples of the three phases: every edge model, each strategy's BAIM per task, every
     personalised task model (8 per row).
 
-    A row is the first 8 of as many samples as the task's FID drew (a draw's row i does not
-    depend on how many rows are drawn, ``baim.sample_rows``): the images a draw of 8 gives,
-    from the sampler the FID has already compiled.
+    A row is the first 8 of as many samples as the task's FID drew, at least 8 (a draw's row
+    i does not depend on how many rows are drawn, ``baim.sample_rows``): the images a draw of
+    8 gives, from the sampler the FID has already compiled.
     """
     from baim_jax import checkpoint
 
@@ -112,7 +112,7 @@ def _phase_grids(results: dict, workdir: Path) -> list[str]:
 
     def row(model, task: str) -> np.ndarray:
         one = len(model.tasks) == 1
-        return np.asarray(model.sample(drawn[task], task=None if one else task,
+        return np.asarray(model.sample(max(drawn[task], GRID_ROWS), task=None if one else task,
                                        rng=key)[:GRID_ROWS])
 
     rows = {"edges_initial": [], "cloud": [], "edges_personalized": []}

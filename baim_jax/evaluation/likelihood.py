@@ -32,13 +32,9 @@ def _batches(model, data: Split, batch: int):
     the batch's size, so the real rows score as they would alone.
     """
     for i in range(0, len(data.images), batch):
-        x = data.images[i:i + batch]
-        task = data.tasks[i:i + batch] if len(model.tasks) > 1 else np.zeros(len(x), np.int32)
-        n = len(x)
-        if i and n < batch:
-            x, task = (np.concatenate([a, np.repeat(a[-1:], batch - n, axis=0)])
-                       for a in (x, task))
-        yield i, x, (task if len(model.tasks) > 1 else 0), n
+        n = min(batch, len(data.images) - i)
+        rows = np.concatenate([np.arange(i, i + n), np.full(batch - n if i else 0, i + n - 1)])
+        yield i, data.images[rows], data.tasks[rows] if len(model.tasks) > 1 else 0, n
 
 
 def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_SAMPLES,

@@ -111,9 +111,8 @@ def _phase_grids(results: dict, workdir: Path) -> list[str]:
     drawn = results["data"]["test_per_task"]
 
     def row(model, task: str) -> np.ndarray:
-        one = len(model.tasks) == 1
-        return np.asarray(model.sample(max(drawn[task], GRID_ROWS), task=None if one else task,
-                                       rng=key)[:GRID_ROWS])
+        return np.asarray(model.sample(max(drawn[task], GRID_ROWS), task=task, rng=key)[
+            :GRID_ROWS])
 
     rows = {"edges_initial": [], "cloud": [], "edges_personalized": []}
     for e in results["edges"]:

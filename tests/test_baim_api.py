@@ -111,7 +111,8 @@ def test_sample_of_n_is_a_sampler_of_exactly_n_rows(model):
         chex.assert_trees_all_close(model.draw(300, task=task, rng=key)["out"][:7], exact,
                                     atol=1e-6)
     edge = EdgeModel(mlp([16], 4, [16]), "a", seed=0)
-    chex.assert_trees_all_close(edge.draw(7, rng=key)["out"], edge_model._draw(edge, 7, key),
+    chex.assert_trees_all_close(edge.draw(7, rng=key)["out"],
+                                edge_model._draw(edge.learner_spec, edge.arrays(), 7, key),
                                 atol=1e-6)
 
 
@@ -262,3 +263,18 @@ def test_spec_is_json_and_counts_real_parameters(model):
     assert p["total"] == p["learners"] + p["gate"] + p["connections"]
     assert p["learners"] == sum(m["params"] for m in spec["learners"])
     assert spec["padding_waste"] >= 1.0
+
+
+def test_edge_models_of_one_spec_share_compiled_programs():
+    """An edge model's task is part of its static structure, but not of its bound or its
+    sampler: edges of one spec and different tasks run the same two compiled programs."""
+    spec, key = mlp([16], 4, [16]), jax.random.key(0)
+    x = np.random.default_rng(0).random((5,) + spec.image_shape, np.float32)
+    edge_model._forward.clear_cache()
+    edge_model._draw.clear_cache()
+    for task, seed in (("a", 0), ("b", 1)):
+        edge = EdgeModel(spec, task, seed=seed)
+        edge.bound(x, rng=key)
+        edge.draw(3, rng=key)
+    assert edge_model._forward._cache_size() == 1
+    assert edge_model._draw._cache_size() == 1

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import mlp
+from conftest import conv, mlp
 from flax import nnx
 from reference import randomize_connections
 
@@ -295,6 +295,14 @@ def test_step_flops_positive_grows_with_width_and_covers_the_output_matmul():
     # for each of its two backward matmuls (kernel and input gradients): 3 * 2 * B * W * 64.
     for width, flops in ((4, narrow), (32, wide)):
         assert flops >= 3 * 2 * batch * width * 64
+
+
+def test_counting_compile_counts_what_the_running_compile_does():
+    # COUNT_ONLY skips LLVM's optimisation; the cost analysis reads the optimised HLO, so the
+    # counts agree exactly, for an MLP and a convolutional edge step.
+    for spec in (mlp([32, 16], 4, [16, 32]), conv([4, 6], 4, [4, 6])):
+        lowered = edges.lowered_step(spec, 8)
+        assert edges.compiled_flops(lowered, edges.COUNT_ONLY) == edges.compiled_flops(lowered)
 
 
 # ---------------------------------------------------------------------------- aggregate

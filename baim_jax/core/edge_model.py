@@ -8,6 +8,8 @@ The FedAvg baseline's homogeneous model is one too. It has the BAIM's public sur
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,25 +57,8 @@ class EdgeModel(nnx.Module):
         return values(self.params)
 
     def forward(self, x: jax.Array, rng: jax.Array | None = None) -> dict:
-        """``x [B, H, W, C]`` -> ``recon`` ``[B, H, W, C]`` and the bound's parts ``rec``,
-        ``kl``, ``gate_kl`` (zeros: one learner), ``nelbo`` and ``log_w`` (the draw's
-        ``log p(x | z) + log p(z) - log q(z | x)``), each ``[B]``.
-
-        ``rng=None`` uses the posterior mean; the noise is the stream 0 of
-        ``bound.latent_noise``, what a BAIM of this one learner draws.
-        """
-        spec = self.learner_spec
-        eps = (jnp.zeros((x.shape[0], spec.latent)) if rng is None
-               else bound.latent_noise(rng, jnp.zeros(1, jnp.int32), x.shape[0], spec.latent)[0])
-        p = self.arrays()
-        out = learners.learner_forward(spec, p, x, eps)
-        log_scale = p.get("log_scale", jnp.zeros(()))
-        rec = losses.nll(out["out"], log_scale, x, spec.likelihood)
-        real = jnp.ones((spec.latent,), bool)
-        kl = losses.kl_standard_normal(out["mean"], out["logvar"], real)
-        ratio = losses.log_density_ratio(eps, out["z"], out["logvar"], real)
-        return {"recon": losses.pixel_mean(out["out"], spec.likelihood), "rec": rec, "kl": kl,
-                "gate_kl": jnp.zeros_like(kl), "nelbo": rec + kl, "log_w": -rec - ratio}
+        """``x [B, H, W, C]`` -> ``recon`` and the bound's parts (``learner_bound``)."""
+        return learner_bound(self.learner_spec, self.arrays(), x, rng)
 
     def log_weights(self, x: jax.Array, task: jax.Array, rngs: jax.Array) -> tuple:
         """Importance draws, as ``BAIM.log_weights``: ``(log_w [k, B, 1], log_pi [B, 1])``
@@ -102,7 +87,7 @@ class EdgeModel(nnx.Module):
         """``{"mean": [B, H, W, C] in [0, 1], "gate": [B, 1] (ones), "task", "dropped"}``."""
         self._task_check(task)
         x = self._check(x)
-        out = _forward(self, x, rng)
+        out = _forward(self.learner_spec, self.arrays(), x, rng)
         batch = x.shape[0]
         return {"mean": out["recon"], "gate": jnp.ones((batch, 1)),
                 "task": jnp.zeros((batch,), jnp.int32), "dropped": 0}
@@ -110,14 +95,14 @@ class EdgeModel(nnx.Module):
     def bound(self, x, *, task=None, rng: jax.Array) -> dict:
         """One-draw estimate of the negative ELBO per image (see ``BAIM.bound``)."""
         self._task_check(task)
-        out = _forward(self, self._check(x), rng)
+        out = _forward(self.learner_spec, self.arrays(), self._check(x), rng)
         return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
 
     def draw(self, n: int, *, task=None, rng: jax.Array) -> dict:
         """``n`` samples decoded from ``z ~ N(0, I)`` (see ``BAIM.draw``; ``learner`` is 0)."""
         self._task_check(task)
         check_count(n)
-        out = _draw(self, sample_rows(n), rng)[:n]
+        out = _draw(self.learner_spec, self.arrays(), sample_rows(n), rng)[:n]
         return {"images": losses.pixel_mean(out, self.learner_spec.likelihood), "out": out,
                 "learner": jnp.zeros((n,), jnp.int32)}
 
@@ -139,17 +124,39 @@ class EdgeModel(nnx.Module):
         return {"learners": [jax.tree.map(np.asarray, self.arrays())]}
 
 
-@nnx.jit(graph=False)
-def _forward(model: EdgeModel, x, rng):
-    return model.forward(x, rng)
+def learner_bound(spec: learners.LearnerSpec, params: learners.Params, x: jax.Array,
+                  rng: jax.Array | None = None) -> dict:
+    """``x [B, H, W, C]`` -> ``recon`` ``[B, H, W, C]`` and the bound's parts ``rec``,
+    ``kl``, ``gate_kl`` (zeros: one learner), ``nelbo`` and ``log_w`` (the draw's
+    ``log p(x | z) + log p(z) - log q(z | x)``), each ``[B]``.
+
+    ``rng=None`` uses the posterior mean; the noise is the stream 0 of
+    ``bound.latent_noise``, what a BAIM of this one learner draws.
+    """
+    eps = (jnp.zeros((x.shape[0], spec.latent)) if rng is None
+           else bound.latent_noise(rng, jnp.zeros(1, jnp.int32), x.shape[0], spec.latent)[0])
+    out = learners.learner_forward(spec, params, x, eps)
+    log_scale = params.get("log_scale", jnp.zeros(()))
+    rec = losses.nll(out["out"], log_scale, x, spec.likelihood)
+    real = jnp.ones((spec.latent,), bool)
+    kl = losses.kl_standard_normal(out["mean"], out["logvar"], real)
+    ratio = losses.log_density_ratio(eps, out["z"], out["logvar"], real)
+    return {"recon": losses.pixel_mean(out["out"], spec.likelihood), "rec": rec, "kl": kl,
+            "gate_kl": jnp.zeros_like(kl), "nelbo": rec + kl, "log_w": -rec - ratio}
 
 
-@nnx.jit(static_argnums=(1,), graph=False)
-def _draw(model: EdgeModel, n: int, rng):
+# The compiled programs take the spec and parameters, not the model: edges of one spec compile
+# once whatever their tasks (the task is part of a model's static structure).
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(spec: learners.LearnerSpec, params: learners.Params, x, rng):
+    return learner_bound(spec, params, x, rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _draw(spec: learners.LearnerSpec, params: learners.Params, n: int, rng):
     """Raw decoder outputs ``[n, H, W, C]`` of prior draws; the key splits as ``baim._draw``'s."""
-    spec = model.learner_spec
     _, rng_z = jax.random.split(rng)
     a = bound.latent_noise(rng_z, jnp.zeros(1, jnp.int32), n, spec.latent)[0]
-    for stage, p in zip(learners.stages(spec)["dec"], model.arrays()["dec"]):
+    for stage, p in zip(learners.stages(spec)["dec"], params["dec"]):
         a = learners.apply_stage(stage, p, a)
     return a

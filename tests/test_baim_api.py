@@ -15,6 +15,7 @@ from baim_jax import BAIM, BAIMConfig, LearnerSpec, SpecError, partition
 from baim_jax.core import baim as baim_lib
 from baim_jax.core import bound, edge_model, learners, losses
 from baim_jax.core.edge_model import EdgeModel
+from baim_jax.evaluation import likelihood
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]
@@ -266,15 +267,17 @@ def test_spec_is_json_and_counts_real_parameters(model):
 
 
 def test_edge_models_of_one_spec_share_compiled_programs():
-    """An edge model's task is part of its static structure, but not of its bound or its
-    sampler: edges of one spec and different tasks run the same two compiled programs."""
+    """An edge model's task is part of its static structure, but not of its bound, its
+    sampler or its importance-weighted likelihood: edges of one spec and different tasks run
+    the same three compiled programs."""
     spec, key = mlp([16], 4, [16]), jax.random.key(0)
     x = np.random.default_rng(0).random((5,) + spec.image_shape, np.float32)
-    edge_model._forward.clear_cache()
-    edge_model._draw.clear_cache()
+    programs = (edge_model._forward, edge_model._draw, likelihood._learner_iw)
+    for program in programs:
+        program.clear_cache()
     for task, seed in (("a", 0), ("b", 1)):
         edge = EdgeModel(spec, task, seed=seed)
         edge.bound(x, rng=key)
         edge.draw(3, rng=key)
-    assert edge_model._forward._cache_size() == 1
-    assert edge_model._draw._cache_size() == 1
+        likelihood.iw_log_likelihood(edge, x, edge.task_ids(None, 5), key, 4)
+    assert [program._cache_size() for program in programs] == [1, 1, 1]

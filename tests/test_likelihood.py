@@ -86,8 +86,8 @@ def test_a_padded_last_batch_scores_its_images_as_alone(monkeypatch):
         assert got.shape == (5,)
         np.testing.assert_allclose(got[4:], want, rtol=1e-5)
         ids = m.task_ids(task if task is not None else 0, 1)
-        alone = likelihood._iw_log_likelihood(m, x, ids, jax.random.fold_in(jax.random.key(1), 4),
-                                              5)
+        alone = likelihood.iw_log_likelihood(m, x, ids, jax.random.fold_in(jax.random.key(1), 4),
+                                             5)
         np.testing.assert_allclose(likelihood.image_nll(m, data, k=5, batch=4)[4:], -alone,
                                    rtol=1e-5)
     rows = []

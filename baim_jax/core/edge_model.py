@@ -63,9 +63,7 @@ class EdgeModel(nnx.Module):
     def log_weights(self, x: jax.Array, task: jax.Array, rngs: jax.Array) -> tuple:
         """Importance draws, as ``BAIM.log_weights``: ``(log_w [k, B, 1], log_pi [B, 1])``
         (``task`` is unused: the model has one task and one learner, ``pi = 1``)."""
-        del task
-        log_w = bound.map_draws(lambda rng: self.forward(x, rng)["log_w"][:, None], rngs)
-        return log_w, jnp.zeros(log_w.shape[1:])
+        return learner_log_weights(self.learner_spec, self.arrays(), x, task, rngs)
 
     def _check(self, x) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
@@ -143,6 +141,15 @@ def learner_bound(spec: learners.LearnerSpec, params: learners.Params, x: jax.Ar
     ratio = losses.log_density_ratio(eps, out["z"], out["logvar"], real)
     return {"recon": losses.pixel_mean(out["out"], spec.likelihood), "rec": rec, "kl": kl,
             "gate_kl": jnp.zeros_like(kl), "nelbo": rec + kl, "log_w": -rec - ratio}
+
+
+def learner_log_weights(spec: learners.LearnerSpec, params: learners.Params, x: jax.Array,
+                        task: jax.Array, rngs: jax.Array) -> tuple:
+    """``EdgeModel.log_weights`` of a learner's spec and parameters (``task`` is unused)."""
+    del task
+    log_w = bound.map_draws(lambda rng: learner_bound(spec, params, x, rng)["log_w"][:, None],
+                            rngs)
+    return log_w, jnp.zeros(log_w.shape[1:])
 
 
 # The compiled programs take the spec and parameters, not the model: edges of one spec compile

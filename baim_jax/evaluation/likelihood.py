@@ -8,12 +8,14 @@ same noise: epochs and models compare without the draws' own scatter.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from baim_jax.core import bound
+from baim_jax.core import bound, edge_model
 from baim_jax.evaluation.data import Split
 
 BOUND_SAMPLES = 4
@@ -51,11 +53,32 @@ def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_S
     return {p: np.concatenate(v) if v else np.zeros(0) for p, v in out.items()}
 
 
-@nnx.jit(static_argnums=(4,), graph=False)
-def _iw_log_likelihood(model, x, task, key, k: int):
+def _mixture_log_likelihood(log_weights, x, task, key, k: int):
     keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(k))
-    log_w, log_pi = model.log_weights(x, task, keys)
+    log_w, log_pi = log_weights(x, task, keys)
     return bound.mixture_log_likelihood(log_w, log_pi)
+
+
+@nnx.jit(static_argnums=(4,), graph=False)
+def _model_iw(model, x, task, key, k: int):
+    return _mixture_log_likelihood(model.log_weights, x, task, key, k)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _learner_iw(spec, params, x, task, key, k: int):
+    return _mixture_log_likelihood(functools.partial(edge_model.learner_log_weights, spec, params),
+                                   x, task, key, k)
+
+
+def iw_log_likelihood(model, x: jax.Array, task: jax.Array, key: jax.Array, k: int
+                      ) -> jax.Array:
+    """``log p(x | task)`` estimated from ``k`` draws of ``model.log_weights`` (keys
+    ``fold_in(key, 0..k-1)``), ``[B]``, compiled once per model structure. An edge model's
+    task is part of its structure but not of the estimate, so edge models compile once per
+    learner spec."""
+    if model.kind == "edge":
+        return _learner_iw(model.learner_spec, model.arrays(), x, task, key, k)
+    return _model_iw(model, x, task, key, k)
 
 
 def image_nll(model, data: Split, *, k: int = IW_SAMPLES, batch: int = 250,
@@ -71,7 +94,7 @@ def image_nll(model, data: Split, *, k: int = IW_SAMPLES, batch: int = 250,
     for i, x, task, n in _batches(model, data, batch):
         x = jnp.asarray(x, jnp.float32)
         ids = model.task_ids(task, x.shape[0])
-        out.append(-np.asarray(_iw_log_likelihood(model, x, ids, jax.random.fold_in(key, i), k),
+        out.append(-np.asarray(iw_log_likelihood(model, x, ids, jax.random.fold_in(key, i), k),
                                np.float64)[:n])
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -267,17 +267,19 @@ def test_spec_is_json_and_counts_real_parameters(model):
 
 
 def test_edge_models_of_one_spec_share_compiled_programs():
-    """An edge model's task is part of its static structure, but not of its bound, its
-    sampler or its importance-weighted likelihood: edges of one spec and different tasks run
-    the same three compiled programs."""
+    """An edge model's task is part of its static structure, but not of its reconstructions,
+    its bound, its sampler or its importance-weighted likelihood: edges of one spec and
+    different tasks run the same four compiled programs."""
     spec, key = mlp([16], 4, [16]), jax.random.key(0)
     x = np.random.default_rng(0).random((5,) + spec.image_shape, np.float32)
-    programs = (edge_model._forward, edge_model._draw, likelihood._learner_iw)
+    programs = (edge_model._forward, edge_model._bounds, edge_model._draw,
+                likelihood._learner_iw)
     for program in programs:
         program.clear_cache()
     for task, seed in (("a", 0), ("b", 1)):
         edge = EdgeModel(spec, task, seed=seed)
+        edge.reconstruct(x)
         edge.bound(x, rng=key)
         edge.draw(3, rng=key)
         likelihood.iw_log_likelihood(edge, x, edge.task_ids(None, 5), key, 4)
-    assert [program._cache_size() for program in programs] == [1, 1, 1]
+    assert [program._cache_size() for program in programs] == [1, 1, 1, 1]

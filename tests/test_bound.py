@@ -220,6 +220,20 @@ def test_bound_is_below_the_exact_likelihood_and_is_what_the_model_reports(k, la
 
 
 @pytest.mark.parametrize("latent", ["own", "shared"])
+def test_several_draws_at_once_are_the_draws_one_at_a_time(latent):
+    """``bounds`` runs the gate and encoders once for all keys; each key's row is what
+    ``bound`` gives for that key alone (decoder and encoder connections, K = 2)."""
+    model, x = _linear_gaussian(2, latent), _points()
+    keys = jax.random.split(jax.random.key(5), 3)
+    several = model.bounds(x, task="t", rngs=keys)
+    for s, key in enumerate(keys):
+        one = model.bound(x, task="t", rng=key)
+        for part in ("nelbo", "rec", "kl", "gate_kl"):
+            np.testing.assert_allclose(several[part][s], one[part], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(several["nelbo"][0], several["nelbo"][1])
+
+
+@pytest.mark.parametrize("latent", ["own", "shared"])
 def test_importance_weighted_nll_approaches_the_exact_nll(latent):
     """(b) More importance samples, a tighter estimate: averaged over 24 points and 4 keys,
     the gap to the exact NLL shrinks from k = 1 to 8 to 64, and at k = 1024 it is within 0.02

@@ -91,8 +91,8 @@ def test_a_padded_last_batch_scores_its_images_as_alone(monkeypatch):
         np.testing.assert_allclose(likelihood.image_nll(m, data, k=5, batch=4)[4:], -alone,
                                    rtol=1e-5)
     rows = []
-    bound = EdgeModel.bound
-    monkeypatch.setattr(EdgeModel, "bound", lambda self, x, **kw: rows.append(len(x)) or bound(
+    bounds = EdgeModel.bounds
+    monkeypatch.setattr(EdgeModel, "bounds", lambda self, x, **kw: rows.append(len(x)) or bounds(
         self, x, **kw))
     likelihood.image_bounds(edge, data, batch=4, samples=1)
     likelihood.image_bounds(edge, _split(3), batch=4, samples=1)

@@ -587,8 +587,14 @@ class BAIM(nnx.Module):
           ``{"nelbo", "rec", "kl", "gate_kl"}``, each ``[B]`` nats: ``nelbo = rec + kl +
           gate_kl``, an unbiased estimate of ``-sum_n w_n (ELBO_n + log pi_n - log w_n)``.
         """
+        return {k: v[0] for k, v in self.bounds(x, task=task, rngs=rng[None]).items()}
+
+    def bounds(self, x, *, task=None, rngs: jax.Array) -> dict:
+        """``bound`` for each key of ``rngs`` ``[S]``: ``{"nelbo", "rec", "kl", "gate_kl"}``,
+        each ``[S, B]``. One program: the gate and the encoders, which no draw changes, run
+        once, the decoders once a draw."""
         x = self._images(x)
-        return _bound(self, x, self.task_ids(task, x.shape[0]), rng)
+        return _bounds(self, x, self.task_ids(task, x.shape[0]), rngs)
 
     def _sample_task(self, task) -> jax.Array:
         if task is None and len(self.tasks) > 1:
@@ -697,9 +703,12 @@ def _reconstruct(model: BAIM, x, task, rng):
 
 
 @nnx.jit(graph=False)
-def _bound(model: BAIM, x, task, rng):
-    out = model.forward(x, task, rng=rng, dropless=True)
-    return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+def _bounds(model: BAIM, x, task, rngs):
+    def draw(rng):
+        out = model.forward(x, task, rng=rng, dropless=True)
+        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+
+    return jax.vmap(draw)(rngs)  # what does not depend on the key stays unbatched
 
 
 @nnx.jit(graph=False)

@@ -92,9 +92,13 @@ class EdgeModel(nnx.Module):
 
     def bound(self, x, *, task=None, rng: jax.Array) -> dict:
         """One-draw estimate of the negative ELBO per image (see ``BAIM.bound``)."""
+        return {k: v[0] for k, v in self.bounds(x, task=task, rngs=rng[None]).items()}
+
+    def bounds(self, x, *, task=None, rngs: jax.Array) -> dict:
+        """``bound`` for each key of ``rngs`` ``[S]``, each part ``[S, B]`` (see
+        ``BAIM.bounds``: the encoder runs once)."""
         self._task_check(task)
-        out = _forward(self.learner_spec, self.arrays(), self._check(x), rng)
-        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+        return _bounds(self.learner_spec, self.arrays(), self._check(x), rngs)
 
     def draw(self, n: int, *, task=None, rng: jax.Array) -> dict:
         """``n`` samples decoded from ``z ~ N(0, I)`` (see ``BAIM.draw``; ``learner`` is 0)."""
@@ -157,6 +161,15 @@ def learner_log_weights(spec: learners.LearnerSpec, params: learners.Params, x: 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _forward(spec: learners.LearnerSpec, params: learners.Params, x, rng):
     return learner_bound(spec, params, x, rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _bounds(spec: learners.LearnerSpec, params: learners.Params, x, rngs):
+    def draw(rng):
+        out = learner_bound(spec, params, x, rng)
+        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+
+    return jax.vmap(draw)(rngs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -46,10 +46,11 @@ def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_S
     key = jax.random.key(0) if key is None else key
     out = {p: [] for p in PARTS}
     for i, x, task, n in _batches(model, data, batch):
-        draws = [model.bound(x, task=task, rng=jax.random.fold_in(jax.random.fold_in(key, i), s))
-                 for s in range(samples)]
+        batch_key = jax.random.fold_in(key, i)
+        draws = model.bounds(x, task=task, rngs=jax.vmap(
+            lambda s, k=batch_key: jax.random.fold_in(k, s))(jnp.arange(samples)))
         for p in PARTS:
-            out[p].append(np.mean([np.asarray(d[p], np.float64)[:n] for d in draws], axis=0))
+            out[p].append(np.asarray(draws[p], np.float64)[:, :n].mean(axis=0))
     return {p: np.concatenate(v) if v else np.zeros(0) for p, v in out.items()}
 
 

@@ -39,6 +39,11 @@ def _batches(model, data: Split, batch: int):
         yield i, data.images[rows], data.tasks[rows] if len(model.tasks) > 1 else 0, n
 
 
+def _draw_keys(key: jax.Array, n: int) -> jax.Array:
+    """``[n]`` keys, ``fold_in(key, s)`` for the draws ``s = 0..n-1`` of one batch."""
+    return jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(n))
+
+
 def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_SAMPLES,
                  key: jax.Array | None = None) -> dict[str, np.ndarray]:
     """The negative bound of every image and its parts, ``{"nelbo", "rec", "kl", "gate_kl"}``
@@ -46,17 +51,14 @@ def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_S
     key = jax.random.key(0) if key is None else key
     out = {p: [] for p in PARTS}
     for i, x, task, n in _batches(model, data, batch):
-        batch_key = jax.random.fold_in(key, i)
-        draws = model.bounds(x, task=task, rngs=jax.vmap(
-            lambda s, k=batch_key: jax.random.fold_in(k, s))(jnp.arange(samples)))
+        draws = model.bounds(x, task=task, rngs=_draw_keys(jax.random.fold_in(key, i), samples))
         for p in PARTS:
             out[p].append(np.asarray(draws[p], np.float64)[:, :n].mean(axis=0))
     return {p: np.concatenate(v) if v else np.zeros(0) for p, v in out.items()}
 
 
 def _mixture_log_likelihood(log_weights, x, task, key, k: int):
-    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(k))
-    log_w, log_pi = log_weights(x, task, keys)
+    log_w, log_pi = log_weights(x, task, _draw_keys(key, k))
     return bound.mixture_log_likelihood(log_w, log_pi)
 
 

@@ -72,8 +72,9 @@ def test_iw_nll_of_an_edge_model_is_iwae_of_the_learner_alone():
 def test_a_padded_last_batch_scores_its_images_as_alone(monkeypatch):
     """5 images in batches of 4: the last batch (1 image) is padded to 4 rows, and its image
     scores as the model scores it in a batch of its own under the same key (key 0 or 1 folded
-    by the batch start 4, then by the draw): padding changes no image's noise. A split of one
-    batch, 3 images, runs as it is."""
+    by the batch start 4, then by the draw): padding changes no image's noise. A split smaller
+    than the batch pads to the power of two above its size, at most the batch: 3 images to 4,
+    5 to 8 in batches of 500 or 8, 5 to 6 in batches of 6."""
     data = _split(5)
     x, tasks = jnp.asarray(data.images[4:]), data.tasks[4:]
     model = BAIM.assemble([mlp([8], 3, [8])] * 4, [0, 0, 1, 1], ["a", "b"],
@@ -96,7 +97,9 @@ def test_a_padded_last_batch_scores_its_images_as_alone(monkeypatch):
         self, x, **kw))
     likelihood.image_bounds(edge, data, batch=4, samples=1)
     likelihood.image_bounds(edge, _split(3), batch=4, samples=1)
-    assert rows == [4, 4, 3]
+    for batch in (500, 8, 6):
+        likelihood.image_bounds(edge, data, batch=batch, samples=1)
+    assert rows == [4, 4, 4, 8, 8, 6]
 
 
 def test_per_class_means_and_bad_k():

@@ -27,16 +27,19 @@ def _batches(model, data: Split, batch: int):
     """``(start, images, task, n)`` of each batch, its first ``n`` rows real.
 
     A model of several tasks routes by the data's task ids, a model of one task (task model,
-    edge model) takes every image as its own. In a split of more than one batch, the last is
-    padded to the batch size (with copies of its last row), so that the model's one compiled
-    evaluation serves every batch (compiling another costs more than one batch's compute):
-    every row's noise depends only on its batch's key and its own row (``bound``), never on
-    the batch's size, so the real rows score as they would alone.
+    edge model) takes every image as its own. Every batch has ``batch`` rows, or, in a split
+    smaller than that, the power of two above the split's size (at most ``batch``): short
+    batches are padded with copies of their last row, so that one compiled evaluation serves
+    every batch and splits of similar sizes (compiling another costs more than one batch's
+    compute). Every row's noise depends only on its batch's key and its own row (``bound``),
+    never on the batch's size, so the real rows score as they would alone.
     """
-    for i in range(0, len(data.images), batch):
-        n = min(batch, len(data.images) - i)
-        rows = np.concatenate([np.arange(i, i + n), np.full(batch - n if i else 0, i + n - 1)])
-        yield i, data.images[rows], data.tasks[rows] if len(model.tasks) > 1 else 0, n
+    total = len(data.images)
+    rows = batch if total >= batch else min(batch, 1 << max(total - 1, 0).bit_length())
+    for i in range(0, total, batch):
+        n = min(batch, total - i)
+        take = np.concatenate([np.arange(i, i + n), np.full(rows - n, i + n - 1)])
+        yield i, data.images[take], data.tasks[take] if len(model.tasks) > 1 else 0, n
 
 
 def _draw_keys(key: jax.Array, n: int) -> jax.Array:

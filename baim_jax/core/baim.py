@@ -464,7 +464,7 @@ class BAIM(nnx.Module):
                  + cfg.z_loss_weight * out["z_loss"] + cfg.task_loss_weight * ts)
         metrics = {"loss": total, "load_balance": out["load_balance"], "z_loss": out["z_loss"],
                    "task_loss": ts, "dropped": out["dropped"],
-                   **{k: jnp.mean(out[k]) for k in ("nelbo", "rec", "kl", "gate_kl")}}
+                   **{k: jnp.mean(out[k]) for k in bound.PARTS}}
         return total, metrics
 
     def reinit_learners(self, seed: int) -> None:
@@ -706,7 +706,7 @@ def _reconstruct(model: BAIM, x, task, rng):
 def _bounds(model: BAIM, x, task, rngs):
     def draw(rng):
         out = model.forward(x, task, rng=rng, dropless=True)
-        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+        return {k: out[k] for k in bound.PARTS}
 
     return jax.vmap(draw)(rngs)  # what does not depend on the key stays unbatched
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from baim_jax.core import dispatch
 
+PARTS = ("nelbo", "rec", "kl", "gate_kl")  # a bound and its parts: nelbo = rec + kl + gate_kl
 DRAWS_AT_ONCE = 8  # importance draws vectorised per loop step (benchmarks/likelihood_cost.py)
 
 

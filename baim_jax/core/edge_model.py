@@ -167,7 +167,7 @@ def _forward(spec: learners.LearnerSpec, params: learners.Params, x, rng):
 def _bounds(spec: learners.LearnerSpec, params: learners.Params, x, rngs):
     def draw(rng):
         out = learner_bound(spec, params, x, rng)
-        return {k: out[k] for k in ("nelbo", "rec", "kl", "gate_kl")}
+        return {k: out[k] for k in bound.PARTS}
 
     return jax.vmap(draw)(rngs)
 

@@ -20,7 +20,6 @@ from baim_jax.evaluation.data import Split
 
 BOUND_SAMPLES = 4
 IW_SAMPLES = 64
-PARTS = ("nelbo", "rec", "kl", "gate_kl")
 
 
 def _batches(model, data: Split, batch: int):
@@ -52,10 +51,10 @@ def image_bounds(model, data: Split, *, batch: int = 500, samples: int = BOUND_S
     """The negative bound of every image and its parts, ``{"nelbo", "rec", "kl", "gate_kl"}``
     each ``[n]`` nats: the mean of ``samples`` one-draw estimates (unbiased)."""
     key = jax.random.key(0) if key is None else key
-    out = {p: [] for p in PARTS}
+    out = {p: [] for p in bound.PARTS}
     for i, x, task, n in _batches(model, data, batch):
         draws = model.bounds(x, task=task, rngs=_draw_keys(jax.random.fold_in(key, i), samples))
-        for p in PARTS:
+        for p in bound.PARTS:
             out[p].append(np.asarray(draws[p], np.float64)[:, :n].mean(axis=0))
     return {p: np.concatenate(v) if v else np.zeros(0) for p, v in out.items()}
 

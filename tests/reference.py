@@ -135,7 +135,9 @@ def reference_forward(model, x, eps, weights):
     return recon, nelbo
 
 
-def randomize_connections(model, key, scale=0.05):
-    """Gives every connection random values, as if trained."""
-    for i, var in enumerate(model.connections):
-        var[...] = scale * jax.random.normal(jax.random.fold_in(key, i), var[...].shape)
+def randomize_connections(model, seed, scale=0.05):
+    """Gives every connection random values N(0, scale^2), as if trained; drawn with numpy, so
+    that no kernel shape compiles a sampler."""
+    rng = np.random.default_rng(seed)
+    for var in model.connections:
+        var[...] = jax.device_put(scale * rng.standard_normal(var[...].shape).astype(np.float32))

@@ -92,7 +92,7 @@ def test_a_feeder_whose_latent_reaches_the_selected_decoder_adds_its_kl():
     bound's KL is KL_0 + KL_1 (each from the learner's own posterior); pruned, KL_0 alone."""
     conns = [C.Connection("dec", 1, 0, 0, 0)]
     model = _three_learners(conns)
-    randomize_connections(model, jax.random.key(0), 0.5)
+    randomize_connections(model, 0, 0.5)
     x = jax.random.uniform(jax.random.key(1), (5, 8, 8, 1))
     selected = jnp.zeros((5, 3), bool).at[:, 0].set(True)
     task = jnp.zeros(5, jnp.int32)
@@ -119,7 +119,7 @@ def _linear_gaussian(k: int, latent: str = "own") -> BAIM:
     encoder connections too; a non-uniform prior pi."""
     specs = [LearnerSpec("mlp", IMAGE, (3,), d, (), "gaussian") for d in LATENTS]
     model = BAIM.assemble(specs, [0, 0, 0], ["t"], BAIMConfig(k=k, h=0, latent=latent))
-    randomize_connections(model, jax.random.key(7), 0.6)
+    randomize_connections(model, 7, 0.6)
     model.learners["log_scale"][...] = jnp.array([-0.4, -0.2, -0.6], jnp.float32)
     model.prior[...] = jnp.array([0.4, -0.3, 0.1], jnp.float32)
     for var in model.learners["enc"][-1].values():   # q near the prior: light-tailed weights
@@ -281,7 +281,7 @@ def test_task_model_equals_the_baim_in_bound_likelihood_and_samples(mlp_specs, l
 
     model = BAIM.assemble(mlp_specs, [0, 1, 0, 1], ["a", "b"],
                           BAIMConfig(k=2, h=1, latent=latent))
-    randomize_connections(model, jax.random.key(2), 0.3)
+    randomize_connections(model, 2, 0.3)
     model.prior[...] = jnp.array([0.3, -0.2, 0.5, 0.1], jnp.float32)
     x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1))
     data = Split(np.asarray(x), np.zeros(6, np.int32), np.zeros(6, np.int32))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import IMAGE, conv, mlp
+from reference import randomize_connections
 
 import baim_jax
 from baim_jax import BAIM, BAIMConfig, CheckpointError, TaskModel, checkpoint, partition
@@ -32,21 +33,10 @@ def _specs(kind):
             conv([4, 6], 4, [5, 5])]
 
 
-def _randomize_connections(model, seed, scale=0.05):
-    """Random connection values, as if trained.
-
-    Like ``reference.randomize_connections`` but drawn with numpy: no XLA compilation per
-    kernel shape, which keeps these tests fast on CPU.
-    """
-    rng = np.random.default_rng(seed)
-    for var in model.connections:
-        var[...] = jnp.asarray(scale * rng.standard_normal(var[...].shape).astype(np.float32))
-
-
 def _trained_like(kind) -> BAIM:
     """A BAIM with random connections, half of them pruned, and a non-uniform prior."""
     model = BAIM.assemble(_specs(kind), SQUADS, TASKS, BAIMConfig(k=2, h=1), seed=0)
-    _randomize_connections(model, seed=1)
+    randomize_connections(model, 1)
     kept = model.prune_connections(0.5)
     assert 0 < kept < len(model.conns)
     model.prior[...] = jnp.asarray([0.7, -0.3, 0.2, 0.8], jnp.float32)
@@ -144,7 +134,7 @@ def test_a_shared_latent_model_round_trips_with_its_design(tmp_path):
     """``latent = "shared"`` is part of the model: it is saved, and the loaded model
     computes the same shared-latent bound."""
     model = BAIM.assemble(_specs("mlp"), SQUADS, TASKS, BAIMConfig(k=2, h=1, latent="shared"))
-    _randomize_connections(model, seed=2)
+    randomize_connections(model, 2)
     baim_jax.save(model, tmp_path / "shared")
     loaded = baim_jax.load(tmp_path / "shared")
     assert loaded.config.latent == "shared" and loaded.spec == model.spec
@@ -200,7 +190,7 @@ def test_task_model_checkpoint_is_smaller(saved_mlp, saved_task, tmp_path):
     # tiny fixture's task model saves, so compare a BAIM whose other squad is big.
     specs = [mlp([8], 2, [8]), mlp([8], 2, [8]), mlp([96], 8, [96]), mlp([96], 8, [96])]
     big = BAIM.assemble(specs, SQUADS, TASKS, BAIMConfig(k=2, h=1), seed=0)
-    _randomize_connections(big, seed=2)
+    randomize_connections(big, 2)
     big.prune_connections(0.5)
     small = partition(big, "a")
     assert small.spec.params.total < 0.7 * big.spec.params.total

@@ -75,7 +75,7 @@ def test_pool_stack_unstack_round_trip(mlp_specs):
 def _connected(specs, h, seed=3, prune=None, config=None):
     config = config or BAIMConfig(k=2, h=h)
     model = BAIM.assemble(specs, SQUADS, TASKS, config)
-    randomize_connections(model, jax.random.key(seed), 0.3)
+    randomize_connections(model, seed, 0.3)
     if prune is not None:
         model.prune_connections(prune)
     return model
@@ -303,7 +303,7 @@ def test_sampling_without_decoder_connections_decodes_each_learner_alone(mlp_spe
     """With connections between encoder stages only, ``draw`` runs each drawable learner's
     decoder at its own widths; its samples are the pool's padded decoders' for the same key."""
     model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=1, h=1, connect=("enc",)))
-    randomize_connections(model, jax.random.key(1), 0.3)
+    randomize_connections(model, 1, 0.3)
     key, n = jax.random.key(5), 24
     got = model.draw(n, task="b", rng=key)
     rng_pick, rng_z = jax.random.split(key)

@@ -507,7 +507,7 @@ def test_pruning_schedule_steps_and_final_count(mlp_specs):
     np.testing.assert_allclose(rec.calls, [1.0, 0.34375, 0.25, 0.25])
 
     model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=1, h=1, feature_dim=8))
-    randomize_connections(model, jax.random.key(0), 0.3)
+    randomize_connections(model, 0, 0.3)
     potential = len(model.conns)
     kept = {}
     for step in range(13):
@@ -669,7 +669,7 @@ def test_a_damaged_epoch_checkpoint_is_set_aside_for_the_one_before(tmp_path):
 
 def test_cloud_trainer_pruning_survives_later_steps(mlp_specs):
     model = _tiny_baim(mlp_specs)
-    randomize_connections(model, jax.random.key(0), 0.3)
+    randomize_connections(model, 0, 0.3)
     potential = len(model.conns)
     # 3 batches of 8; steps 1, 2, 3; pruning only at step 2 (to rho: end=1), not at step 3.
     trainer = cloud.Trainer(model, "freeze", _split(24), learning_rate=1e-2, batch_size=8,
@@ -683,7 +683,7 @@ def test_cloud_trainer_resume_is_exact_with_pruning(mlp_specs):
 
     def make():
         model = _tiny_baim(mlp_specs)
-        randomize_connections(model, jax.random.key(0), 0.3)
+        randomize_connections(model, 0, 0.3)
         # 2 batches an epoch; global steps 1, 2 | 3, 4; pruning at 2 (end of epoch 0) and 4.
         return cloud.Trainer(model, "freeze", data, learning_rate=1e-2, batch_size=8, seed=0,
                              pruning=cloud.Pruning(rho=0.25, start=0, end=2, every=2))
@@ -727,7 +727,7 @@ def test_decoder_link_pruning_is_greedy_to_a_fixed_point(mlp_specs, monkeypatch)
     now worth nothing (an equal bound drops); pass 3 drops nothing. Only b is left, and the
     dropped links' kernels are zeroed."""
     model = BAIM.assemble(mlp_specs, SQUADS, TASKS, BAIMConfig(k=2, h=1, feature_dim=8))
-    randomize_connections(model, jax.random.key(3))
+    randomize_connections(model, 3)
     a, b, c, *rest = sorted(_links(model))
 
     def made_up(m, data):

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from baim_jax.core import bound, edge_model
+from baim_jax.core.baim import sample_rows
 from baim_jax.evaluation.data import Split
 
 BOUND_SAMPLES = 4
@@ -27,14 +28,14 @@ def _batches(model, data: Split, batch: int):
 
     A model of several tasks routes by the data's task ids, a model of one task (task model,
     edge model) takes every image as its own. Every batch has ``batch`` rows, or, in a split
-    smaller than that, the power of two above the split's size (at most ``batch``): short
-    batches are padded with copies of their last row, so that one compiled evaluation serves
-    every batch and splits of similar sizes (compiling another costs more than one batch's
-    compute). Every row's noise depends only on its batch's key and its own row (``bound``),
-    never on the batch's size, so the real rows score as they would alone.
+    smaller than that, the power of two above the split's size (``sample_rows``), at most
+    ``batch``: short batches are padded with copies of their last row, so that one compiled
+    evaluation serves every batch and splits of similar sizes (compiling another costs more
+    than one batch's compute). Every row's noise depends only on its batch's key and its own
+    row (``bound``), never on the batch's size, so the real rows score as they would alone.
     """
     total = len(data.images)
-    rows = batch if total >= batch else min(batch, 1 << max(total - 1, 0).bit_length())
+    rows = min(batch, sample_rows(total))
     for i in range(0, total, batch):
         n = min(batch, total - i)
         take = np.concatenate([np.arange(i, i + n), np.full(rows - n, i + n - 1)])

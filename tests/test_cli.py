@@ -359,6 +359,22 @@ def test_compilation_cache_directory(tmp_path):
         cache_dir(str(tmp_path / "file"))
 
 
+def test_cpu_runs_compile_with_llvm_at_o1_unless_told_otherwise():
+    from baim_jax.cli import CPU_LLVM_LEVEL, accelerator_possible, cpu_compile_flags
+
+    cpu = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+    assert cpu_compile_flags(cpu)
+    assert cpu["XLA_FLAGS"] == f"--xla_cpu_multi_thread_eigen=false {CPU_LLVM_LEVEL}"
+    assert not cpu_compile_flags(cpu)  # set once
+    # The user's own level stands; a platform list naming an accelerator is left alone.
+    own = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=3"}
+    gpu = {"JAX_PLATFORMS": "cuda,cpu"}
+    assert not cpu_compile_flags(own) and own["XLA_FLAGS"].endswith("level=3")
+    assert not cpu_compile_flags(gpu) and "XLA_FLAGS" not in gpu
+    assert accelerator_possible({"JAX_PLATFORMS": "tpu"})
+    assert not accelerator_possible({"JAX_PLATFORMS": " cpu "})
+
+
 def test_a_bad_compilation_cache_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["generate", "--store", str(tmp_path), "--task", "a", "--out",

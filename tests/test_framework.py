@@ -645,6 +645,7 @@ def test_a_damaged_epoch_checkpoint_is_set_aside_for_the_one_before(tmp_path):
     for step in (1, 2, 3):
         ckpt.save(step, [np.full(3, float(step))], {"epoch": step, "elapsed": 1.0,
                                                     "curve": [1.0] * step})
+    ckpt.wait()
     assert sorted(p.name for p in (tmp_path / "ckpt" / "phase").iterdir()) == ["2", "3"]
     leaves, meta = ckpt.latest([np.zeros(3)], fresh)
     np.testing.assert_array_equal(leaves[0], 3.0)

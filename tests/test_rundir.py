@@ -24,6 +24,7 @@ def _two_epochs(path, warnings):
     for step in (1, 2):
         ckpt.save(step, _arrays(step),
                   {"epoch": step, "elapsed": float(step), "curve": [0.5] * step})
+    ckpt.wait()
     return ckpt
 
 

@@ -36,7 +36,7 @@ def _digest(leaves: list) -> str:
     for leaf in leaves:
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8))  # the bytes themselves, not a copy
     return h.hexdigest()
 
 
@@ -69,6 +69,7 @@ class PhaseCheckpoint:
         ``meta_like``, whose arrays do not have the shapes of ``like`` or whose values are not
         the ones saved is set aside with one warning line, and the one before it is tried.
         """
+        self.wait()
         aside = []
         found = None
         while (step := self.manager.latest_step()) is not None:
@@ -120,12 +121,17 @@ class PhaseCheckpoint:
                 f"aside as {dest}")
 
     def save(self, step: int, leaves: list, meta: dict) -> None:
-        """Saves ``leaves`` and the JSON record ``meta`` as epoch ``step``."""
+        """Saves ``leaves`` and the JSON record ``meta`` as epoch ``step``. Returns once orbax
+        holds its own copy of the arrays; the files are written in the background while the
+        next epoch trains (an epoch is on disk only once whole: ``wait``)."""
         arrays = [np.asarray(v) for v in leaves]
         state = {str(i): a for i, a in enumerate(arrays)}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({**meta, "digest": _digest(arrays)})), force=True)
+
+    def wait(self) -> None:
+        """Waits until every epoch saved so far is on disk."""
         self.manager.wait_until_finished()
 
     def close(self, quietly: bool = False) -> None:

@@ -141,7 +141,7 @@ def accelerator_possible(environ=os.environ) -> bool:
 
 def cpu_compile_flags(environ=os.environ) -> bool:
     """Has XLA:CPU's LLVM optimise at -O1 instead of -O3 (``XLA_FLAGS``): the case study then
-    compiles for 40% less time, and runs as fast, its figures equal to the last bit
+    compiles for 40% less time and runs about as fast, its figures equal to the last bit
     (docs/benchmarks.md). Applied only where no accelerator may be picked and ``XLA_FLAGS``
     sets no level itself; XLA reads the flag when JAX starts its backend, so this comes
     before anything runs. Returns whether the flag was added."""

@@ -6,8 +6,8 @@ toolkit to a model store; ``baim-jax generate --store STORE [--toolbox DIR] --ta
 grid.png`` serves a request as an edge would; ``baim-jax inspect PATH`` prints a saved model's
 spec or a store's contents. ``run`` and ``generate`` keep what XLA compiles in JAX's persistent
 compilation cache (``--compilation_cache``) and, on a CPU, compile with LLVM at -O1
-(``cpu_compile_flags``). A bad input gets one error line (no traceback) and
-exit status 2, before any work starts.
+(``cpu_compile_flags``) and run with malloc asking for huge pages (``huge_page_environ``). A
+bad input gets one error line (no traceback) and exit status 2, before any work starts.
 """
 
 from __future__ import annotations
@@ -150,6 +150,50 @@ def cpu_compile_flags(environ=os.environ) -> bool:
         return False
     environ["XLA_FLAGS"] = f"{flags} {CPU_LLVM_LEVEL}".strip()
     return True
+
+
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode (``always``, ``madvise``, ``never``; ``""``
+    where unknown)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text.partition("[")[2].partition("]")[0]
+
+
+def _glibc_version() -> tuple[int, ...]:
+    """glibc's version, ``()`` under another C library."""
+    try:
+        name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+        return tuple(int(v) for v in version.split(".")) if name == "glibc" else ()
+    except (ValueError, OSError):
+        return ()
+
+
+def huge_page_environ(environ=os.environ, thp_mode: str | None = None,
+                      glibc: tuple[int, ...] | None = None) -> dict | None:
+    """The environment to run in so that glibc's malloc asks the kernel for transparent huge
+    pages (``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1``), or None where it would change
+    nothing or was set already.
+
+    XLA:CPU allocates every step's buffers afresh and malloc hands the large ones back to the
+    kernel, so each step faults its pages in again, 4 KB a fault; with huge pages the case
+    study faults 20 times less and runs faster (docs/benchmarks.md). glibc reads its tunables
+    when a process starts, so ``main`` starts the command again in this environment. Only
+    where the kernel gives huge pages on request (mode ``madvise``), glibc is 2.35 or newer,
+    and no accelerator may be picked.
+    """
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    thp_mode = _thp_mode() if thp_mode is None else thp_mode
+    glibc = _glibc_version() if glibc is None else glibc
+    if ("glibc.malloc.hugetlb" in tunables or thp_mode != "madvise" or glibc < (2, 35)
+            or accelerator_possible(environ)):
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGE_MALLOC) if t)}
 
 
 def _run(args, overrides) -> None:
@@ -378,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
                              help="JAX's persistent compilation cache, or 'none' (default: "
                                   "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/baim_jax/xla)")
     args, overrides = parser.parse_known_args(argv)
+    if argv is None and args.command in ("run", "generate"):
+        environ = huge_page_environ()
+        if environ is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "baim_jax.cli", *sys.argv[1:]],
+                      environ)
     with faults.held_background_errors() as held:
         try:
             if args.command in ("run", "generate"):

@@ -375,6 +375,57 @@ def test_cpu_runs_compile_with_llvm_at_o1_unless_told_otherwise():
     assert not accelerator_possible({"JAX_PLATFORMS": " cpu "})
 
 
+def test_cpu_runs_ask_malloc_for_huge_pages_where_the_kernel_gives_them():
+    from baim_jax.cli import HUGE_PAGE_MALLOC, huge_page_environ
+
+    cpu = {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    env = huge_page_environ(cpu, "madvise", (2, 36))
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGE_PAGE_MALLOC}"
+    assert env["JAX_PLATFORMS"] == "cpu" and "GLIBC_TUNABLES" in cpu  # a copy, not the caller's
+    assert huge_page_environ({"JAX_PLATFORMS": "cpu"}, "madvise", (2, 35))["GLIBC_TUNABLES"] \
+        == HUGE_PAGE_MALLOC
+    # Set already (no second start), huge pages always or never, an old glibc or another C
+    # library, or an accelerator: nothing to change.
+    assert huge_page_environ(env, "madvise", (2, 36)) is None
+    for mode, glibc in (("always", (2, 36)), ("never", (2, 36)), ("", (2, 36)),
+                        ("madvise", (2, 31)), ("madvise", ())):
+        assert huge_page_environ(cpu, mode, glibc) is None
+    assert huge_page_environ({"JAX_PLATFORMS": "cuda"}, "madvise", (2, 36)) is None
+
+
+def test_the_command_starts_again_with_huge_pages_and_only_then(monkeypatch, tmp_path):
+    from baim_jax import cli
+
+    started = []
+    monkeypatch.setattr(cli.os, "execve", lambda *a: started.append(a))
+    monkeypatch.setattr(cli, "_thp_mode", lambda: "madvise")
+    monkeypatch.setattr(cli, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    args = ["generate", "--store", str(tmp_path / "none"), "--task", "a", "--out",
+            str(tmp_path / "g.png")]
+    monkeypatch.setattr(cli.sys, "argv", ["baim-jax", *args])
+    cli.main()  # execve is stubbed: main goes on to refuse the missing store
+    (path, argv, env), = started
+    assert (path, argv) == (sys.executable, [sys.executable, "-m", "baim_jax.cli", *args])
+    assert env["GLIBC_TUNABLES"] == cli.HUGE_PAGE_MALLOC and env["JAX_PLATFORMS"] == "cpu"
+    cli.main(args)  # called in-process with its arguments: never started again
+    monkeypatch.setattr(cli.sys, "argv", ["baim-jax", "inspect", str(tmp_path)])
+    cli.main()  # inspect runs nothing heavy
+    assert len(started) == 1
+
+
+def test_the_started_again_command_refuses_a_bad_input_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    code = ("import sys; from baim_jax import cli; sys.argv = ['baim-jax', *sys.argv[1:]]; "
+            "sys.exit(cli.main())")
+    out = subprocess.run([sys.executable, "-c", code, "generate", "--store",
+                          str(tmp_path / "none"), "--task", "a", "--out", str(tmp_path / "g.png")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "none" in out.stderr
+
+
 def test_a_bad_compilation_cache_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["generate", "--store", str(tmp_path), "--task", "a", "--out",

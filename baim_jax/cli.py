@@ -196,6 +196,20 @@ def huge_page_environ(environ=os.environ, thp_mode: str | None = None,
     return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGE_MALLOC) if t)}
 
 
+def _start_again_with_huge_pages() -> None:
+    """Replaces this process by the same command in ``huge_page_environ()``, where that gives
+    an environment and the process can be started; else returns."""
+    environ = huge_page_environ()
+    if environ is None or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "baim_jax.cli", *sys.argv[1:]], environ)
+    except OSError:  # cannot start again: run here, without huge pages
+        pass
+
+
 def _run(args, overrides) -> None:
     from baim_jax import train
 
@@ -423,12 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/baim_jax/xla)")
     args, overrides = parser.parse_known_args(argv)
     if argv is None and args.command in ("run", "generate"):
-        environ = huge_page_environ()
-        if environ is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execve(sys.executable, [sys.executable, "-m", "baim_jax.cli", *sys.argv[1:]],
-                      environ)
+        _start_again_with_huge_pages()
     with faults.held_background_errors() as held:
         try:
             if args.command in ("run", "generate"):

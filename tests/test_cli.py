@@ -414,6 +414,13 @@ def test_the_command_starts_again_with_huge_pages_and_only_then(monkeypatch, tmp
     cli.main()  # inspect runs nothing heavy
     assert len(started) == 1
 
+    def refuse(*_):
+        raise PermissionError("not allowed")
+
+    monkeypatch.setattr(cli.os, "execve", refuse)
+    monkeypatch.setattr(cli.sys, "argv", ["baim-jax", *args])
+    assert cli.main() == 2  # could not start again: went on here, to the missing store
+
 
 def test_the_started_again_command_refuses_a_bad_input_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

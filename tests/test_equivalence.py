@@ -18,6 +18,7 @@ from baim_jax.core import dispatch as D
 from baim_jax.core import learners as L
 from baim_jax.core.baim import BAIM, BAIMConfig
 from baim_jax.core.partition import partition
+from baim_jax.evaluation import likelihood
 
 SQUADS = [0, 1, 0, 1]
 TASKS = ["a", "b"]
@@ -268,6 +269,23 @@ def test_partition_without_connections_keeps_only_the_squad(mlp_specs, images):
     key = jax.random.key(3)
     chex.assert_trees_all_close(task_model.bound(images, rng=key),
                                 model.bound(images, task="a", rng=key), rtol=1e-6)
+
+
+def test_task_models_that_differ_only_in_noise_streams_share_one_program(images):
+    """Squads a and b hold the same two architectures (uploads 0, 2 and 1, 3), so their task
+    models differ only in which BAIM noise streams their learners draw (the BAIM's pool holds
+    squad a first: [0, 1, 2, 3] against [2, 3, 0, 1]). The streams are an input, not a
+    constant, so both lower to one program and the second finds it in the compilation cache."""
+    a, b = mlp([16], 4, [16]), mlp([12, 10], 3, [8])
+    model = BAIM.assemble([a, a, b, b], SQUADS, TASKS, BAIMConfig(k=2, h=1))
+    randomize_connections(model, 3, 0.3)
+    task_models = [partition(model, name) for name in TASKS]
+    streams = [np.asarray(t.streams[...]).tolist() for t in task_models]
+    assert streams == [[0, 1, 2, 3], [2, 3, 0, 1]]
+    task = jnp.zeros((images.shape[0],), jnp.int32)
+    programs = [likelihood._model_iw.lower(t, images, task, jax.random.key(0), 4).as_text()
+                for t in task_models]
+    assert programs[0] == programs[1]
 
 
 def test_partition_carries_capacity_factors_per_position_only_to_the_same_pool():

@@ -580,6 +580,27 @@ def test_adam_follows_a_cosine_to_zero_over_its_decay_steps():
         optim.decay_steps("linear", 40)
 
 
+def test_adam_initialises_every_leaf_in_one_compiled_program():
+    """Six leaves of six shapes: optax's eager init compiles a fill of zeros per shape (8
+    programs here), the jitted init one program, and its state is optax's own."""
+    from jax import monitoring
+
+    params = {f"w{i}": np.ones((i + 2, 3 * i + 5), np.float32) for i in range(6)}
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        state = optim.adam(0.25).init(params)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert len(compiles) == 1
+    chex.assert_trees_all_equal(state, optax.adam(0.25).init(params))
+
+
 def test_trainers_change_nothing_once_the_rate_has_decayed(mlp_specs):
     """Decay over one epoch's steps: the first epoch trains, the second (rate 0) leaves every
     parameter as it was, for the cloud's trainer and the edges' alike."""

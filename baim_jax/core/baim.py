@@ -54,6 +54,11 @@ class KeptMask(nnx.Variable):
     """Which connections survive pruning ``[G]`` per group."""
 
 
+class NoiseStreams(nnx.Variable):
+    """Each learner's latent noise stream ``[N]`` int32 (``pool.PoolLayout.streams``), held as
+    an array so that task models which differ only in their streams share compiled code."""
+
+
 class PriorParam(GateParam):
     """Logits ``[N]`` of the prior pi over each squad's learners: the mixture's weights, from
     which the sampler draws a learner (``bound.log_prior``). Trained with the bound."""
@@ -181,6 +186,7 @@ class BAIM(nnx.Module):
         if gated != sorted(gated, reverse=True):
             raise ValueError("members: gated learners must come before feeders")
         self.num_gated = sum(gated)
+        self.streams = NoiseStreams(jax.device_put(self.layout.streams.astype(np.int32)))
 
         if learner_params is None:
             learner_params = init_learners(self.layout.members, rngs.params())
@@ -325,7 +331,7 @@ class BAIM(nnx.Module):
         """Each learner's latent noise ``[N, batch, L]`` (zeros without a key: posterior means)."""
         if rng is None:
             return jnp.zeros((self.layout.size, batch, self.layout.latent))
-        return bound.latent_noise(rng, self.layout.streams, batch, self.layout.latent)
+        return bound.latent_noise(rng, self.streams[...], batch, self.layout.latent)
 
     def consumed(self) -> jax.Array:
         """``[N, N]`` bool: row n marks the latents learner n's path consumes

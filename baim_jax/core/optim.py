@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import optax
 
 SCHEDULES = ("constant", "cosine")
@@ -27,8 +28,10 @@ def adam(learning_rate: float, decay_steps: int | None = None) -> optax.Gradient
     """Adam at ``learning_rate``, or decayed by a cosine to 0 over ``decay_steps`` steps.
 
     One transformation per argument pair: it is part of a compiled step's static arguments,
-    so reusing it lets models of one architecture share compiled code.
+    so reusing it lets models of one architecture share compiled code. Its ``init`` is jitted:
+    one compiled program per parameter structure, where run eagerly it compiles a fill of
+    zeros for every distinct leaf shape.
     """
-    if decay_steps is None:
-        return optax.adam(learning_rate)
-    return optax.adam(optax.cosine_decay_schedule(learning_rate, decay_steps))
+    tx = optax.adam(learning_rate if decay_steps is None
+                    else optax.cosine_decay_schedule(learning_rate, decay_steps))
+    return optax.GradientTransformationExtraArgs(jax.jit(tx.init), tx.update)

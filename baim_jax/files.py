@@ -53,9 +53,14 @@ def digests(root: Path) -> dict[str, str]:
     return {rel: sha256(p) for rel, p in _files(root).items()}
 
 
+def sizes(root: Path) -> dict[str, int]:
+    """Bytes of every file under ``root``, keyed by relative path."""
+    return {rel: p.stat().st_size for rel, p in _files(root).items()}
+
+
 def size(root: Path) -> int:
     """Bytes of every file under ``root``."""
-    return sum(p.stat().st_size for p in _files(root).values())
+    return sum(sizes(root).values())
 
 
 def _compare(where: Path, found: dict[str, Path], files: dict[str, str], digest_of) -> None:

@@ -3,6 +3,7 @@ the one before it, whatever the damage; errors end as one line, a full disk says
 
 import errno
 import os
+import re
 import shutil
 
 import numpy as np
@@ -48,9 +49,14 @@ def _remove(root):
     _largest_file(root).unlink()
 
 
-@pytest.mark.parametrize("damage", [_truncate, _overwrite, _remove],
-                         ids=["truncated", "overwritten bytes", "a missing file"])
-def test_a_damaged_latest_epoch_falls_back_to_the_one_before(damage, tmp_path):
+@pytest.mark.parametrize("damage,why", [
+    (_truncate, r"its file state/\S+ has \d+ bytes, \d+ were written"),
+    (_overwrite, r"it cannot be restored \(\w+\)|its arrays are not the ones saved"),
+    (_remove, r"its file state/\S+ is missing")],
+    ids=["truncated", "overwritten bytes", "a missing file"])
+def test_a_damaged_latest_epoch_falls_back_to_the_one_before(damage, why, tmp_path):
+    """A cut or missing file is found from the epoch's list of files, before orbax reads
+    anything; bytes overwritten in place are found by orbax or by the digest."""
     warnings = []
     ckpt = _two_epochs(tmp_path, warnings)
     damage(tmp_path / "ckpt" / "phase" / "2" / "state")
@@ -62,23 +68,37 @@ def test_a_damaged_latest_epoch_falls_back_to_the_one_before(damage, tmp_path):
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert warnings[0].startswith("baim-jax: warning: epoch checkpoint ")
     assert warnings[0].endswith("the phase resumes after epoch 1")
+    assert re.search(f"phase/2: ({why}); set aside as ", warnings[0]), warnings[0]
     assert (tmp_path / "ckpt" / "set_aside" / "phase-2").is_dir()  # renamed, never deleted
     ckpt.close()
 
 
 def test_arrays_that_restore_but_were_not_saved_are_set_aside(tmp_path):
-    """Epoch 2's state files replaced by epoch 1's (whole, readable, the right shapes): only
-    the record's digest of the saved arrays can tell, and the reason says so."""
+    """Epoch 2's state files replaced by epoch 1's (whole, readable, the right shapes) and its
+    list of files gone (as when its process was killed before writing it): only the record's
+    digest of the saved arrays can tell, and the reason says so."""
     warnings = []
     ckpt = _two_epochs(tmp_path, warnings)
     steps = tmp_path / "ckpt" / "phase"
     shutil.rmtree(steps / "2" / "state")
     shutil.copytree(steps / "1" / "state", steps / "2" / "state")
+    (steps / "2" / rundir.PhaseCheckpoint.FILES).unlink()
     like = [np.zeros(50_000, np.float32), np.zeros(7, np.int64)]
     leaves, meta = ckpt.latest(like, FRESH)
     assert meta["epoch"] == 1
     assert len(warnings) == 1
     assert "phase/2: its arrays are not the ones saved; set aside as " in warnings[0]
+    ckpt.close()
+
+
+def test_an_epoch_without_its_list_of_files_restores_as_before(tmp_path):
+    warnings = []
+    ckpt = _two_epochs(tmp_path, warnings)
+    (tmp_path / "ckpt" / "phase" / "2" / rundir.PhaseCheckpoint.FILES).unlink()
+    leaves, meta = ckpt.latest([np.zeros(50_000, np.float32), np.zeros(7, np.int64)], FRESH)
+    assert meta["epoch"] == 2 and not warnings
+    for got, want in zip(leaves, _arrays(2)):
+        np.testing.assert_array_equal(got, want)
     ckpt.close()
 
 

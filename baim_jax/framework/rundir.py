@@ -51,6 +51,7 @@ class PhaseCheckpoint:
     """
 
     KEEP = 2
+    FILES = "files.json"  # in each finished epoch: its files' sizes (``_list_files``)
 
     def __init__(self, path: Path, warn: Callable[[str], None] = print):
         self.path, self.warn = Path(path), warn
@@ -84,7 +85,35 @@ class PhaseCheckpoint:
             self.warn(f"{line}; {then}")
         return found
 
+    def _list_files(self) -> None:
+        """Records the files of every finished epoch that has no list yet, with their sizes:
+        a missing or cut file is then found before orbax reads (and fails mid-way, its other
+        reads still pending)."""
+        for step in self.manager.all_steps():
+            where = self.path / str(step)
+            if where.is_dir() and not (where / self.FILES).exists():
+                files.write_json(where / self.FILES, files.sizes(where))
+
+    def _check_files(self, step: int) -> None:
+        """Raises ``ValueError`` naming the first file of epoch ``step`` that is missing or
+        has other bytes than were written; nothing to check in an epoch without its list (one
+        whose process was killed before writing it)."""
+        where = self.path / str(step)
+        if not (where / self.FILES).exists():
+            return
+        try:
+            written = files.read_json(where / self.FILES, "list of files")
+        except files.IntegrityError:
+            raise ValueError("its list of files is damaged") from None
+        found = files.sizes(where)
+        for rel, size in written.items():
+            if rel not in found:
+                raise ValueError(f"its file {rel} is missing")
+            if found[rel] != size:
+                raise ValueError(f"its file {rel} has {found[rel]} bytes, {size} were written")
+
     def _restore(self, step: int, like: list, meta_like: dict) -> tuple[list, dict]:
+        self._check_files(step)
         target = {str(i): np.asarray(v) for i, v in enumerate(like)}
         try:
             got = self.manager.restore(step, args=ocp.args.Composite(
@@ -124,6 +153,7 @@ class PhaseCheckpoint:
         """Saves ``leaves`` and the JSON record ``meta`` as epoch ``step``. Returns once orbax
         holds its own copy of the arrays; the files are written in the background while the
         next epoch trains (an epoch is on disk only once whole: ``wait``)."""
+        self.wait()  # what orbax's save does first anyway
         arrays = [np.asarray(v) for v in leaves]
         state = {str(i): a for i, a in enumerate(arrays)}
         self.manager.save(step, args=ocp.args.Composite(
@@ -131,14 +161,16 @@ class PhaseCheckpoint:
             meta=ocp.args.JsonSave({**meta, "digest": _digest(arrays)})), force=True)
 
     def wait(self) -> None:
-        """Waits until every epoch saved so far is on disk."""
+        """Waits until every epoch saved so far is on disk, and lists its files."""
         self.manager.wait_until_finished()
+        self._list_files()
 
     def close(self, quietly: bool = False) -> None:
         """Waits for pending writes and stops the manager's threads; ``quietly`` drops an
         error of a pending write (when another error is already on its way)."""
         try:
             self.manager.close()
+            self._list_files()
         except Exception:
             if not quietly:
                 raise

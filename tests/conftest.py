@@ -2,6 +2,7 @@
 session's smoke run and how pytest-xdist schedules the tests that share it."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -36,6 +37,24 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 IMAGE = (8, 8, 1)
+
+
+@contextlib.contextmanager
+def backend_compiles():
+    """Yields a list that collects the duration of every XLA compile run within."""
+    from jax import monitoring
+
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiles
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
 
 
 def mlp(encoder, latent, decoder, likelihood="bernoulli"):

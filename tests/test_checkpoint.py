@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import IMAGE, conv, mlp
+from conftest import IMAGE, backend_compiles, conv, mlp
 from reference import randomize_connections
 
 import baim_jax
@@ -203,26 +203,15 @@ def test_loading_compiles_nothing_per_parameter(tmp_path):
     """Loading moves every array to the device without XLA: a converting ``jnp.asarray``
     would compile one program per parameter shape (about 0.02 s each, and 47 programs when
     a case-study task model was loaded)."""
-    from jax import monitoring
-
     model = BAIM.assemble(_specs("mlp"), SQUADS, TASKS, BAIMConfig(k=2, h=1))
     baim_jax.save(model, tmp_path / "baim")
     baim_jax.save(partition(model, "b"), tmp_path / "task")
-    compiles = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with backend_compiles() as compiles:
         for name in ("baim", "task"):
             jax.clear_caches()  # what assembling and saving compiled must not count
             compiles.clear()
             baim_jax.load(tmp_path / name)
             assert len(compiles) <= 3, (name, len(compiles))  # the nnx.Rngs seed's own few
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
 
 
 def test_save_over_existing_model_replaces_it(saved_mlp, saved_task, tmp_path):

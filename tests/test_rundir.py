@@ -102,6 +102,20 @@ def test_an_epoch_without_its_list_of_files_restores_as_before(tmp_path):
     ckpt.close()
 
 
+def test_a_list_of_files_that_cannot_be_written_is_left_out(tmp_path, monkeypatch):
+    """A full disk when the lists are written: the epochs stay, without lists, and restore."""
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rundir.files, "write_json", full)
+    warnings = []
+    ckpt = _two_epochs(tmp_path, warnings)
+    assert not list((tmp_path / "ckpt" / "phase").rglob(rundir.PhaseCheckpoint.FILES))
+    leaves, meta = ckpt.latest([np.zeros(50_000, np.float32), np.zeros(7, np.int64)], FRESH)
+    assert meta["epoch"] == 2 and not warnings
+    ckpt.close()
+
+
 def test_no_epoch_left_starts_the_phase_again(tmp_path):
     warnings = []
     ckpt = _two_epochs(tmp_path, warnings)

@@ -88,11 +88,15 @@ class PhaseCheckpoint:
     def _list_files(self) -> None:
         """Records the files of every finished epoch that has no list yet, with their sizes:
         a missing or cut file is then found before orbax reads (and fails mid-way, its other
-        reads still pending)."""
+        reads still pending). A list that cannot be written is left out: its epoch restores
+        through orbax alone."""
         for step in self.manager.all_steps():
             where = self.path / str(step)
             if where.is_dir() and not (where / self.FILES).exists():
-                files.write_json(where / self.FILES, files.sizes(where))
+                try:
+                    files.write_json(where / self.FILES, files.sizes(where))
+                except OSError:
+                    continue
 
     def _check_files(self, step: int) -> None:
         """Raises ``ValueError`` naming the first file of epoch ``step`` that is missing or

@@ -116,6 +116,23 @@ def test_a_list_of_files_that_cannot_be_written_is_left_out(tmp_path, monkeypatc
     ckpt.close()
 
 
+def test_an_epoch_of_another_number_of_arrays_says_so(tmp_path):
+    """A state of another structure (a run resumed by another version of the model) does not
+    restore; the reason gives the counts, not only orbax's error type."""
+    warnings = []
+    ckpt = _two_epochs(tmp_path, warnings)
+    more = [np.zeros(50_000, np.float32), np.zeros(7, np.int64), np.zeros(3, np.int32)]
+    assert ckpt.latest(more, FRESH) is None
+    assert len(warnings) == 2
+    assert all("it holds 2 arrays, this run needs 3" in w for w in warnings)
+    ckpt.close()
+    fewer = rundir.PhaseCheckpoint(tmp_path / "ckpt2" / "phase", warn=warnings.append)
+    fewer.save(1, _arrays(1), {"epoch": 1, "elapsed": 1.0, "curve": [0.5]})
+    assert fewer.latest([np.zeros(50_000, np.float32)], FRESH) is None
+    assert "it holds 2 arrays, this run needs 1" in warnings[2]
+    fewer.close()
+
+
 def test_no_epoch_left_starts_the_phase_again(tmp_path):
     warnings = []
     ckpt = _two_epochs(tmp_path, warnings)

@@ -123,10 +123,14 @@ class PhaseCheckpoint:
             got = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
-            raise ValueError(f"it cannot be restored ({type(e).__name__})") from None
+            raise ValueError(self._count_in_record(step, len(like))
+                             or f"it cannot be restored ({type(e).__name__})") from None
         record = got.meta if isinstance(got.meta, dict) else None
+        if (why := _other_count(record, len(like))) is not None:
+            raise ValueError(why)
         digest = None if record is None else record.get("digest")
-        meta = None if record is None else {k: v for k, v in record.items() if k != "digest"}
+        meta = None if record is None else {k: v for k, v in record.items()
+                                            if k not in ("digest", "arrays")}
         if meta is None or not _same_kinds(meta, meta_like):
             raise ValueError("its record is damaged")
         leaves = []
@@ -139,6 +143,16 @@ class PhaseCheckpoint:
         if digest != _digest(leaves):
             raise ValueError("its arrays are not the ones saved")
         return leaves, meta
+
+    def _count_in_record(self, step: int, count: int) -> str | None:
+        """Why epoch ``step`` does not restore when its record says it holds another number
+        of arrays than ``count``; else None."""
+        try:
+            record = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception:  # the record is damaged too: the caller's reason stands
+            return None
+        return _other_count(record, count)
 
     def _set_aside(self, step: int, why: str) -> str:
         """Renames epoch ``step`` into ``set_aside``; returns the warning to give."""
@@ -162,7 +176,8 @@ class PhaseCheckpoint:
         state = {str(i): a for i, a in enumerate(arrays)}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({**meta, "digest": _digest(arrays)})), force=True)
+            meta=ocp.args.JsonSave({**meta, "digest": _digest(arrays), "arrays": len(arrays)})),
+            force=True)
 
     def wait(self) -> None:
         """Waits until every epoch saved so far is on disk, and lists its files."""
@@ -213,6 +228,15 @@ def train_epochs(ckpt: PhaseCheckpoint, trainer: Trainer, epochs: int,
                 **{name: meta[name] + [seen[name]] for name in curves}}
         ckpt.save(epoch + 1, trainer.state_leaves(), meta)
     return meta
+
+
+def _other_count(record, count: int) -> str | None:
+    """The reason to refuse an epoch whose record counts other than ``count`` arrays (saved
+    by another version of the model); None when it agrees or has no count."""
+    saved = record.get("arrays") if isinstance(record, dict) else None
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved == count:
+        return None
+    return f"it holds {saved} arrays, this run needs {count} (another version's state?)"
 
 
 def _same_kinds(record, like: dict) -> bool:

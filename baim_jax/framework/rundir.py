@@ -116,43 +116,35 @@ class PhaseCheckpoint:
             if found[rel] != size:
                 raise ValueError(f"its file {rel} has {found[rel]} bytes, {size} were written")
 
-    def _restore(self, step: int, like: list, meta_like: dict) -> tuple[list, dict]:
-        self._check_files(step)
-        target = {str(i): np.asarray(v) for i, v in enumerate(like)}
+    def _read(self, step: int, **items) -> ocp.args.Composite:
+        """Epoch ``step``'s ``items`` (orbax restore arguments by item name)."""
         try:
-            got = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
-            raise ValueError(self._count_in_record(step, len(like))
-                             or f"it cannot be restored ({type(e).__name__})") from None
-        record = got.meta if isinstance(got.meta, dict) else None
+            raise ValueError(f"it cannot be restored ({type(e).__name__})") from None
+
+    def _restore(self, step: int, like: list, meta_like: dict) -> tuple[list, dict]:
+        """The record first (it names a state of another structure), then the arrays."""
+        self._check_files(step)
+        record = self._read(step, meta=ocp.args.JsonRestore()).meta
         if (why := _other_count(record, len(like))) is not None:
             raise ValueError(why)
-        digest = None if record is None else record.get("digest")
-        meta = None if record is None else {k: v for k, v in record.items()
-                                            if k not in ("digest", "arrays")}
+        meta = ({k: v for k, v in record.items() if k not in ("digest", "arrays")}
+                if isinstance(record, dict) else None)
         if meta is None or not _same_kinds(meta, meta_like):
             raise ValueError("its record is damaged")
+        target = {str(i): np.asarray(v) for i, v in enumerate(like)}
+        state = self._read(step, state=ocp.args.StandardRestore(target)).state
         leaves = []
         for i, want in enumerate(like):
-            leaf = np.asarray(got.state[str(i)])
+            leaf = np.asarray(state[str(i)])
             if leaf.shape != np.shape(want):
                 raise ValueError(f"array {i} has shape {leaf.shape}, this run needs "
                                  f"{np.shape(want)}")
             leaves.append(leaf)
-        if digest != _digest(leaves):
+        if record.get("digest") != _digest(leaves):
             raise ValueError("its arrays are not the ones saved")
         return leaves, meta
-
-    def _count_in_record(self, step: int, count: int) -> str | None:
-        """Why epoch ``step`` does not restore when its record says it holds another number
-        of arrays than ``count``; else None."""
-        try:
-            record = self.manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception:  # the record is damaged too: the caller's reason stands
-            return None
-        return _other_count(record, count)
 
     def _set_aside(self, step: int, why: str) -> str:
         """Renames epoch ``step`` into ``set_aside``; returns the warning to give."""

@@ -28,9 +28,13 @@ def add_design_flags(parser: argparse.ArgumentParser) -> None:
                         help="the connected towers (default: the config's)")
 
 
-def build(latent: str | None, connect: list[str] | None):
-    """``(plan, model)``: the validated case-study plan and its BAIM, connections N(0, 0.01^2)."""
-    plan = plan_lib.validate(load_config(str(ROOT / "configs" / "case_study.py"), []))
+CASE_STUDY = ROOT / "configs" / "case_study.py"
+
+
+def build(latent: str | None, connect: list[str] | None, config: Path | str = CASE_STUDY):
+    """``(plan, model)``: the validated plan of ``config`` (the case study's by default) and
+    its BAIM, connections N(0, 0.01^2)."""
+    plan = plan_lib.validate(load_config(str(config), []))
     config = dataclasses.replace(
         plan.baim, latent=latent or plan.baim.latent,
         connect=plan.baim.connect if connect is None else tuple(connect))

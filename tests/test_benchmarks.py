@@ -118,3 +118,28 @@ def test_stacked_matmul_times_the_pools_contractions(monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["4"]["rows_per_learner"] == 128 and result["32"]["rows_per_learner"] == 16
     assert set(result["32"]["seconds"]) == set(bench.OPS) and result["sum_ratio_32_over_4"] > 0
+
+
+def test_step_profile_attributes_the_steps_time_to_its_kernels():
+    # The smoke config's BAIM (small; the case study's is the default) in its own process, as
+    # the kernel trace events need their XLA flag before JAX starts.
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--config",
+         str(ROOT / "configs" / "smoke.py"), "--steps", "1", "--top", "3"],
+        capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(out.stdout)
+    assert "--xla_cpu_enable_xprof_traceme=true" in result["xla_flags"]
+    assert result["wall_ms"] > 0 and result["thread_ms"] and result["cores_busy"] > 0
+    families = result["families"]
+    # The learners' matmuls are kernels of their own (XNNPACK's or Eigen's), the sums of the
+    # families are the kernels' time, and no family keeps the number of one instruction.
+    assert {"ynn_fusion", "dot"} & set(families)
+    assert abs(sum(families.values()) - result["kernel_ms"]) < 0.05
+    assert not any(name[-1].isdigit() for name in families)
+    top = result["top"]
+    assert len(top) == 3 and top[0]["ms"] >= top[1]["ms"] >= top[2]["ms"]
+    # Each listed kernel is an instruction of the compiled step (XLA's own copies carry no
+    # JAX op name).
+    assert all(t["shape"] for t in top)
+    assert any(t["op_name"].startswith("jit(_train_step)") for t in top)
+    assert result["stored_learner_params"] >= result["real_learner_params"] > 0

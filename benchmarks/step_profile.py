@@ -101,7 +101,13 @@ def main() -> None:
                              "study)")
     case_study_baim.add_design_flags(parser)
     args = parser.parse_args()
-    plan, model = case_study_baim.build(args.latent, args.connect, args.config)
+    for flag in ("steps", "top"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be at least 1, got {getattr(args, flag)}")
+    try:
+        plan, model = case_study_baim.build(args.latent, args.connect, args.config)
+    except ValueError as e:  # a missing or invalid config, named by the config's checks
+        parser.error(str(e))
     batch = plan.config.cloud.batch_size
     optimizer = strategies.make_optimizer(model, "finetune", optim.adam(1e-3))
     step = strategies.make_train_step(model, optimizer, "finetune")

@@ -18,6 +18,8 @@ median), then as many are profiled with ``jax.profiler`` and XLA:CPU's trace eve
 ``stored_learner_params`` counts the learners' parameters as the pool stores them (stacked,
 padded to each position's widest stage), against ``real_learner_params``: the optimiser
 updates every stored entry, and each step cuts every stage group's weights out of them.
+``storage`` times both alone (``storage_costs``): what storing each group at its own shapes
+would save a step, at most.
 
     python benchmarks/step_profile.py [--steps 10] [--top 20] [--latent ..] [--connect ..]
         [--config configs/case_study.py]
@@ -26,6 +28,7 @@ updates every stored entry, and each step cuts every stage group's weights out o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -47,9 +50,11 @@ import case_study_baim  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from step_scaling import interleaved_medians  # noqa: E402
 
-from baim_jax.core import optim, strategies  # noqa: E402
+from baim_jax.core import learners, optim, pool, strategies  # noqa: E402
 from baim_jax.core.baim import values  # noqa: E402
 
 WORKER = "XLAEigen"  # XLA:CPU's worker threads, as the profiler names them
@@ -92,6 +97,63 @@ def family(kernel: str) -> str:
     return re.sub(r"\.\d+$", "", kernel)
 
 
+def storage_costs(model, repeats: int) -> dict:
+    """What storing each stage group at its own shapes would save a step, at most (ms,
+    medians of ``repeats``, timed in turn).
+
+    ``group_cuts``: every group's parameters cut from the stacked leaves
+    (``pool.group_params``) and their gradients put back, each cut feeding a matmul (so that
+    it is materialised, as the step's matmuls need it), less the same matmuls on leaves cut
+    beforehand. ``adam``: the optimiser's update of the stored learner leaves and of leaves of
+    the groups' own shapes, with their entries.
+    """
+    layout, stacked = model.layout, values(model.learners)
+    positions = [(t, p) for t in learners.TOWERS for p in range(len(layout.stages[t]))]
+
+    def cut(tree):
+        return [leaf for t, p in positions for group in pool.group_params(layout, tree[t][p], t, p)
+                for leaf in group.values()]
+
+    def consume(leaves):
+        total = 0.0
+        for leaf in leaves:
+            flat = leaf.reshape(*leaf.shape[:2], -1) if leaf.ndim > 2 else leaf[..., None]
+            rows = jnp.ones((leaf.shape[0], 8, flat.shape[1]), leaf.dtype)
+            total = total + jnp.sum(jnp.einsum("gri,gio->gro", rows, flat))
+        return total
+
+    cut_leaves = cut(stacked)
+    with_cuts = jax.jit(jax.grad(lambda tree: consume(cut(tree))))
+    without = jax.jit(jax.grad(consume))
+    tx = optim.adam(1e-3)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # in place, as the train step
+    def adam(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def adam_call(leaves):
+        grads = jax.tree.map(lambda v: jnp.full_like(v, 1e-3), leaves)
+        box = {"params": jax.tree.map(jnp.copy, leaves), "state": tx.init(leaves)}
+
+        def run():
+            box["params"], box["state"] = adam(box["params"], box["state"], grads)
+            return box["params"]
+
+        return run
+
+    calls = {"with_cuts": lambda: with_cuts(stacked), "without": lambda: without(cut_leaves)}
+    entries = {}
+    for name, leaves in (("stored", [stacked[t][p] for t, p in positions]),
+                         ("group_shapes", cut_leaves)):
+        calls[name] = adam_call(leaves)
+        entries[name] = sum(v.size for v in jax.tree.leaves(leaves))
+    ms = {k: 1e3 * v for k, v in interleaved_medians(calls, repeats).items()}
+    return {"group_cuts_ms": ms["with_cuts"] - ms["without"],
+            "adam_ms": {"stored": ms["stored"], "group_shapes": ms["group_shapes"]},
+            "adam_entries": entries}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -116,6 +178,7 @@ def main() -> None:
     task = jnp.asarray(np.arange(batch) % len(plan.tasks), jnp.int32)
     params = model.spec.params
     stored = sum(leaf.size for leaf in jax.tree.leaves(values(model.learners)))
+    storage = storage_costs(model, args.steps)
     compiled = step.lower(x, task, jax.random.key(0)).compile()
     state = nnx.state((model, optimizer))  # donated to each step: the model's arrays are gone
 
@@ -150,7 +213,7 @@ def main() -> None:
         "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
         "top": [{"kernel": name, "ms": ns * per_step, **hlo.get(name, {})} for name, ns in top],
         "stored_learner_params": stored, "real_learner_params": params.learners,
-        "connection_params": params.connections,
+        "connection_params": params.connections, "storage": storage,
         "xla_flags": os.environ["XLA_FLAGS"],
         "device": jax.devices()[0].device_kind, "jax": jax.__version__}, indent=1))
 

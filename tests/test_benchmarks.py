@@ -3,6 +3,7 @@ against a goal here; speed goals live in benchmarks/)."""
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,8 @@ def test_step_profile_attributes_the_steps_time_to_its_kernels():
     assert all(t["shape"] for t in top)
     assert any(t["op_name"].startswith("jit(_train_step)") for t in top)
     assert result["stored_learner_params"] >= result["real_learner_params"] > 0
+    # The storage bound: the groups' shapes hold no more entries than the stacked leaves.
+    storage = result["storage"]
+    assert storage["adam_entries"]["stored"] >= storage["adam_entries"]["group_shapes"] > 0
+    assert all(v > 0 for v in storage["adam_ms"].values())
+    assert math.isfinite(storage["group_cuts_ms"])

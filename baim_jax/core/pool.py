@@ -448,6 +448,33 @@ def _flat_box(stage: learners.Stage, box: learners.Stage) -> bool:
                                            (stage.out_shape, box.out_shape)))
 
 
+def group_params(layout: PoolLayout, params: dict, tower: str, p: int) -> list[dict]:
+    """Each stage group's parameters at a position, cut from its stacked leaves.
+
+    Args:
+      params: the position's stacked leaves ``{name: [N, *pool_shape]}``.
+
+    Returns:
+      per group (``layout.groups``) ``{name: [learners, *box]}``, the kernels flat where the
+      stored ones are (``stored_shapes``), else ``[*in, *out]``.
+    """
+    stage = layout.stages[tower][p]
+    padded = layout.param_shapes(tower, p)
+    groups = layout.groups(tower, p)
+    runs = [tuple(group.runs()) for group in groups]
+    leaves = [{} for _ in groups]
+    flat = all(_flat_box(stage, group.stage) for group in groups)
+    for name, leaf in params.items():
+        if flat:  # boxes of the flat kernels as stored
+            boxes = [stored_shapes(group.stage)[name] for group in groups]
+        else:  # boxes of the [*in, *out] kernels
+            leaf = leaf.reshape(-1, *padded[name])
+            boxes = [learners.stage_param_shapes(group.stage)[name] for group in groups]
+        for g, part in enumerate(split_groups(leaf, tuple(zip(runs, boxes)))):
+            leaves[g][name] = part
+    return leaves
+
+
 def run_position(layout: PoolLayout, params: dict, tower: str, p: int, x: jax.Array):
     """One position for every learner: each stage group stacked at its own padded shapes, the
     identity learners passing their input on, the absent ones giving zeros.
@@ -461,20 +488,10 @@ def run_position(layout: PoolLayout, params: dict, tower: str, p: int, x: jax.Ar
       logvar)``, each ``[N, R, latent]``).
     """
     stage = layout.stages[tower][p]
-    padded = layout.param_shapes(tower, p)
     status = layout.status[tower][p]
     groups = layout.groups(tower, p)
     runs = [tuple(group.runs()) for group in groups]
-    leaves = [{} for _ in groups]
-    flat = all(_flat_box(stage, group.stage) for group in groups)
-    for name, leaf in params.items():
-        if flat:  # boxes of the flat kernels as stored
-            boxes = [stored_shapes(group.stage)[name] for group in groups]
-        else:  # boxes of the [*in, *out] kernels
-            leaf = leaf.reshape(-1, *padded[name])
-            boxes = [learners.stage_param_shapes(group.stage)[name] for group in groups]
-        for g, part in enumerate(split_groups(leaf, tuple(zip(runs, boxes)))):
-            leaves[g][name] = part
+    leaves = group_params(layout, params, tower, p)
     inputs = split_groups(x, tuple((r, group.stage.in_shape) for r, group in zip(runs, groups)))
     outputs = [jax.tree.map(lambda v: _box(v, stage.out_shape), jax.vmap(functools.partial(
         learners.apply_stage, group.stage))(group_leaves, group_x))
